@@ -1,0 +1,240 @@
+"""`resend-consumer` commands. Signal handling lives here and nowhere else.
+
+Every setting in `settings.FIELDS` is also a flag of the commands that take
+settings: `KAFKA_BOOTSTRAP_SERVERS` is `--kafka-bootstrap-servers`, and so on.
+A flag wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from consumer import __version__
+from consumer.settings import FIELDS, Settings, SettingsError, defaults_table
+
+#: exit codes, stable for scripts and probes
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_INTERRUPTED = 130
+
+
+def flag_for(env: str) -> str:
+    return "--" + env.lower().replace("_", "-")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each also an environment variable)")
+    for f in FIELDS:
+        group.add_argument(
+            flag_for(f.env),
+            dest=f"setting_{f.name}",
+            metavar=f.env,
+            type=f.parse,
+            default=None,
+            help=f.help,
+        )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {
+        key.removeprefix("setting_"): value
+        for key, value in vars(args).items()
+        if key.startswith("setting_")
+    }
+    return Settings.from_env(**overrides)
+
+
+def run_async(make: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run a coroutine with SIGTERM/SIGINT wired to a stop event.
+
+    The first signal sets the event (the command drains and exits by itself);
+    a second one exits at once.
+    """
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                sys.stderr.write(f"second {signal.Signals(signum).name}: exiting now\n")
+                sys.stderr.flush()
+                os._exit(EXIT_INTERRUPTED)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            return await make(stop)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(runner())
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from consumer.pipeline import run_service
+
+    settings = settings_from(args)
+    return run_async(lambda stop: run_service(settings, stop))
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from consumer.sandbox.cli import serve
+
+    return run_async(lambda stop: serve(args, stop))
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from consumer.prepare import render_command
+
+    return render_command(settings_from(args), args)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from consumer.prepare import check_command
+
+    return check_command(settings_from(args), args)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from consumer.publish import publish_command
+
+    settings = settings_from(args)
+    return run_async(lambda stop: publish_command(settings, args, stop))
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from consumer.observe import health_command
+
+    return health_command(settings_from(args), args)
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from consumer.deadletter import replay_command
+
+    settings = settings_from(args)
+    return run_async(lambda stop: replay_command(settings, args, stop))
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from consumer.quickstart import quickstart
+
+    settings = settings_from(args)
+    return run_async(lambda stop: quickstart(settings, args, stop))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print every setting as a Markdown table (README's table comes from here)."""
+    print("| variable | flag | default | meaning |")
+    print("|---|---|---|---|")
+    for env, default, meaning in defaults_table():
+        print(f"| `{env}` | `{flag_for(env)}` | `{default}` | {meaning} |")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resend-consumer",
+        description="Kafka domain events to transactional emails through Resend.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help_: str,
+        *,
+        settings: bool = True,
+        parent: Any = sub,
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        if settings:
+            _add_settings_flags(p)
+        return p
+
+    add("run", cmd_run, "run the service: consume events, send emails, commit offsets")
+
+    p = add("sandbox", cmd_sandbox, "run the local Resend-compatible sandbox", settings=False)
+    _lazy_arguments(p, "consumer.sandbox.cli")
+
+    p = add("render", cmd_render, "dry run: print the idempotency key and exact request body")
+    p.add_argument("event", help="event file (CloudEvents JSON), or - for stdin")
+    _lazy_arguments(p, "consumer.prepare", "add_render_arguments")
+
+    p = add("check", cmd_check, "validate settings, routes, schemas and templates")
+    _lazy_arguments(p, "consumer.prepare", "add_check_arguments")
+
+    p = add("publish", cmd_publish, "publish domain events to a topic")
+    _lazy_arguments(p, "consumer.publish")
+
+    p = add("health", cmd_health, "probe a running service's health endpoint (exec probes)")
+    _lazy_arguments(p, "consumer.observe")
+
+    dlq = sub.add_parser("dlq", help="dead-letter topic tools")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="DLQ_COMMAND")
+    p = add(
+        "replay", cmd_dlq_replay, "republish dead letters to their source topic", parent=dlq_sub
+    )
+    _lazy_arguments(p, "consumer.deadletter")
+
+    p = add(
+        "quickstart",
+        cmd_quickstart,
+        "start local Kafka and the sandbox, run the service, publish the examples",
+    )
+    _lazy_arguments(p, "consumer.quickstart")
+
+    add("config", cmd_config, "print every setting as a Markdown table", settings=False)
+    return parser
+
+
+def _lazy_arguments(
+    parser: argparse.ArgumentParser, module: str, func: str = "add_arguments"
+) -> None:
+    """Let a command's module declare its own flags, if it has any yet."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return
+    adder = getattr(mod, func, None)
+    if adder is not None:
+        adder(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:
+        print(f"resend-consumer: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,496 @@
+"""One immutable settings object, built at the edge from the environment and flags.
+
+Nothing below `cli.py` reads `os.environ`: the `Settings` built here is passed
+down. Every field has one environment variable (`FIELDS` below is the single
+source of truth; README's configuration table is generated from the same
+table by `resend-consumer config`). Secrets are `Secret` values whose repr and
+str never show the secret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+Ordering = Literal["key", "partition", "none"]
+StalePolicy = Literal["dead-letter", "skip", "send"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+LogFormat = Literal["auto", "json", "console"]
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class Secret:
+    """A string that never shows itself in repr, str, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """'500ms', '2s', '1.5m', '23h', '3' (seconds) -> seconds as float."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 2s, 5m, 23h)")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One setting: its environment variable, parser and one-line meaning."""
+
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    """Every knob of the service. Build with `Settings.from_env()`; never mutate."""
+
+    # Kafka
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_topics: tuple[str, ...] = ("domain-events",)
+    kafka_topic_pattern: str | None = None
+    kafka_group_id: str = "resend-consumer"
+    kafka_client_id: str = "resend-consumer"
+    kafka_group_instance_id: str | None = None
+    kafka_session_timeout: float = 30.0
+    kafka_heartbeat_interval: float = 3.0
+    kafka_rebalance_timeout: float = 60.0
+    kafka_max_poll_interval: float = 300.0
+    kafka_auto_offset_reset: str = "earliest"
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: Secret | None = field(default=None, repr=False)
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    dlq_topic: str | None = None
+    # Resend
+    resend_api_key: Secret | None = field(default=None, repr=False)
+    resend_api_key_file: Path | None = None
+    resend_base_url: str = "https://api.resend.com"
+    resend_connect_timeout: float = 5.0
+    resend_read_timeout: float = 15.0
+    resend_total_timeout: float = 30.0
+    rate_limit: float = 10.0
+    retry_base: float = 0.5
+    retry_cap: float = 30.0
+    retry_max_attempts: int = 10
+    retry_max_elapsed: float = 900.0
+    probe_initial: float = 1.0
+    probe_max: float = 60.0
+    # Events and routes
+    routes_file: Path = Path("schemas/routes.yaml")
+    max_event_bytes: int = 1_048_576
+    max_event_age: float = 23 * 3600.0
+    stale_policy: StalePolicy = "dead-letter"
+    # Pipeline
+    max_in_flight: int = 64
+    ordering: Ordering = "key"
+    max_pending: int = 10_000
+    max_pending_per_partition: int = 2_000
+    resume_ratio: float = 0.5
+    commit_interval: float = 1.0
+    drain_timeout: float = 20.0
+    shutdown_timeout: float = 25.0
+    # Operations
+    health_port: int = 8080
+    health_host: str = "0.0.0.0"  # noqa: S104 - probes come from the kubelet
+    log_level: str = "info"
+    log_format: LogFormat = "auto"
+    mask_recipients: bool = True
+    progress_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.drain_timeout >= self.kafka_rebalance_timeout:
+            raise SettingsError(
+                "DRAIN_TIMEOUT must stay below KAFKA_REBALANCE_TIMEOUT "
+                f"({self.drain_timeout}s >= {self.kafka_rebalance_timeout}s): a revoke drain "
+                "must finish before the group gives up on this member"
+            )
+        if not 0 < self.resume_ratio < 1:
+            raise SettingsError("RESUME_RATIO must be between 0 and 1")
+        if self.max_pending_per_partition > self.max_pending:
+            raise SettingsError("MAX_PENDING_PER_PARTITION must not exceed MAX_PENDING")
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise SettingsError(
+                f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        if not self.kafka_topics and not self.kafka_topic_pattern:
+            raise SettingsError("set KAFKA_TOPICS or KAFKA_TOPIC_PATTERN")
+
+    # -- building ---------------------------------------------------------------
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Read every `FIELDS` variable from environ (default os.environ); overrides win.
+
+        Overrides are already-typed values (from CLI flags); None means "not given".
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in FIELDS:
+            raw = env.get(f.env)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = f.parse(raw)
+            except (ValueError, TypeError) as exc:
+                shown = "<redacted>" if f.secret else repr(raw)
+                raise SettingsError(f"{f.env}={shown}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        key_file = values.get("resend_api_key_file")
+        if key_file is not None and values.get("resend_api_key") is None:
+            try:
+                values["resend_api_key"] = Secret(Path(key_file).read_text().strip())
+            except OSError as exc:
+                raise SettingsError(
+                    f"RESEND_API_KEY_FILE={key_file}: cannot read ({exc.strerror})"
+                ) from None
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def dlq_topic_for(self, source_topic: str) -> str:
+        return self.dlq_topic or f"{source_topic}.dlq"
+
+    def kafka_client_kwargs(self) -> dict[str, Any]:
+        """Connection and security keyword arguments shared by aiokafka clients."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "client_id": self.kafka_client_id,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None,
+                certfile=str(self.kafka_ssl_certfile) if self.kafka_ssl_certfile else None,
+                keyfile=str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
+            )
+        if self.kafka_security_protocol.startswith("SASL"):
+            kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism
+            kwargs["sasl_plain_username"] = self.kafka_sasl_username
+            assert self.kafka_sasl_password is not None  # checked in __post_init__
+            kwargs["sasl_plain_password"] = self.kafka_sasl_password.get()
+        return kwargs
+
+
+def _secret(text: str) -> Secret:
+    return Secret(text)
+
+
+FIELDS: Final[tuple[Field, ...]] = (
+    Field(
+        "kafka_bootstrap_servers",
+        "KAFKA_BOOTSTRAP_SERVERS",
+        str,
+        "Kafka bootstrap servers, comma-separated host:port",
+    ),
+    Field("kafka_topics", "KAFKA_TOPICS", _csv, "topics to consume, comma-separated"),
+    Field(
+        "kafka_topic_pattern",
+        "KAFKA_TOPIC_PATTERN",
+        _optional_str,
+        "regular expression of topics to consume (instead of KAFKA_TOPICS)",
+    ),
+    Field("kafka_group_id", "KAFKA_GROUP_ID", str, "consumer group id"),
+    Field("kafka_client_id", "KAFKA_CLIENT_ID", str, "client id shown in broker logs"),
+    Field(
+        "kafka_group_instance_id",
+        "KAFKA_GROUP_INSTANCE_ID",
+        _optional_str,
+        "static membership id (e.g. the pod name): restarts within the session "
+        "timeout do not rebalance",
+    ),
+    Field(
+        "kafka_session_timeout",
+        "KAFKA_SESSION_TIMEOUT",
+        _positive_duration,
+        "group session timeout",
+    ),
+    Field(
+        "kafka_heartbeat_interval",
+        "KAFKA_HEARTBEAT_INTERVAL",
+        _positive_duration,
+        "group heartbeat interval",
+    ),
+    Field(
+        "kafka_rebalance_timeout",
+        "KAFKA_REBALANCE_TIMEOUT",
+        _positive_duration,
+        "how long the group waits for members to rejoin; above DRAIN_TIMEOUT",
+    ),
+    Field(
+        "kafka_max_poll_interval",
+        "KAFKA_MAX_POLL_INTERVAL",
+        _positive_duration,
+        "max time between polls before the member is dropped",
+    ),
+    Field(
+        "kafka_auto_offset_reset",
+        "KAFKA_AUTO_OFFSET_RESET",
+        _choice("earliest", "latest"),
+        "where a group with no committed offset starts",
+    ),
+    Field(
+        "kafka_security_protocol",
+        "KAFKA_SECURITY_PROTOCOL",
+        _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        "Kafka security protocol",
+    ),
+    Field(
+        "kafka_sasl_mechanism",
+        "KAFKA_SASL_MECHANISM",
+        _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+        "SASL mechanism",
+    ),
+    Field("kafka_sasl_username", "KAFKA_SASL_USERNAME", _optional_str, "SASL username"),
+    Field(
+        "kafka_sasl_password", "KAFKA_SASL_PASSWORD", _secret, "SASL password (secret)", secret=True
+    ),
+    Field("kafka_ssl_cafile", "KAFKA_SSL_CAFILE", Path, "CA bundle for SSL / SASL_SSL"),
+    Field("kafka_ssl_certfile", "KAFKA_SSL_CERTFILE", Path, "client certificate (mutual TLS)"),
+    Field("kafka_ssl_keyfile", "KAFKA_SSL_KEYFILE", Path, "client key (mutual TLS)"),
+    Field(
+        "dlq_topic", "DLQ_TOPIC", _optional_str, "dead-letter topic (default: <source topic>.dlq)"
+    ),
+    Field("resend_api_key", "RESEND_API_KEY", _secret, "Resend API key (secret)", secret=True),
+    Field(
+        "resend_api_key_file",
+        "RESEND_API_KEY_FILE",
+        Path,
+        "file holding the API key (Kubernetes secret mount)",
+    ),
+    Field("resend_base_url", "RESEND_BASE_URL", str, "Resend API base URL"),
+    Field(
+        "resend_connect_timeout",
+        "RESEND_CONNECT_TIMEOUT",
+        _positive_duration,
+        "HTTP connect timeout",
+    ),
+    Field(
+        "resend_read_timeout",
+        "RESEND_READ_TIMEOUT",
+        _positive_duration,
+        "HTTP read timeout (between bytes)",
+    ),
+    Field(
+        "resend_total_timeout",
+        "RESEND_TOTAL_TIMEOUT",
+        _positive_duration,
+        "HTTP total timeout per attempt",
+    ),
+    Field(
+        "rate_limit",
+        "RATE_LIMIT",
+        _positive_float,
+        "starting requests per second for this process; adapted from Resend's headers",
+    ),
+    Field("retry_base", "RETRY_BASE", _positive_duration, "first backoff step"),
+    Field("retry_cap", "RETRY_CAP", _positive_duration, "largest backoff step"),
+    Field(
+        "retry_max_attempts",
+        "RETRY_MAX_ATTEMPTS",
+        _positive_int,
+        "attempts before a retriable failure is dead-lettered",
+    ),
+    Field(
+        "retry_max_elapsed",
+        "RETRY_MAX_ELAPSED",
+        _positive_duration,
+        "time before a retriable failure is dead-lettered",
+    ),
+    Field(
+        "probe_initial",
+        "PROBE_INITIAL",
+        _positive_duration,
+        "first probe interval while a service-wide condition holds",
+    ),
+    Field("probe_max", "PROBE_MAX", _positive_duration, "largest probe interval"),
+    Field("routes_file", "ROUTES_FILE", Path, "routes file (YAML)"),
+    Field(
+        "max_event_bytes",
+        "MAX_EVENT_BYTES",
+        _positive_int,
+        "records larger than this are dead-lettered (oversized)",
+    ),
+    Field(
+        "max_event_age",
+        "MAX_EVENT_AGE",
+        _positive_duration,
+        "events older than this follow STALE_POLICY (Resend keeps keys 24h)",
+    ),
+    Field(
+        "stale_policy",
+        "STALE_POLICY",
+        _choice("dead-letter", "skip", "send"),
+        "what happens to events older than MAX_EVENT_AGE",
+    ),
+    Field("max_in_flight", "MAX_IN_FLIGHT", _positive_int, "sends in flight, process-wide"),
+    Field(
+        "ordering",
+        "ORDERING",
+        _choice("key", "partition", "none"),
+        "ordering of sends: per Kafka/idempotency key, per partition, or none",
+    ),
+    Field(
+        "max_pending",
+        "MAX_PENDING",
+        _positive_int,
+        "fetched-but-unfinished records, in total, before partitions pause",
+    ),
+    Field(
+        "max_pending_per_partition",
+        "MAX_PENDING_PER_PARTITION",
+        _positive_int,
+        "fetched-but-unfinished records per partition before it pauses",
+    ),
+    Field(
+        "resume_ratio",
+        "RESUME_RATIO",
+        float,
+        "a paused partition resumes below this share of its bound",
+    ),
+    Field("commit_interval", "COMMIT_INTERVAL", _positive_duration, "offset commit interval"),
+    Field(
+        "drain_timeout",
+        "DRAIN_TIMEOUT",
+        _positive_duration,
+        "on revoke, how long in-flight sends may finish; below KAFKA_REBALANCE_TIMEOUT",
+    ),
+    Field(
+        "shutdown_timeout",
+        "SHUTDOWN_TIMEOUT",
+        _positive_duration,
+        "on SIGTERM, how long in-flight sends may finish; below the pod grace period",
+    ),
+    Field("health_port", "HEALTH_PORT", int, "port of /healthz, /readyz and /metrics (0: off)"),
+    Field("health_host", "HEALTH_HOST", str, "address the health server binds"),
+    Field("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "log level"),
+    Field(
+        "log_format",
+        "LOG_FORMAT",
+        _choice("auto", "json", "console"),
+        "json, console, or auto (console on a TTY)",
+    ),
+    Field("mask_recipients", "MASK_RECIPIENTS", _bool, "mask email addresses in logs"),
+    Field(
+        "progress_interval",
+        "PROGRESS_INTERVAL",
+        _positive_duration,
+        "interval of the progress log line",
+    ),
+)
+
+_names = {f.name for f in FIELDS}
+_declared = {f.name for f in dataclasses.fields(Settings)}
+assert _names == _declared, f"FIELDS and Settings disagree: {_names ^ _declared}"
+
+
+def defaults_table() -> list[tuple[str, str, str]]:
+    """(ENV, default shown, meaning) for every setting, in declaration order."""
+    defaults = Settings()
+    rows = []
+    for f in FIELDS:
+        value = getattr(defaults, f.name)
+        if isinstance(value, tuple):
+            shown = ",".join(value)
+        elif value is None:
+            shown = ""
+        else:
+            shown = str(value)
+        rows.append((f.env, shown, f.help))
+    return rows
