@@ -194,9 +194,7 @@ def start(run_dir: Path, *, watch_pid: int | None = None, timeout: float = 90.0)
         controller_port = _free_port()
     props = run_dir / "server.properties"
     props.write_text(
-        SERVER_PROPERTIES.format(
-            port=port, controller_port=controller_port, data=run_dir / "data"
-        )
+        SERVER_PROPERTIES.format(port=port, controller_port=controller_port, data=run_dir / "data")
     )
     (run_dir / "log4j2.properties").write_text(
         LOG4J2.format(log=run_dir / "server.log", level=os.environ.get("KAFKA_LOG_LEVEL", "INFO"))
@@ -308,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "stop":
         stop(args.dir.resolve())
     elif args.cmd == "status":
-        boot = (args.dir / "bootstrap").read_text().strip() if (args.dir / "bootstrap").exists() else ""
+        boot_file = args.dir / "bootstrap"
+        boot = boot_file.read_text().strip() if boot_file.exists() else ""
         if not boot:
             return 1
         host, port = boot.rsplit(":", 1)

@@ -1,0 +1,107 @@
+"""Shared fixtures: a real Apache Kafka broker, fresh topics, a producer helper.
+
+The broker is the one named by KAFKA_BOOTSTRAP_SERVERS when that is set
+(`deploy/dev test` sets it after starting one); otherwise this session starts
+its own from deploy/kafka/broker.py and stops it at the end. The broker
+process is watched by a watchdog bound to this pytest process, so even a
+killed test run leaves no JVM behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER = ROOT / "deploy" / "kafka" / "broker.py"
+
+Record = tuple[bytes | None, bytes, Sequence[tuple[str, bytes]]]
+NewTopicFactory = Callable[..., Awaitable[str]]
+Produce = Callable[[str, Sequence[Record]], Awaitable[None]]
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address of a real Kafka broker for the whole test session."""
+    given = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if given:
+        yield given
+        return
+    run_dir = tmp_path_factory.mktemp("kafka")
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BROKER),
+            "start",
+            "--dir",
+            str(run_dir),
+            "--watch-pid",
+            str(os.getpid()),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    try:
+        yield out.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([sys.executable, str(BROKER), "stop", "--dir", str(run_dir)], check=False)
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def new_topic(kafka_bootstrap: str) -> AsyncIterator[NewTopicFactory]:
+    """Factory of fresh, uniquely named topics; deletes them afterwards."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    created: list[str] = []
+
+    async def make(partitions: int = 1, *, name: str | None = None, prefix: str = "t") -> str:
+        topic = name or unique_name(prefix)
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+        created.append(topic)
+        return topic
+
+    try:
+        yield make
+    finally:
+        if created:
+            try:
+                await admin.delete_topics(created)
+            finally:
+                await admin.close()
+        else:
+            await admin.close()
+
+
+@pytest.fixture
+async def produce(kafka_bootstrap: str) -> AsyncIterator[Produce]:
+    """Send (key, value, headers) records with an idempotent acks=all producer."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all", linger_ms=5
+    )
+    await producer.start()
+
+    async def send(topic: str, records: Sequence[Record]) -> None:
+        futures = [
+            await producer.send(topic, value=value, key=key, headers=list(headers))
+            for key, value, headers in records
+        ]
+        for fut in futures:
+            await fut
+
+    try:
+        yield send
+    finally:
+        await producer.stop()
