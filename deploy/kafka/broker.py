@@ -285,7 +285,8 @@ def stop(run_dir: Path, *, grace: float = 20.0) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="broker.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fetch", help="resolve the Kafka jars into deploy/kafka/cache/lib")
+    p_fetch = sub.add_parser("fetch", help="resolve the Kafka jars into deploy/kafka/cache/lib")
+    p_fetch.add_argument("--quiet", action="store_true")
     p_start = sub.add_parser("start", help="start a fresh broker; prints its bootstrap address")
     p_start.add_argument("--dir", type=Path, required=True)
     p_start.add_argument("--watch-pid", type=int, default=None)
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.cmd == "fetch":
-        fetch(quiet=False)
+        fetch(quiet=args.quiet)
     elif args.cmd == "start":
         print(start(args.dir.resolve(), watch_pid=args.watch_pid, timeout=args.timeout))
     elif args.cmd == "stop":
