@@ -1,0 +1,606 @@
+"""Dead letters: write permanent failures to a Kafka topic, and replay them.
+
+A dead letter is the original record (key, value and headers, byte for byte)
+followed by `dlq.*` headers that say why it failed and where it came from.
+`DeadLetterWriter.write` returns only once the broker acknowledged the record
+(the pipeline's producer uses acks=all and idempotence), because the source
+offset is committed right after; any failure raises `DeadLetterUnavailable`,
+a fatal error, so the service pauses instead of skipping the event.
+
+`resend-consumer dlq replay` reads a dead-letter topic from its beginning up to
+the end offsets seen at start, filters, and republishes each record's key,
+value and original headers (the `dlq.*` ones stripped) to its source topic, so
+the replayed event derives the same idempotency key as the first time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TextIO
+
+import orjson
+
+from consumer import __version__
+from consumer.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from consumer.errors import DeadLetterUnavailable
+from consumer.settings import Secret, Settings, parse_duration
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+
+# -- header names (declared once) -------------------------------------------------
+
+DLQ_PREFIX: Final = "dlq."
+H_REASON: Final = "dlq.reason"
+H_ERROR_NAME: Final = "dlq.error_name"
+H_HTTP_STATUS: Final = "dlq.http_status"
+H_MESSAGE: Final = "dlq.message"
+H_ATTEMPTS: Final = "dlq.attempts"
+H_FIRST_ATTEMPT_AT: Final = "dlq.first_attempt_at"
+H_LAST_ATTEMPT_AT: Final = "dlq.last_attempt_at"
+H_SOURCE_TOPIC: Final = "dlq.source_topic"
+H_SOURCE_PARTITION: Final = "dlq.source_partition"
+H_SOURCE_OFFSET: Final = "dlq.source_offset"
+H_IDEMPOTENCY_KEY: Final = "dlq.idempotency_key"
+H_EVENT_TYPE: Final = "dlq.event_type"
+H_SERVICE_VERSION: Final = "dlq.service_version"
+H_DEAD_LETTERED_AT: Final = "dlq.dead_lettered_at"
+
+#: every dlq.* header, in the order they are written
+DLQ_HEADERS: Final[tuple[str, ...]] = (
+    H_REASON,
+    H_ERROR_NAME,
+    H_HTTP_STATUS,
+    H_MESSAGE,
+    H_ATTEMPTS,
+    H_FIRST_ATTEMPT_AT,
+    H_LAST_ATTEMPT_AT,
+    H_SOURCE_TOPIC,
+    H_SOURCE_PARTITION,
+    H_SOURCE_OFFSET,
+    H_IDEMPOTENCY_KEY,
+    H_EVENT_TYPE,
+    H_SERVICE_VERSION,
+    H_DEAD_LETTERED_AT,
+)
+
+#: CloudEvents binary-mode headers read by replay when dlq.* ones are missing
+CE_TYPE: Final = "ce_type"
+CE_TIME: Final = "ce_time"
+
+#: Resend remembers an idempotency key for 24 hours
+IDEMPOTENCY_WINDOW: Final = 24 * 3600.0
+MAX_MESSAGE_CHARS: Final = 1000
+
+# Defence in depth: messages are built from codes and names, but an upstream error
+# text could still echo a credential. Patterns cover Resend keys, bearer tokens and
+# key=value / "key": "value" pairs with a secret-sounding name.
+_SCRUB: Final = (
+    (re.compile(r"\bre_[A-Za-z0-9_]{16,}"), "re_[REDACTED]"),
+    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [REDACTED]"),
+    (
+        re.compile(
+            r"(?i)\b(authorization|api[_-]?key|password|passwd|secret|token)"
+            r"([\"']?\s*[:=]\s*[\"']?)(?!bearer\b)[^\s\"',;}]+"
+        ),
+        r"\1\2[REDACTED]",
+    ),
+)
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """Remove known secrets and anything shaped like a credential, then cap the length."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[REDACTED]")
+    for pattern, replacement in _SCRUB:
+        text = pattern.sub(replacement, text)
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 1] + "…"
+    return text
+
+
+def rfc3339(ts: float) -> str:
+    """Epoch seconds -> '2026-01-02T03:04:05.678Z' (UTC, milliseconds)."""
+    moment = datetime.fromtimestamp(ts, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> float:
+    """RFC 3339 (a missing offset means UTC) -> epoch seconds."""
+    moment = datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+# -- writing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeadLetter:
+    """A record that can never succeed, with what is known about why."""
+
+    source_topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+    reason: str
+    error_name: str | None
+    http_status: int | None
+    message: str
+    attempts: int
+    first_attempt_at: float | None
+    last_attempt_at: float | None
+    idempotency_key: str | None
+    event_type: str | None
+
+
+class Written(NamedTuple):
+    """Where a dead letter landed."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+def dead_letter_headers(
+    letter: DeadLetter,
+    *,
+    dead_lettered_at: float,
+    service_version: str = __version__,
+    secrets: Iterable[str] = (),
+) -> list[tuple[str, bytes]]:
+    """The original headers followed by the dlq.* ones; unknown values are left out."""
+    values: dict[str, str | None] = {
+        H_REASON: letter.reason,
+        H_ERROR_NAME: letter.error_name,
+        H_HTTP_STATUS: None if letter.http_status is None else str(letter.http_status),
+        H_MESSAGE: scrub(letter.message, secrets),
+        H_ATTEMPTS: str(letter.attempts),
+        H_FIRST_ATTEMPT_AT: _time_or_none(letter.first_attempt_at),
+        H_LAST_ATTEMPT_AT: _time_or_none(letter.last_attempt_at),
+        H_SOURCE_TOPIC: letter.source_topic,
+        H_SOURCE_PARTITION: str(letter.partition),
+        H_SOURCE_OFFSET: str(letter.offset),
+        H_IDEMPOTENCY_KEY: letter.idempotency_key,
+        H_EVENT_TYPE: letter.event_type,
+        H_SERVICE_VERSION: service_version,
+        H_DEAD_LETTERED_AT: rfc3339(dead_lettered_at),
+    }
+    headers = list(letter.headers)
+    headers.extend((name, value.encode()) for name, value in values.items() if value is not None)
+    return headers
+
+
+def _time_or_none(ts: float | None) -> str | None:
+    return None if ts is None else rfc3339(ts)
+
+
+class DeadLetterWriter:
+    """Writes dead letters and waits for the broker's acknowledgement.
+
+    The producer belongs to the caller (created with enable_idempotence=True and
+    acks="all", started and stopped by the pipeline).
+    """
+
+    def __init__(
+        self,
+        *,
+        producer: AIOKafkaProducer,
+        topic_for: Callable[[str], str],
+        timeout: float = 60.0,
+        secrets: Iterable[Secret | None] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._producer = producer
+        self._topic_for = topic_for
+        self._timeout = timeout
+        self._secrets = tuple(s.get() for s in secrets if s)
+        self._clock = clock
+        from aiokafka.errors import KafkaError
+
+        # What a broken or unreachable Kafka raises; anything else is a bug and propagates.
+        self._failures: tuple[type[BaseException], ...] = (KafkaError, TimeoutError, OSError)
+        self.written = 0
+        self.failed = 0
+
+    def __repr__(self) -> str:
+        return f"<DeadLetterWriter written={self.written} failed={self.failed}>"
+
+    async def write(self, letter: DeadLetter) -> Written:
+        """Write `letter` and wait for the ack; DeadLetterUnavailable on any failure."""
+        topic = self._topic_for(letter.source_topic)
+        headers = dead_letter_headers(letter, dead_lettered_at=self._clock(), secrets=self._secrets)
+        try:
+            meta = await asyncio.wait_for(self._send(topic, letter, headers), self._timeout)
+        except self._failures as exc:
+            self.failed += 1
+            # Kafka client errors carry no credentials, but scrub anyway: this text is
+            # logged and may end up in a readiness report.
+            if isinstance(exc, TimeoutError):
+                name, detail = "TimeoutError", f"no acknowledgement within {self._timeout:g}s"
+            else:
+                name, detail = type(exc).__name__, scrub(str(exc), self._secrets)
+            raise DeadLetterUnavailable(
+                f"dead-letter topic {topic!r} not written for {letter.source_topic}"
+                f"[{letter.partition}]@{letter.offset}: {name}" + (f": {detail}" if detail else "")
+            ) from None
+        self.written += 1
+        return Written(meta.topic, meta.partition, meta.offset)
+
+    async def _send(self, topic: str, letter: DeadLetter, headers: list[tuple[str, bytes]]) -> Any:
+        ack = await self._producer.send(topic, value=letter.value, key=letter.key, headers=headers)
+        return await ack
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+def dlq_values(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:
+    """The dlq.* headers of a record as text; a repeated name keeps its last value."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        if name.startswith(DLQ_PREFIX):
+            out[name] = (value or b"").decode("utf-8", "replace")
+    return out
+
+
+def original_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The headers the record had before it was dead-lettered, in their order."""
+    return [(name, value) for name, value in headers if not name.startswith(DLQ_PREFIX)]
+
+
+def _event_type(meta: dict[str, str], headers: Sequence[tuple[str, bytes]]) -> str | None:
+    if meta.get(H_EVENT_TYPE):
+        return meta[H_EVENT_TYPE]
+    for name, value in headers:
+        if name == CE_TYPE and value:
+            return value.decode("utf-8", "replace")
+    return None
+
+
+def _event_time(headers: Sequence[tuple[str, bytes]], value: bytes | None) -> float | None:
+    """The CloudEvents `time` (binary-mode header or structured-mode field), if readable."""
+    text: str | None = None
+    for name, raw in headers:
+        if name == CE_TIME and raw:
+            text = raw.decode("utf-8", "replace")
+    if text is None and value and value[:1] == b"{":
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return None
+        found = doc.get("time") if isinstance(doc, dict) else None
+        text = found if isinstance(found, str) else None
+    if text is None:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError:
+        return None
+
+
+def _meta_time(meta: dict[str, str], name: str) -> float | None:
+    text = meta.get(name)
+    if not text:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError:
+        return None
+
+
+# -- replay command -----------------------------------------------------------------
+
+
+def _time_arg(text: str) -> float:
+    """RFC 3339, or a duration meaning that long ago ('2h', '30m', '1d')."""
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (use RFC 3339 like 2026-01-02T03:04:05Z, or 2h, 30m, 1d ago)"
+        ) from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `resend-consumer dlq replay`."""
+    parser.add_argument(
+        "--from-topic",
+        help="dead-letter topic to read (default DLQ_TOPIC, else the first KAFKA_TOPICS + .dlq)",
+    )
+    parser.add_argument(
+        "--to-topic",
+        help="republish here instead of each record's dlq.source_topic",
+    )
+    parser.add_argument(
+        "--reason",
+        action="append",
+        default=[],
+        help="replay only this dlq.reason (repeatable)",
+    )
+    parser.add_argument(
+        "--type",
+        dest="event_type",
+        action="append",
+        default=[],
+        help="replay only this event type (repeatable)",
+    )
+    parser.add_argument(
+        "--since",
+        type=_time_arg,
+        help="only dead letters written at or after this time (RFC 3339, or 2h = 2 hours ago)",
+    )
+    parser.add_argument(
+        "--until",
+        type=_time_arg,
+        help="only dead letters written before this time (RFC 3339, or 30m = 30 minutes ago)",
+    )
+    parser.add_argument("--limit", type=_positive, help="replay at most N records")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print what would be replayed; send nothing"
+    )
+
+
+@dataclass(kw_only=True, slots=True)
+class ReplaySummary:
+    """Counts printed at the end of a replay."""
+
+    read: int = 0
+    replayed: int = 0
+    skipped: int = 0
+    warned: int = 0
+    unroutable: int = 0
+
+    def line(self, *, dry_run: bool) -> str:
+        verb = "would replay" if dry_run else "replayed"
+        text = (
+            f"{verb} {self.replayed}, skipped by filter {self.skipped}, "
+            f"warned {self.warned} (of {self.read} read)"
+        )
+        if self.unroutable:
+            text += f", {self.unroutable} without a source topic (not replayed)"
+        return text
+
+
+class _Filter:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.reasons = set(args.reason or ())
+        self.types = set(args.event_type or ())
+        self.since: float | None = args.since
+        self.until: float | None = args.until
+
+    def keep(self, meta: dict[str, str], event_type: str | None, written_at: float) -> bool:
+        if self.reasons and meta.get(H_REASON) not in self.reasons:
+            return False
+        if self.types and event_type not in self.types:
+            return False
+        if self.since is not None and written_at < self.since:
+            return False
+        return self.until is None or written_at < self.until
+
+
+def _warnings(
+    meta: dict[str, str],
+    headers: Sequence[tuple[str, bytes]],
+    value: bytes | None,
+    written_at: float,
+    settings: Settings,
+    now: float,
+) -> list[str]:
+    out: list[str] = []
+    # An email may have reached Resend only if an attempt was made; past 24 h Resend
+    # no longer knows its key, so a replay could send a second email.
+    if meta.get(H_ATTEMPTS, "1") != "0":
+        first = _meta_time(meta, H_FIRST_ATTEMPT_AT)
+        label = "first attempt"
+        if first is None:
+            first, label = written_at, "dead-lettered"
+        if now - first > IDEMPOTENCY_WINDOW:
+            out.append(
+                f"{label} {(now - first) / 3600:.1f}h ago is past Resend's 24h "
+                "idempotency window: a second email is possible if the first reached Resend"
+            )
+    event_time = _event_time(headers, value)
+    if event_time is not None and now - event_time > settings.max_event_age:
+        out.append(
+            f"event time {(now - event_time) / 3600:.1f}h ago is past MAX_EVENT_AGE: "
+            f"STALE_POLICY={settings.stale_policy} will apply again"
+        )
+    return out
+
+
+def default_dlq_topic(settings: Settings) -> str | None:
+    if settings.dlq_topic:
+        return settings.dlq_topic
+    if settings.kafka_topics:
+        return settings.dlq_topic_for(settings.kafka_topics[0])
+    return None
+
+
+async def replay_command(
+    settings: Settings,
+    args: argparse.Namespace,
+    stop: asyncio.Event,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Republish dead letters to their source topic; 0 on success."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.errors import KafkaError
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    source = args.from_topic or default_dlq_topic(settings)
+    if not source:
+        print("dlq replay: no dead-letter topic: pass --from-topic or set DLQ_TOPIC", file=err)
+        return EXIT_USAGE
+    dry_run: bool = args.dry_run
+    limit: int | None = args.limit
+    keep = _Filter(args)
+    summary = ReplaySummary()
+    client = settings.kafka_client_kwargs()
+    consumer = AIOKafkaConsumer(
+        **client,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+    producer = None
+    if not dry_run:
+        producer = AIOKafkaProducer(**client, enable_idempotence=True, acks="all", linger_ms=5)
+    acks: list[asyncio.Future[Any]] = []
+    try:
+        await consumer.start()
+        if producer is not None:
+            await producer.start()
+        partitions = await topic_partitions(client, source)
+        if not partitions:
+            print(f"dlq replay: topic {source!r} does not exist", file=err)
+            return EXIT_FAILURE
+        tps = [TopicPartition(source, p) for p in partitions]
+        consumer.assign(tps)
+        # Stop at the end seen now: records dead-lettered during the replay (perhaps
+        # the replayed ones failing again) are left for a later run.
+        ends: dict[Any, int] = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        now = time.time()
+        while remaining and not stop.is_set():
+            batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=1000)
+            for tp, records in batch.items():
+                for record in records:
+                    if record.offset >= ends[tp]:
+                        break
+                    summary.read += 1
+                    done = await _replay_one(
+                        record, args, settings, keep, summary, producer, acks, out, err, now
+                    )
+                    if done and limit is not None and summary.replayed >= limit:
+                        remaining.clear()
+                        break
+                if not remaining:
+                    break
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+            # Bound memory and surface a broken target early.
+            if len(acks) >= 1000:
+                await _settle(acks)
+        await _settle(acks)
+    except KafkaError as exc:
+        name, text = type(exc).__name__, str(exc)
+        shown = text if text.startswith(name) else f"{name}: {text}"
+        print(f"dlq replay: Kafka error: {shown}", file=err)
+        print(f"dlq replay: stopped after: {summary.line(dry_run=dry_run)}", file=err)
+        return EXIT_FAILURE
+    finally:
+        for ack in acks:
+            ack.cancel()
+        if producer is not None:
+            await producer.stop()
+        await consumer.stop()
+    print(summary.line(dry_run=dry_run), file=out)
+    if stop.is_set():
+        print("dlq replay: interrupted before the end of the topic", file=err)
+        return EXIT_INTERRUPTED
+    if summary.unroutable:
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def topic_partitions(client: dict[str, Any], topic: str) -> list[int]:
+    """Partition numbers of `topic`; empty when it does not exist."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    # A consumer only learns a topic's partitions by subscribing; the admin client's
+    # metadata request answers directly and needs no group.
+    admin = AIOKafkaAdminClient(**client)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sorted(
+        part["partition"]
+        for found in described
+        if found["topic"] == topic and found["error_code"] == 0
+        for part in found["partitions"]
+    )
+
+
+async def _settle(acks: list[asyncio.Future[Any]]) -> None:
+    pending = list(acks)
+    acks.clear()
+    for ack in pending:
+        await ack
+
+
+async def _replay_one(
+    record: Any,
+    args: argparse.Namespace,
+    settings: Settings,
+    keep: _Filter,
+    summary: ReplaySummary,
+    producer: Any,
+    acks: list[asyncio.Future[Any]],
+    out: TextIO,
+    err: TextIO,
+    now: float,
+) -> bool:
+    """Filter, warn about and republish one dead letter; True if it counts as replayed."""
+    headers: Sequence[tuple[str, bytes]] = record.headers or ()
+    meta = dlq_values(headers)
+    event_type = _event_type(meta, headers)
+    written_at = _meta_time(meta, H_DEAD_LETTERED_AT) or record.timestamp / 1000.0
+    where = f"{record.topic}[{record.partition}]@{record.offset}"
+    if not keep.keep(meta, event_type, written_at):
+        summary.skipped += 1
+        return False
+    target = args.to_topic or meta.get(H_SOURCE_TOPIC)
+    if not target:
+        summary.unroutable += 1
+        print(f"dlq replay: {where}: no {H_SOURCE_TOPIC} header and no --to-topic", file=err)
+        return False
+    warnings = _warnings(meta, headers, record.value, written_at, settings, now)
+    if warnings:
+        summary.warned += 1
+        for warning in warnings:
+            print(f"dlq replay: warning: {where}: {warning}", file=err)
+    if producer is None:
+        print(
+            f"{where} -> {target} reason={meta.get(H_REASON, '-')} type={event_type or '-'} "
+            f"idempotency_key={meta.get(H_IDEMPOTENCY_KEY, '-')}",
+            file=out,
+        )
+    else:
+        acks.append(
+            await producer.send(
+                target, key=record.key, value=record.value, headers=original_headers(headers)
+            )
+        )
+    summary.replayed += 1
+    return True

@@ -1,0 +1,177 @@
+"""Liveness, readiness and the small HTTP server that exposes them with /metrics.
+
+- `/healthz` (liveness): the fetch loop made progress within the liveness
+  window. A wedged loop is the one thing a restart fixes.
+- `/readyz` (readiness): partitions assigned, broker reachable, no open
+  circuit, not stopping. A service-wide condition (bad key, quota) makes the
+  pod not ready, never restarts it: restarting cannot fix a quota.
+- `/metrics`: Prometheus text.
+
+`Health` is plain state with setters the pipeline calls; it never steers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from consumer.metrics import CONTENT_TYPE, Metrics
+
+__all__ = ["HEALTHZ", "METRICS", "READYZ", "Health", "HealthServer"]
+
+HEALTHZ: Final = "/healthz"
+READYZ: Final = "/readyz"
+METRICS: Final = "/metrics"
+
+
+class Health:
+    """What the probes report. Setters are cheap; call them from the hot loop."""
+
+    def __init__(
+        self,
+        *,
+        liveness_window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.liveness_window = liveness_window
+        self._clock = clock
+        # Start counts as progress: connecting to Kafka may take a while, and
+        # the window is the grace before the first poll must have happened.
+        self._last_poll = clock()
+        self._polls = 0
+        self._assigned = 0
+        self._broker_ok = False
+        self._open: set[str] = set()
+        self._stopping = False
+
+    def mark_poll(self) -> None:
+        """The fetch loop went round once (with or without records)."""
+        self._last_poll = self._clock()
+        self._polls += 1
+
+    def set_assigned(self, n: int) -> None:
+        self._assigned = n
+
+    def set_broker_ok(self, ok: bool) -> None:
+        self._broker_ok = ok
+
+    def set_circuit(self, open: bool, condition: str | None = None) -> None:
+        """Open or close one condition's circuit; `(False, None)` closes them all."""
+        if open:
+            self._open.add(condition or "unknown")
+        elif condition is None:
+            self._open.clear()
+        else:
+            self._open.discard(condition)
+
+    def set_stopping(self) -> None:
+        """Shutdown began: report not ready so no rollout waits on this pod."""
+        self._stopping = True
+
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        since = self._clock() - self._last_poll
+        ok = since <= self.liveness_window
+        return ok, {
+            "live": ok,
+            "seconds_since_poll": round(since, 3),
+            "liveness_window": self.liveness_window,
+            "polls": self._polls,
+        }
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        reasons: list[str] = []
+        if self._stopping:
+            reasons.append("stopping")
+        if not self._broker_ok:
+            reasons.append("broker_unreachable")
+        if self._assigned <= 0:
+            reasons.append("no_partitions_assigned")
+        reasons.extend(f"circuit_open:{c}" for c in sorted(self._open))
+        ok = not reasons
+        return ok, {
+            "ready": ok,
+            "reasons": reasons,
+            "assigned_partitions": self._assigned,
+            "broker_ok": self._broker_ok,
+            "open_circuits": sorted(self._open),
+        }
+
+    def __repr__(self) -> str:
+        live, _ = self.live()
+        ready, info = self.ready()
+        return f"<Health live={live} ready={ready} reasons={info['reasons']}>"
+
+
+class HealthServer:
+    """aiohttp server for /healthz, /readyz and /metrics. `start()` then `stop()`."""
+
+    def __init__(
+        self, *, health: Health, metrics: Metrics, host: str = "127.0.0.1", port: int = 8080
+    ) -> None:
+        self.health = health
+        self.metrics = metrics
+        self.host = host
+        self._requested_port = port
+        self._port: int | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when 0 was asked for)."""
+        if self._port is None:
+            raise RuntimeError("HealthServer is not started")
+        return self._port
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get(HEALTHZ, self._healthz)
+        app.router.add_get(READYZ, self._readyz)
+        app.router.add_get(METRICS, self._metrics)
+        # No access log: probes every few seconds would drown the event lines.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._requested_port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> HealthServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return _json(*self.health.live())
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        return _json(*self.health.ready())
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    def __repr__(self) -> str:
+        where = f"{self.host}:{self._port}" if self._port is not None else "stopped"
+        return f"<HealthServer {where}>"
+
+
+def _json(ok: bool, body: dict[str, Any]) -> web.Response:
+    return web.Response(
+        status=200 if ok else 503,
+        body=orjson.dumps(body),
+        content_type="application/json",
+    )

@@ -1,0 +1,334 @@
+"""Structured logging: structlog configured once, for the service and its libraries.
+
+JSON lines (orjson, bytes straight to stdout) in production; a readable console
+renderer on a TTY. Two processors run on every line, before rendering, so no
+code path can forget them:
+
+- `scrub_secrets` drops the value of any key that names a secret (api_key,
+  password, authorization, ...) and rewrites anything shaped like a Resend API
+  key (`re_...`) in any string, tracebacks included;
+- `mask_recipients` (when `MASK_RECIPIENTS`, the default) shortens every email
+  address in any string value to `ja***@example.com`.
+
+Logs of aiokafka and aiohttp go through the same processors and renderer via
+`structlog.stdlib.ProcessorFormatter`, at WARNING: aiokafka is chatty at INFO.
+
+Log event names the service emits are declared once in `LogEvent`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import sys
+from collections.abc import Callable, Mapping
+from datetime import date, datetime
+from enum import StrEnum
+from typing import IO, Any, Final
+from uuid import UUID
+
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from consumer.settings import Settings
+
+__all__ = [
+    "REDACTED",
+    "LogEvent",
+    "configure_logging",
+    "log_outcome",
+    "mask_email",
+    "mask_recipients",
+    "scrub_secrets",
+]
+
+
+class LogEvent(StrEnum):
+    """The `event` field of every line the service itself writes (grep-able, declared once)."""
+
+    #: the canonical line: one per event outcome
+    OUTCOME = "event.outcome"
+    PROGRESS = "progress"
+    ASSIGNED = "partitions.assigned"
+    REVOKED = "partitions.revoked"
+    PAUSED = "partitions.paused"
+    RESUMED = "partitions.resumed"
+    CIRCUIT_OPEN = "circuit.open"
+    CIRCUIT_CLOSED = "circuit.closed"
+    QUOTA = "quota.exceeded"
+    COMMIT_FAILED = "commit.failed"
+    HEALTH_SERVER = "health.listening"
+    STARTED = "service.started"
+    STOPPING = "service.stopping"
+    STOPPED = "service.stopped"
+
+
+#: what a secret value is replaced with
+REDACTED: Final = "[redacted]"
+
+#: keys whose values are never logged, whatever they hold (compared lower-cased)
+SECRET_KEYS: Final = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "resend_api_key",
+        "password",
+        "sasl_plain_password",
+        "kafka_sasl_password",
+        "authorization",
+        "secret",
+        "token",
+    }
+)
+
+#: libraries whose stdlib loggers are routed through our renderer
+LIBRARY_LOGGERS: Final = ("aiokafka", "kafka", "aiohttp", "asyncio")
+
+# A Resend API key: `re_` then letters, digits and underscores. The word
+# boundary keeps words like "are_you" intact while catching keys anywhere.
+_RESEND_KEY: Final = re.compile(r"\bre_[A-Za-z0-9_]+")
+_KEY_REPLACEMENT: Final = "re_" + REDACTED
+# Deliberately loose: masking a false positive costs nothing, missing an address leaks it.
+_EMAIL: Final = re.compile(r"([A-Za-z0-9._%+\-]{1,64})@([A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+)")
+
+_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+# Marks the root handler we installed, so a second configure_logging replaces it.
+_HANDLER_MARK: Final = "_resend_consumer_handler"
+
+
+def _mask_match(m: re.Match[str]) -> str:
+    return f"{m.group(1)[:2]}***@{m.group(2)}"
+
+
+def mask_email(address: str) -> str:
+    """'jane@example.com' -> 'ja***@example.com'; every address inside a longer string too."""
+    # the substring test skips the regex for the vast majority of values
+    return _EMAIL.sub(_mask_match, address) if "@" in address else address
+
+
+def _is_secret_key(key: object) -> bool:
+    if not isinstance(key, str):
+        return False
+    low = key.lower().replace("-", "_")
+    return low in SECRET_KEYS or low.endswith(("_password", "_api_key", "_secret", "_token"))
+
+
+def _scrub(value: Any, text: Callable[[str], str]) -> Any:
+    """Apply `text` to every string inside value; drop secrets by key name on the way."""
+    if isinstance(value, str):
+        return text(value)
+    if value is None or isinstance(value, int | float | datetime | date | UUID):
+        return value  # rendered by orjson as is; no text that could hold a secret
+    if isinstance(value, Mapping):
+        return {k: (REDACTED if _is_secret_key(k) else _scrub(v, text)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_scrub(v, text) for v in value]
+    # Anything else (exceptions, bytes, objects) would reach the renderer as its
+    # repr, unscrubbed: turn it into that text here, where it is scrubbed.
+    return text(repr(value))
+
+
+def _redact_keys(text: str) -> str:
+    return _RESEND_KEY.sub(_KEY_REPLACEMENT, text) if "re_" in text else text
+
+
+def scrub_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Processor: no secret by key name, no Resend-key-shaped string, anywhere in the line."""
+    for key, value in list(event_dict.items()):
+        if _is_secret_key(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _scrub(value, _redact_keys)
+    return event_dict
+
+
+def mask_recipients(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Processor: every email address in every string value is masked."""
+    for key, value in list(event_dict.items()):
+        event_dict[key] = _scrub(value, mask_email)
+    return event_dict
+
+
+def _uses_json(settings: Settings, stream: IO[Any]) -> bool:
+    if settings.log_format == "json":
+        return True
+    if settings.log_format == "console":
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return not (isatty is not None and isatty())
+
+
+def _is_binary(stream: Any) -> bool:
+    return isinstance(stream, io.RawIOBase | io.BufferedIOBase) or (
+        not isinstance(stream, io.TextIOBase) and "b" in getattr(stream, "mode", "")
+    )
+
+
+def _orjson_str(obj: Any, **_: Any) -> str:
+    return orjson.dumps(obj, default=repr).decode()
+
+
+def _orjson_bytes(obj: Any, **_: Any) -> bytes:
+    # default=repr: an odd object in a log line must never break the line
+    return orjson.dumps(obj, default=repr)
+
+
+class _Scrubbed:
+    """Wrap a renderer so its output is scrubbed once more (console tracebacks)."""
+
+    def __init__(self, renderer: Processor, *, mask: bool) -> None:
+        self._renderer = renderer
+        self._mask = mask
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> Any:
+        out = self._renderer(logger, name, event_dict)
+        if isinstance(out, str):
+            out = _redact_keys(out)
+            if self._mask:
+                out = mask_email(out)
+        return out
+
+
+class _BinaryStreamHandler(logging.Handler):
+    """stdlib handler writing to the same binary stream as structlog, line by line."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record).encode("utf-8", "replace") + b"\n"
+            self._stream.write(line)
+            self._stream.flush()
+        except Exception:  # logging must never take the service down
+            self.handleError(record)
+
+
+def configure_logging(settings: Settings, *, stream: IO[Any] | None = None) -> None:
+    """Configure structlog and the stdlib root logger from settings. Safe to call again.
+
+    `stream` defaults to stdout; a binary stream (or stdout's buffer) gets
+    orjson bytes directly, a text stream gets text.
+    """
+    # Any: the stream is text or binary, decided at run time below
+    out: Any = sys.stdout if stream is None else stream
+    as_json = _uses_json(settings, out)
+    level = _LEVELS[settings.log_level]
+    binary = _is_binary(out)
+    if as_json and not binary and out is sys.stdout and hasattr(out, "buffer"):
+        # orjson makes bytes: skip the text layer (structlog's performance guide)
+        out.flush()
+        out, binary = out.buffer, True
+
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    scrubbers: list[Processor] = [scrub_secrets]
+    if settings.mask_recipients:
+        scrubbers.append(mask_recipients)
+
+    if as_json:
+        # exceptions become strings before the scrubbers see them
+        before: list[Processor] = [structlog.processors.format_exc_info]
+        renderer: Processor = structlog.processors.JSONRenderer(
+            serializer=_orjson_bytes if binary else _orjson_str
+        )
+        std_renderer: Processor = structlog.processors.JSONRenderer(serializer=_orjson_str)
+    else:
+        colors = bool(getattr(out, "isatty", lambda: False)())
+        before = []
+        renderer = _Scrubbed(
+            structlog.dev.ConsoleRenderer(colors=colors), mask=settings.mask_recipients
+        )
+        std_renderer = renderer
+
+    factory: Any = (
+        structlog.BytesLoggerFactory(file=out) if binary else structlog.PrintLoggerFactory(file=out)
+    )
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            *before,
+            *scrubbers,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=factory,
+        # Not cached: configure_logging may run again (tests, CLI commands) and
+        # loggers bound at import time must follow. It costs a few microseconds a
+        # line, nothing next to one HTTP request per event.
+        cache_logger_on_first_use=False,
+    )
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, *before],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *scrubbers,
+            std_renderer,
+        ],
+    )
+    handler: logging.Handler = _BinaryStreamHandler(out) if binary else logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    # Libraries speak at WARNING and above (aiokafka logs every rebalance step at INFO).
+    root.setLevel(max(level, logging.WARNING))
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def log_outcome(
+    logger: Any,
+    *,
+    outcome: str,
+    event_id: str | None,
+    event_type: str | None,
+    source: str | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    idempotency_key: str | None,
+    attempts: int,
+    latency: float,
+    email_id: str | None = None,
+    reason: str | None = None,
+) -> None:
+    """Write the canonical line of one event's outcome (field names fixed here, once).
+
+    Dead letters log at WARNING, everything else at INFO. `latency` is seconds
+    from fetch to outcome; it is logged in milliseconds.
+    """
+    fields = {
+        "outcome": outcome,
+        "event_id": event_id,
+        "event_type": event_type,
+        "source": source,
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "idempotency_key": idempotency_key,
+        "attempts": attempts,
+        "latency_ms": round(latency * 1000.0, 1),
+        "email_id": email_id,
+        "reason": reason,
+    }
+    method = logger.warning if outcome == "dead_lettered" else logger.info
+    method(LogEvent.OUTCOME.value, **{k: v for k, v in fields.items() if v is not None})
