@@ -20,6 +20,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from consumer.sandbox import Sandbox, SandboxConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = ROOT / "deploy" / "kafka" / "broker.py"
 
@@ -105,3 +107,30 @@ async def produce(kafka_bootstrap: str) -> AsyncIterator[Produce]:
         yield send
     finally:
         await producer.stop()
+
+
+# -- the local Resend sandbox (consumer/sandbox) ------------------------------------
+
+
+@pytest.fixture
+async def make_sandbox() -> AsyncIterator[Callable[..., Awaitable[Sandbox]]]:
+    """Factory: `sb = await make_sandbox(config=SandboxConfig(...))`; all stopped afterwards."""
+    started: list[Sandbox] = []
+
+    async def make(*, config: SandboxConfig | None = None) -> Sandbox:
+        sb = Sandbox(config=config or SandboxConfig())
+        await sb.start(host="127.0.0.1", port=0)
+        started.append(sb)
+        return sb
+
+    try:
+        yield make
+    finally:
+        for sb in started:
+            await sb.stop()
+
+
+@pytest.fixture
+async def sandbox(make_sandbox: Callable[..., Awaitable[Sandbox]]) -> Sandbox:
+    """An in-process sandbox on 127.0.0.1 (free port), rate limit raised to 1000/s for speed."""
+    return await make_sandbox(config=SandboxConfig(rate_limit=1000.0))

@@ -1,0 +1,228 @@
+"""Sandbox contract over real sockets: auth, validation, batch modes, GET /emails/{id}."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from multidict import CIMultiDictProxy
+
+from consumer.sandbox import Sandbox, SandboxConfig
+
+AUTH = {"Authorization": "Bearer re_test_123", "User-Agent": "sandbox-tests/1"}
+EMAIL: dict[str, Any] = {
+    "from": "Acme <orders@acme.test>",
+    "to": ["buyer@example.com"],
+    "subject": "Your order",
+    "html": "<p>Thanks</p>",
+}
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def post(
+    http: aiohttp.ClientSession,
+    sb: Sandbox,
+    body: Any,
+    *,
+    path: str = "/emails",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, CIMultiDictProxy[str]]:
+    async with http.post(sb.url + path, json=body, headers=headers or AUTH) as r:
+        return r.status, await r.json(), r.headers
+
+
+async def test_send_returns_uuid_and_records_delivery(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """A valid POST /emails answers 200 {id} and the ledger holds exactly that email."""
+    status, body, headers = await post(http, sandbox, EMAIL)
+    assert status == 200
+    assert set(body) == {"id"}
+    [d] = sandbox.deliveries()
+    assert d.id == body["id"]
+    assert d.body == EMAIL
+    assert d.endpoint == "/emails"
+    assert d.idempotency_key is None
+    assert headers["Content-Type"].startswith("application/json")
+
+
+async def test_missing_bearer_is_401(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """No Authorization header: 401 missing_api_key with Resend's error body, nothing sent."""
+    status, body, _ = await post(http, sandbox, EMAIL, headers={"User-Agent": "x"})
+    assert status == 401
+    assert body["statusCode"] == 401
+    assert body["name"] == "missing_api_key"
+    assert isinstance(body["message"], str)
+    assert sandbox.deliveries() == []
+
+
+async def test_wrong_key_is_403_and_right_key_passes(
+    make_sandbox: Any, http: aiohttp.ClientSession
+) -> None:
+    """With --api-key set, another key gets 403 invalid_api_key; the configured key is accepted."""
+    sb = await make_sandbox(config=SandboxConfig(api_key="re_right"))
+    status, body, _ = await post(
+        http, sb, EMAIL, headers={"Authorization": "Bearer re_wrong", "User-Agent": "x"}
+    )
+    assert (status, body["name"]) == (403, "invalid_api_key")
+    assert "re_right" not in body["message"]
+    assert "re_wrong" not in body["message"]
+    status, _, _ = await post(
+        http, sb, EMAIL, headers={"Authorization": "Bearer re_right", "User-Agent": "x"}
+    )
+    assert status == 200
+
+
+async def test_missing_user_agent_is_403(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A request without User-Agent is refused with 403, as Resend does."""
+    async with aiohttp.ClientSession(skip_auto_headers=["User-Agent"]) as bare:
+        status, body, _ = await post(bare, sandbox, EMAIL, headers={"Authorization": "Bearer re_x"})
+    assert status == 403
+    assert body["statusCode"] == 403
+
+
+@pytest.mark.parametrize("field", ["from", "to", "subject"])
+async def test_required_fields(sandbox: Sandbox, http: aiohttp.ClientSession, field: str) -> None:
+    """Each of from/to/subject missing gives 422 missing_required_field naming the field."""
+    email = {k: v for k, v in EMAIL.items() if k != field}
+    status, body, _ = await post(http, sandbox, email)
+    assert (status, body["name"]) == (422, "missing_required_field")
+    assert f"`{field}`" in body["message"]
+    assert sandbox.deliveries() == []
+
+
+@pytest.mark.parametrize(
+    ("patch", "name"),
+    [
+        ({"to": ["not-an-address"]}, "validation_error"),
+        ({"from": "Acme orders.acme.test"}, "validation_error"),
+        ({"cc": "a b@c.d"}, "validation_error"),
+        ({"to": [f"u{i}@example.com" for i in range(51)]}, "validation_error"),
+        ({"tags": [{"name": "bad tag", "value": "x"}]}, "validation_error"),
+        ({"tags": [{"name": "ok", "value": "é"}]}, "validation_error"),
+        ({"tags": [{"name": "n" * 257, "value": "x"}]}, "validation_error"),
+        ({"template": {"id": "tpl_1"}}, "validation_error"),  # together with html
+        ({"subject": 5}, "validation_error"),
+        ({"attachments": [{"filename": "a.txt"}]}, "invalid_attachment"),
+        ({"scheduled_at": "2999-01-01T00:00:00Z"}, "validation_error"),
+    ],
+)
+async def test_invalid_emails_are_422(
+    sandbox: Sandbox, http: aiohttp.ClientSession, patch: dict[str, Any], name: str
+) -> None:
+    """Malformed addresses, >50 recipients, bad tags, template+html, bad attachments: 422."""
+    status, body, _ = await post(http, sandbox, {**EMAIL, **patch})
+    assert (status, body["name"]) == (422, name)
+    assert sandbox.deliveries() == []
+
+
+async def test_fifty_recipients_named_addresses_tags_and_template_accepted(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """Edge values Resend accepts: 50 `to`, `Name <a@b>`, 256-char tags, template without html."""
+    email = {
+        "from": "Acme <orders@acme.test>",
+        "to": [f"u{i}@example.com" for i in range(50)],
+        "subject": "s",
+        "template": {"id": "tpl_1", "variables": {"name": "Ann", "n": 3}},
+        "tags": [{"name": "t" * 256, "value": "v_1-2"}],
+        "reply_to": "Support <help@acme.test>",
+        "scheduled_at": "in 10 min",
+    }
+    status, body, _ = await post(http, sandbox, email)
+    assert status == 200, body
+
+
+async def test_invalid_json_is_400(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """A body that is not JSON gets a Resend-shaped 400, not an aiohttp page."""
+    async with http.post(sandbox.url + "/emails", data=b"{nope", headers=AUTH) as r:
+        assert r.status == 400
+        assert (await r.json())["name"] == "validation_error"
+
+
+async def test_batch_strict_rejects_whole_batch(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """Strict mode (default): one invalid email rejects the batch and sends nothing."""
+    batch = [EMAIL, {**EMAIL, "to": "broken"}, EMAIL]
+    status, body, _ = await post(http, sandbox, batch, path="/emails/batch")
+    assert (status, body["name"]) == (422, "validation_error")
+    assert "emails[1]" in body["message"]
+    assert sandbox.deliveries() == []
+
+
+async def test_batch_permissive_sends_valid_and_lists_errors(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """Permissive mode: valid emails are sent in order; errors list the invalid indexes."""
+    batch = [EMAIL, {**EMAIL, "to": "broken"}, {**EMAIL, "subject": "third"}]
+    headers = {**AUTH, "x-batch-validation": "permissive"}
+    status, body, _ = await post(http, sandbox, batch, path="/emails/batch", headers=headers)
+    assert status == 200
+    assert len(body["data"]) == 2
+    assert [e["index"] for e in body["errors"]] == [1]
+    sent = sandbox.deliveries()
+    assert [d.id for d in sent] == [e["id"] for e in body["data"]]
+    assert [d.batch_index for d in sent] == [0, 2]
+    assert sent[1].body["subject"] == "third"
+
+
+async def test_batch_limits(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """At most 100 emails, none with attachments, not empty, and strict answers have no errors."""
+    status, body, _ = await post(http, sandbox, [EMAIL] * 101, path="/emails/batch")
+    assert (status, body["name"]) == (422, "validation_error")
+    status, body, _ = await post(http, sandbox, [], path="/emails/batch")
+    assert status == 422
+    attach = {**EMAIL, "attachments": [{"filename": "a.txt", "content": "aGk="}]}
+    status, body, _ = await post(http, sandbox, [attach], path="/emails/batch")
+    assert status == 422
+    status, body, _ = await post(http, sandbox, [EMAIL] * 100, path="/emails/batch")
+    assert status == 200
+    assert len(body["data"]) == 100
+    assert "errors" not in body
+    assert len({d["id"] for d in body["data"]}) == 100
+
+
+async def test_bad_batch_validation_header(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """An unknown x-batch-validation value is a 422, not silently strict."""
+    headers = {**AUTH, "x-batch-validation": "lenient"}
+    status, _, _ = await post(http, sandbox, [EMAIL], path="/emails/batch", headers=headers)
+    assert status == 422
+
+
+async def test_get_email_returns_sent_email(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """GET /emails/{id} returns the email object; unknown ids 404, non-UUIDs 422."""
+    _, sent, _ = await post(http, sandbox, {**EMAIL, "cc": "cc@example.com"})
+    async with http.get(f"{sandbox.url}/emails/{sent['id']}", headers=AUTH) as r:
+        assert r.status == 200
+        got = await r.json()
+    assert got["object"] == "email"
+    assert got["id"] == sent["id"]
+    assert got["to"] == EMAIL["to"]
+    assert got["cc"] == ["cc@example.com"]
+    assert got["from"] == EMAIL["from"]
+    assert got["last_event"] == "delivered"
+    missing = "00000000-0000-4000-8000-000000000000"
+    async with http.get(f"{sandbox.url}/emails/{missing}", headers=AUTH) as r:
+        assert (r.status, (await r.json())["name"]) == (404, "not_found")
+    async with http.get(f"{sandbox.url}/emails/nope", headers=AUTH) as r:
+        assert r.status == 422
+    async with http.get(f"{sandbox.url}/emails/{sent['id']}") as r:
+        assert r.status == 401
+
+
+async def test_unknown_path_and_method_are_json(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """A wrong base URL or method gets Resend-shaped 404/405 JSON bodies."""
+    async with http.post(sandbox.url + "/v1/emails", json=EMAIL, headers=AUTH) as r:
+        assert (r.status, (await r.json())["name"]) == (404, "not_found")
+    async with http.put(sandbox.url + "/emails", json=EMAIL, headers=AUTH) as r:
+        assert (r.status, (await r.json())["name"]) == (405, "method_not_allowed")
