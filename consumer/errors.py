@@ -11,6 +11,7 @@
         ├── AuthError           missing/invalid/restricted/suspended API key
         ├── EndpointError       404/405: wrong base URL
         ├── QuotaExceeded       daily or monthly quota
+        ├── ResendUnavailable   Resend down for long (a run of 5xx/transport failures)
         └── DeadLetterUnavailable   the dead-letter topic cannot be written
 
 Every class says what the pipeline does with it through `retriable`,
@@ -61,6 +62,48 @@ class InvalidEvent(PermanentError):
     """A record that is not a valid event; `reason` is one of `events.Reason`."""
 
     reason = "invalid_event"
+
+
+class TransportError(RetriableError):
+    """Timeout, connection reset, DNS: the outcome is unknown, so retry the same bytes."""
+
+    reason = "transport_error"
+
+
+class ResendRetriable(RetriableError):
+    """Resend answered 5xx, 429 rate limit or 409 concurrent/locked: retry later."""
+
+    reason = "resend_retriable"
+
+
+class ResendRejected(PermanentError):
+    """Resend refused this one email (4xx): dead-letter it; `reason` names the error."""
+
+    reason = "resend_rejected"
+
+
+class AuthError(FatalError):
+    """Missing, invalid, restricted or suspended API key: nothing can be sent."""
+
+    reason = "auth"
+
+
+class EndpointError(FatalError):
+    """404/405/3xx or a non-API answer: RESEND_BASE_URL points at the wrong place."""
+
+    reason = "endpoint"
+
+
+class QuotaExceeded(FatalError):
+    """Daily or monthly quota used up: wait for the reset, keep offsets."""
+
+    reason = "quota"
+
+
+class ResendUnavailable(FatalError):
+    """Resend failed for a run of attempts across the process: pause and probe."""
+
+    reason = "outage"
 
 
 class DeadLetterUnavailable(FatalError):

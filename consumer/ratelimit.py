@@ -1,0 +1,176 @@
+"""One adaptive token bucket per process, shared by every send.
+
+Resend limits requests per team, across all API keys and all replicas, and says
+where the team stands in every answer (`ratelimit-limit`, `ratelimit-remaining`,
+`ratelimit-reset`). Replicas cannot talk to each other, so each one steers by
+those headers alone:
+
+* pacing is a GCRA token bucket with a small burst, so replicas do not fire
+  together;
+* the rate never exceeds the advertised `ratelimit-limit` (or, before any
+  header, the starting rate);
+* the team's remaining budget is a shared gauge: while it stays comfortably
+  high (`high`, 40 % of the limit) each replica speeds up additively, when it
+  runs low (`low`, 30 %) each slows down smoothly, when it reaches zero each
+  cuts its rate by a quarter, and on a 429 each halves its rate and waits as
+  told by `retry-after` (cuts at most once per cooldown).
+
+Together this is AIMD on a shared signal, which converges to fair shares that
+add up to just under the team limit. All adjustments scale with elapsed time,
+not with the number of answers, so a busy replica does not react faster than
+an idle one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final
+
+HEADER_LIMIT: Final = "ratelimit-limit"
+HEADER_REMAINING: Final = "ratelimit-remaining"
+HEADER_RESET: Final = "ratelimit-reset"
+HEADER_RETRY_AFTER: Final = "retry-after"
+
+#: 429 names that are about quota, not pace: the service gate handles those
+QUOTA_NAMES: Final = frozenset({"daily_quota_exceeded", "monthly_quota_exceeded"})
+
+
+def _number(headers: Mapping[str, str], name: str) -> float | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+class RateLimiter:
+    """Adaptive shared limiter: `await acquire()` before a request, `observe()` after."""
+
+    def __init__(
+        self,
+        *,
+        rate: float,
+        burst: float = 1.0,
+        min_rate: float = 0.2,
+        decrease: float = 0.5,
+        soft_decrease: float = 0.75,
+        increase: float = 0.1,
+        low: float = 0.3,
+        high: float = 0.4,
+        cooldown: float = 1.0,
+        max_block: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """`increase` is a share of the ceiling gained per second while there is headroom;
+        `low`/`high` are shares of the team's limit left in `ratelimit-remaining`.
+        """
+        if rate <= 0 or burst < 1 or min_rate <= 0:
+            raise ValueError("rate and min_rate must be positive and burst at least 1")
+        self._rate = float(rate)
+        self._ceiling = float(rate)
+        self.burst = float(burst)
+        self.min_rate = min(float(min_rate), self._rate)
+        self._decrease = decrease
+        self._soft_decrease = soft_decrease
+        self._increase = increase
+        self._low = low
+        self._high = high
+        self._cooldown = cooldown
+        self._max_block = max_block
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = asyncio.Lock()
+        # GCRA: theoretical arrival time of the next request
+        self._tat = clock()
+        self._blocked_until = 0.0
+        self._last_decrease = -math.inf
+        self._last_adjust: float | None = None
+        self.acquired = 0
+        self.throttled = 0
+        self.decreases = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<RateLimiter rate={self._rate:.2f} ceiling={self._ceiling:.2f} "
+            f"acquired={self.acquired} throttled={self.throttled} decreases={self.decreases}>"
+        )
+
+    @property
+    def rate(self) -> float:
+        """Requests per second this process allows itself now."""
+        return self._rate
+
+    @property
+    def ceiling(self) -> float:
+        """The advertised team limit (or the starting rate before any header)."""
+        return self._ceiling
+
+    async def acquire(self) -> None:
+        """Wait for this process's next request slot (FIFO among waiters)."""
+        async with self._lock:
+            while True:
+                now = self._clock()
+                interval = 1.0 / self._rate
+                ready = max(self._tat - (self.burst - 1.0) * interval, self._blocked_until)
+                if ready <= now:
+                    break
+                # Re-check after waking: a 429 or a rate change may have moved the slot.
+                await self._sleep(ready - now)
+            self._tat = max(self._tat, now) + interval
+            self.acquired += 1
+
+    def observe(
+        self, headers: Mapping[str, str], status: int | None, *, name: str | None = None
+    ) -> None:
+        """Adapt from one answer's headers (status None: no answer, nothing learnt)."""
+        if status is None:
+            return
+        now = self._clock()
+        limit = _number(headers, HEADER_LIMIT)
+        if limit is not None and limit > 0:
+            self._ceiling = limit
+            self.min_rate = min(self.min_rate, limit)
+        remaining = _number(headers, HEADER_REMAINING)
+        dt = 0.0 if self._last_adjust is None else min(now - self._last_adjust, 1.0)
+        self._last_adjust = now
+
+        if status == 429 and name not in QUOTA_NAMES:
+            self.throttled += 1
+            self._slow_down(now, self._decrease)
+            wait = _number(headers, HEADER_RETRY_AFTER)
+            if wait is None:
+                wait = _number(headers, HEADER_RESET)
+            if wait is not None:
+                self._block(now, wait)
+        elif remaining is not None and self._ceiling > 0:
+            share = remaining / self._ceiling
+            if remaining < 1:
+                # The next request may be refused: back off before a 429 says so.
+                self._slow_down(now, self._soft_decrease)
+            elif share < self._low:
+                # Smooth exponential decay while the team's budget runs low.
+                self._rate *= math.exp(-dt)
+            elif share >= self._high:
+                self._rate += self._increase * self._ceiling * dt
+        elif 200 <= status < 300:
+            # No rate headers (a proxy strips them): recover slowly towards the ceiling.
+            self._rate += self._increase * self._ceiling * dt
+        self._rate = min(max(self._rate, self.min_rate), self._ceiling)
+
+    def _slow_down(self, now: float, factor: float) -> None:
+        # Answers to requests already in flight all report the same congestion:
+        # halve once per cooldown, not once per answer.
+        if now - self._last_decrease >= self._cooldown:
+            self._last_decrease = now
+            self._rate = max(self.min_rate, self._rate * factor)
+            self.decreases += 1
+
+    def _block(self, now: float, seconds: float) -> None:
+        self._blocked_until = max(self._blocked_until, now + min(seconds, self._max_block))

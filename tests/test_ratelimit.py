@@ -1,0 +1,257 @@
+"""The adaptive shared rate limiter: pacing with an injected clock, adaptation from
+Resend's headers, and three replicas settling on one team limit against the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+
+from consumer.ratelimit import RateLimiter
+from consumer.resend import ResendClient
+from consumer.retry import RetryPolicy, ServiceGate, deliver
+from consumer.sandbox import Sandbox, SandboxConfig
+from consumer.settings import Secret
+
+
+class FakeTime:
+    """A clock whose sleep advances it: pacing tests run instantly and exactly."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+def limiter(t: FakeTime, **kw: float) -> RateLimiter:
+    return RateLimiter(clock=t.clock, sleep=t.sleep, **kw)
+
+
+def headers(
+    limit: int = 10, remaining: int = 5, reset: int = 1, retry_after: str | None = None
+) -> dict[str, str]:
+    out = {
+        "ratelimit-limit": str(limit),
+        "ratelimit-remaining": str(remaining),
+        "ratelimit-reset": str(reset),
+    }
+    if retry_after is not None:
+        out["retry-after"] = retry_after
+    return out
+
+
+async def test_acquire_paces_at_the_rate() -> None:
+    """With burst 1, consecutive acquisitions are exactly 1/rate apart."""
+    t = FakeTime()
+    lim = limiter(t, rate=4.0)
+    stamps = []
+    for _ in range(5):
+        await lim.acquire()
+        stamps.append(t.now)
+    gaps = [round(b - a, 9) for a, b in itertools.pairwise(stamps)]
+    assert gaps == [0.25] * 4
+
+
+async def test_burst_allows_that_many_at_once() -> None:
+    """A burst of 3 lets three requests through at once after idling, then paces."""
+    t = FakeTime()
+    lim = limiter(t, rate=2.0, burst=3.0)
+    t.now += 10  # idle long enough to refill the burst
+    stamps = []
+    for _ in range(5):
+        await lim.acquire()
+        stamps.append(t.now)
+    assert stamps[0] == stamps[1] == stamps[2]
+    assert stamps[3] - stamps[2] == pytest.approx(0.5)
+    assert stamps[4] - stamps[3] == pytest.approx(0.5)
+
+
+async def test_429_halves_once_per_cooldown_and_blocks_for_retry_after() -> None:
+    """Several 429s in one burst halve the rate once; retry-after delays the next slot."""
+    t = FakeTime()
+    lim = limiter(t, rate=8.0)
+    for _ in range(4):
+        lim.observe(headers(remaining=0, retry_after="2"), 429, name="rate_limit_exceeded")
+    assert lim.rate == pytest.approx(4.0)
+    assert lim.decreases == 1
+    before = t.now
+    await lim.acquire()
+    assert t.now - before == pytest.approx(2.0)
+    t.now += 1.5  # past the cooldown: the next 429 halves again
+    lim.observe(headers(remaining=0, retry_after="1"), 429, name="rate_limit_exceeded")
+    assert lim.rate == pytest.approx(2.0)
+
+
+async def test_quota_429_does_not_slow_the_pace() -> None:
+    """A quota 429 is the gate's business: the limiter keeps its rate."""
+    t = FakeTime()
+    lim = limiter(t, rate=8.0)
+    lim.observe(headers(remaining=3, retry_after="3600"), 429, name="daily_quota_exceeded")
+    assert lim.rate == 8.0
+    before = t.now
+    await lim.acquire()
+    assert t.now == before
+
+
+def test_rate_never_exceeds_advertised_limit() -> None:
+    """ratelimit-limit caps the rate, even when it is below the starting setting."""
+    t = FakeTime()
+    lim = limiter(t, rate=50.0)
+    lim.observe(headers(limit=10, remaining=9), 200)
+    assert lim.ceiling == 10
+    assert lim.rate == 10
+    for _ in range(100):
+        t.now += 0.5
+        lim.observe(headers(limit=10, remaining=9), 200)
+    assert lim.rate == 10
+
+
+def test_recovers_additively_while_headroom_and_above_starting_rate_if_advertised() -> None:
+    """After a slow-down, ample remaining budget adds increase*limit to the rate per second."""
+    t = FakeTime()
+    lim = limiter(t, rate=10.0, increase=0.1, soft_decrease=0.5)
+    lim.observe(headers(limit=20, remaining=0), 200)  # sets the ceiling; an empty budget halves
+    assert lim.rate == pytest.approx(5.0)
+    for _ in range(10):
+        t.now += 0.5
+        lim.observe(headers(limit=20, remaining=15), 200)
+    # 5 s at 0.1 * 20 per second = +10
+    assert lim.rate == pytest.approx(15.0)
+
+
+def test_low_remaining_decays_smoothly() -> None:
+    """A low team budget decays the rate by e^-1 per second of observations."""
+    t = FakeTime()
+    lim = limiter(t, rate=10.0)
+    lim.observe(headers(remaining=2), 200)
+    for _ in range(4):
+        t.now += 0.25
+        lim.observe(headers(remaining=2), 200)
+    assert lim.rate == pytest.approx(10.0 * 2.718281828**-1, rel=1e-6)
+
+
+def test_min_rate_floor_and_junk_headers_ignored() -> None:
+    """Repeated halving stops at min_rate; unparsable headers and no-answer change nothing."""
+    t = FakeTime()
+    lim = limiter(t, rate=4.0, min_rate=1.0)
+    for _ in range(10):
+        t.now += 2
+        lim.observe(headers(remaining=0), 429)
+    assert lim.rate == 1.0
+    lim.observe({"ratelimit-limit": "lots", "ratelimit-remaining": "-3"}, 200)
+    lim.observe({}, None)
+    assert lim.ceiling == 10.0
+    assert lim.rate == 1.0
+    assert "rate=1.00" in repr(lim)
+
+
+async def test_waiting_acquire_sees_a_new_block() -> None:
+    """A waiter already sleeping for its slot re-checks and honours a 429 that arrived meanwhile."""
+    t = FakeTime()
+    lim = limiter(t, rate=1.0)
+    await lim.acquire()  # next slot at +1 s
+
+    async def sleep_then_block(seconds: float) -> None:
+        t.sleeps.append(seconds)
+        if len(t.sleeps) == 1:
+            lim.observe(headers(remaining=0, retry_after="5"), 429)
+        t.now += seconds
+        await asyncio.sleep(0)
+
+    lim._sleep = sleep_then_block
+    start = t.now
+    await lim.acquire()
+    assert t.now - start == pytest.approx(5.0)
+
+
+def test_bad_arguments_are_refused() -> None:
+    """A non-positive rate or a burst below one is a programming error."""
+    with pytest.raises(ValueError):
+        RateLimiter(rate=0)
+    with pytest.raises(ValueError):
+        RateLimiter(rate=1, burst=0.5)
+
+
+# -- three replicas sharing one team limit -------------------------------------------
+
+
+async def run_replicas(
+    sb: Sandbox, *, replicas: int = 3, workers: int = 8, seconds: float = 12.0
+) -> dict[str, float]:
+    """Replicas (own client, limiter, gate) deliver distinct emails for `seconds`."""
+    body_n = itertools.count()
+    stop_at = time.monotonic() + seconds
+    policy = RetryPolicy(base=0.1, cap=2.0, max_attempts=50, max_elapsed=60.0)
+    clients = []
+    for _ in range(replicas):
+        lim = RateLimiter(rate=10.0)
+        client = ResendClient(base_url=sb.url, api_key=Secret("re_test"), limiter=lim)
+        await client.start()
+        clients.append((client, ServiceGate(probe_initial=0.2, probe_max=1.0)))
+
+    async def worker(client: ResendClient, gate: ServiceGate, slots: asyncio.Semaphore) -> None:
+        while time.monotonic() < stop_at:
+            n = next(body_n)
+            body = b'{"from":"a@example.com","to":"b@example.com","subject":"s%d","text":"t"}' % n
+            await deliver(
+                client,
+                endpoint="/emails",
+                body=body,
+                idempotency_key=f"settle-{n}",
+                policy=policy,
+                gate=gate,
+                slots=slots,
+            )
+
+    started = time.monotonic()
+    wall_start = time.time()
+    try:
+        await asyncio.gather(
+            *(
+                worker(c, g, s)
+                for c, g in clients
+                for s in [asyncio.Semaphore(workers)]
+                for _ in range(workers)
+            )
+        )
+    finally:
+        for c, _ in clients:
+            await c.close()
+    elapsed = time.monotonic() - started
+    stats = sb.stats()
+    ok = stats["statuses"].get("200", 0)
+    throttled = stats["statuses"].get("429", 0)
+    return {
+        "ok": ok,
+        "throttled": throttled,
+        "share_429": throttled / max(ok + throttled, 1),
+        "elapsed": round(elapsed, 2),
+        "rate": ok / elapsed,
+        # sends between the end of the first second (the sandbox's bucket starts
+        # full) and the stop time (queued deliveries drain after it)
+        "steady_rate": sum(
+            1 for d in sb.deliveries() if wall_start + 1.0 <= d.received_at < wall_start + seconds
+        )
+        / (seconds - 1.0),
+        "duplicates": len(stats["duplicate_keys"]),
+    }
+
+
+@pytest.mark.slow
+async def test_three_replicas_settle_near_the_team_limit(make_sandbox) -> None:  # type: ignore[no-untyped-def]
+    """Three replicas on one 10/s team: few 429s and at least 80% of the limit achieved."""
+    sb = await make_sandbox(config=SandboxConfig(api_key="re_test", rate_limit=10.0))
+    result = await run_replicas(sb, seconds=12.0)
+    print(f"\nthree replicas vs 10 req/s: {result}")
+    assert result["duplicates"] == 0
+    assert result["share_429"] < 0.05
+    assert result["steady_rate"] >= 8.0
