@@ -1,0 +1,336 @@
+"""Prepare: one Kafka record -> one deterministic Resend request, or a reason why not.
+
+    decode (events) -> route (routes) -> schema -> key (keys) -> freshness -> render
+
+`Preparer.prepare` never raises. It returns `Prepared` (the exact request bytes,
+serialized once with sorted keys so every attempt, process and restart sends
+the same bytes), `Rejected` (dead-letter it, with a stable `Reason` code) or
+`Skipped` (a policy said drop it). This module also holds the `render` and
+`check` commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from consumer.errors import InvalidEvent
+from consumer.events import Decoder, Reason, invalid, mask_addresses, validate_data
+from consumer.routes import MAX_AGE_LIMIT, RoutesError, RouteTable, load_routes
+from consumer.settings import Settings, StalePolicy
+
+ENDPOINT: Final = "/emails"
+#: render/check exit codes (mirror consumer.cli, which imports this module lazily)
+EXIT_OK: Final = 0
+EXIT_USAGE: Final = 2
+EXIT_BAD_INPUT: Final = 3
+#: a file holding one Kafka record (binary mode): {"headers": {...}, "value": ...}
+RECORD_KEYS: Final = frozenset({"headers", "value", "key"})
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request ready to send: same event, same key, same bytes."""
+
+    event_id: str
+    event_type: str
+    source: str
+    idempotency_key: str
+    endpoint: str
+    body: bytes
+    recipients: tuple[str, ...]
+    event_time: float | None
+    stale: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Dead-letter this record; `reason` is a `Reason` code, `message` holds no secrets."""
+
+    reason: str
+    message: str
+    event_id: str | None
+    event_type: str | None
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A policy dropped this record (unknown type or stale event set to skip)."""
+
+    reason: str
+    event_id: str | None
+    event_type: str | None
+
+
+Outcome = Prepared | Rejected | Skipped
+
+
+class Preparer:
+    """Turns records into requests with the loaded routes; `prepare` never raises."""
+
+    __slots__ = ("_counts", "_decoder", "_max_age", "_stale_policy", "table")
+
+    def __init__(
+        self,
+        *,
+        table: RouteTable,
+        max_event_bytes: int,
+        max_event_age: float,
+        stale_policy: StalePolicy,
+    ) -> None:
+        self.table = table
+        self._decoder = Decoder(envelope=table.envelope, max_bytes=max_event_bytes)
+        self._max_age = max_event_age
+        self._stale_policy: StalePolicy = stale_policy
+        self._counts = {"prepared": 0, "rejected": 0, "skipped": 0}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Preparer:
+        """Load and check routes, schemas and templates; RoutesError names file/route/field."""
+        return cls(
+            table=load_routes(settings.routes_file),
+            max_event_bytes=settings.max_event_bytes,
+            max_event_age=settings.max_event_age,
+            stale_policy=settings.stale_policy,
+        )
+
+    def __repr__(self) -> str:
+        c = self._counts
+        return (
+            f"<Preparer routes={len(self.table.routes)} prepared={c['prepared']} "
+            f"rejected={c['rejected']} skipped={c['skipped']}>"
+        )
+
+    def prepare(
+        self,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int | None,
+        now: float | None = None,
+        enforce_age: bool = True,
+    ) -> Prepared | Rejected | Skipped:
+        """One record -> Prepared | Rejected | Skipped.
+
+        topic/partition/offset name the record (kept for symmetry with the
+        pipeline; the result does not depend on them, so a replayed record
+        prepares identically). `enforce_age=False` (dry runs) ignores freshness.
+        """
+        event_id: str | None = None
+        event_type: str | None = None
+        key: str | None = None
+        try:
+            event = self._decoder.decode(value, headers)
+            event_id, event_type = event.id, event.type
+            route = self.table.routes.get(event.type)
+            if route is None:
+                return self._unknown(event_id, event_type)
+            validate_data(route.validator, event)
+            key = route.key.render(event)
+            event_time = event.event_time
+            if event_time is None and timestamp_ms is not None and timestamp_ms >= 0:
+                # No CloudEvents time: the Kafka record timestamp is the next best age.
+                event_time = timestamp_ms / 1000.0
+            stale = False
+            if enforce_age and event_time is not None:
+                max_age = route.max_event_age or self._max_age
+                age = (time.time() if now is None else now) - event_time
+                if age > max_age:
+                    # Resend may have forgotten the key: follow the policy, never send blindly.
+                    policy = route.stale_policy or self._stale_policy
+                    if policy == "skip":
+                        self._counts["skipped"] += 1
+                        return Skipped(Reason.STALE_EVENT.value, event_id, event_type)
+                    if policy == "dead-letter":
+                        message = f"event is {age:.0f}s old, above the {max_age:.0f}s limit"
+                        raise invalid(Reason.STALE_EVENT, message)
+                    stale = True
+            body = route.body(event)
+            data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        except InvalidEvent as exc:
+            return self._rejected(exc.reason, str(exc), event_id, event_type, key)
+        except Exception as exc:
+            # A bug must not stop the partition: dead-letter with a code that says so.
+            return self._rejected(
+                Reason.INTERNAL_ERROR.value,
+                f"unexpected {type(exc).__name__} while preparing",
+                event_id,
+                event_type,
+                key,
+            )
+        self._counts["prepared"] += 1
+        return Prepared(
+            event_id=event.id,
+            event_type=event.type,
+            source=event.source,
+            idempotency_key=key,
+            endpoint=ENDPOINT,
+            body=data,
+            recipients=route.recipients(body),
+            event_time=event_time,
+            stale=stale,
+        )
+
+    def _unknown(self, event_id: str, event_type: str) -> Rejected | Skipped:
+        if self.table.unknown_type == "skip":
+            self._counts["skipped"] += 1
+            return Skipped(Reason.UNKNOWN_TYPE.value, event_id, event_type)
+        return self._rejected(
+            Reason.UNKNOWN_TYPE.value,
+            f"no route for event type {event_type!r}",
+            event_id,
+            event_type,
+            None,
+        )
+
+    def _rejected(
+        self,
+        reason: str,
+        message: str,
+        event_id: str | None,
+        event_type: str | None,
+        key: str | None,
+    ) -> Rejected:
+        self._counts["rejected"] += 1
+        return Rejected(
+            reason=reason,
+            message=mask_addresses(message),
+            event_id=event_id,
+            event_type=event_type,
+            idempotency_key=key,
+        )
+
+
+# -- files holding events (render, check, examples) ----------------------------
+
+
+def record_from_file(raw: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """Event file bytes -> (value, headers) as Kafka would deliver them.
+
+    A structured-mode event is used as it is. A binary-mode record is written as
+    `{"headers": {"ce_id": "...", ...}, "value": <data>}`.
+    """
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw, []
+    if isinstance(doc, dict) and "headers" in doc and set(doc) <= RECORD_KEYS:
+        headers = doc["headers"]
+        if isinstance(headers, dict):
+            pairs = [(str(k), str(v).encode("utf-8")) for k, v in headers.items()]
+            value = doc.get("value")
+            if isinstance(value, str):
+                return value.encode("utf-8"), pairs
+            return (orjson.dumps(value) if value is not None else b""), pairs
+    return raw, []
+
+
+def add_render_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--enforce-age",
+        action="store_true",
+        help="apply MAX_EVENT_AGE/STALE_POLICY against the wall clock (default: ignore age)",
+    )
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-examples",
+        action="store_true",
+        help="do not render the example events of the routes file's examples folder",
+    )
+
+
+def render_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Dry run: print `POST /emails`, the idempotency key and the exact body."""
+    preparer = Preparer.from_settings(settings)
+    try:
+        raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
+    except OSError as exc:
+        print(f"resend-consumer: cannot read {args.event}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    value, headers = record_from_file(raw)
+    result = preparer.prepare(
+        value,
+        headers,
+        topic="render",
+        partition=0,
+        offset=0,
+        timestamp_ms=None,
+        enforce_age=bool(getattr(args, "enforce_age", False)),
+    )
+    if isinstance(result, Prepared):
+        out = sys.stdout.buffer
+        out.write(f"POST {result.endpoint}\nIdempotency-Key: {result.idempotency_key}\n\n".encode())
+        out.write(result.body + b"\n")
+        out.flush()
+        return EXIT_OK
+    failure: dict[str, Any] = {"reason": result.reason}
+    failure["message"] = (
+        result.message if isinstance(result, Rejected) else f"skipped by policy ({result.reason})"
+    )
+    sys.stderr.buffer.write(orjson.dumps(failure) + b"\n")
+    sys.stderr.flush()
+    return EXIT_BAD_INPUT
+
+
+def check_examples(preparer: Preparer) -> list[str]:
+    """Render every example event; one message per failure (empty when all pass)."""
+    folder = preparer.table.examples_dir
+    if folder is None:
+        return []
+    problems = []
+    for path in sorted(folder.glob("*.json")):
+        value, headers = record_from_file(path.read_bytes())
+        result = preparer.prepare(
+            value,
+            headers,
+            topic="check",
+            partition=0,
+            offset=0,
+            timestamp_ms=None,
+            enforce_age=False,
+        )
+        if not isinstance(result, Prepared):
+            message = result.message if isinstance(result, Rejected) else "skipped"
+            problems.append(f"{path}: {result.reason}: {message}")
+    return problems
+
+
+def check_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Validate settings, routes, schemas and templates (and render the examples)."""
+    try:
+        preparer = Preparer.from_settings(settings)
+    except RoutesError as exc:
+        print(f"resend-consumer check: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    table = preparer.table
+    problems = [] if getattr(args, "no_examples", False) else check_examples(preparer)
+    for problem in problems:
+        print(f"resend-consumer check: example failed: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
+    if settings.max_event_age > MAX_AGE_LIMIT and settings.stale_policy != "send":
+        # Allowed, but the freshness guard no longer protects against duplicates.
+        print(
+            f"resend-consumer check: warning: MAX_EVENT_AGE={settings.max_event_age:.0f}s is "
+            "longer than Resend's 24 h idempotency window; late events may be sent twice",
+            file=sys.stderr,
+        )
+    routes = ", ".join(table.routes)
+    print(f"ok: settings valid; {table.path}: {len(table.routes)} routes ({routes})")
+    print("ok: schemas and templates compile")
+    if table.examples_dir is not None and not getattr(args, "no_examples", False):
+        print(f"ok: examples in {table.examples_dir} render")
+    return EXIT_OK

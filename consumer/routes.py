@@ -1,0 +1,560 @@
+"""Routes: for each event type, how its one email is built.
+
+The routes file (YAML, path from `ROUTES_FILE`) is read and checked once at
+start-up: every route's schema is compiled, its key template parsed and its
+Jinja2 templates compiled. Any problem raises `RoutesError`, naming the file,
+the route and the field, and the service refuses to start.
+
+Two template syntaxes, on purpose:
+
+- `{path}` (single braces) in the key, from, to, cc, bcc, reply_to, tag and
+  header values and hosted-template variables: a plain field reference
+  (`{data.customer.email}`), no logic, nothing to escape;
+- Jinja2 (`{{ data.order_number }}`) in the subject and the local HTML/text
+  templates: an immutable sandbox, `StrictUndefined`, autoescaping for HTML
+  only, and no `random` filter or `lipsum` global so rendering stays
+  deterministic.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import jinja2
+import yaml
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from consumer.events import (
+    Event,
+    Interp,
+    Reason,
+    Validator,
+    compile_schema,
+    has_control_characters,
+    invalid,
+    load_json_file,
+    mask_address,
+)
+from consumer.keys import DEFAULT_KEY_TEMPLATE, KeyTemplate, KeyTemplateError
+from consumer.settings import SettingsError, StalePolicy, parse_duration
+from consumer.templates import Compiled, environment, render_template
+
+UnknownTypePolicy = Literal["dead-letter", "skip"]
+UNKNOWN_TYPE_POLICIES: Final = ("dead-letter", "skip")
+STALE_POLICIES: Final = ("dead-letter", "skip", "send")
+#: Resend forgets idempotency keys after 24 h: no route may wait longer
+MAX_AGE_LIMIT: Final = 24 * 3600.0
+MAX_TO: Final = 50
+MAX_TAGS: Final = 75
+ENVELOPE_SCHEMA: Final = "envelope.schema.json"
+SCHEMA_SUFFIX: Final = ".schema.json"
+
+_TOP_KEYS: Final = frozenset(
+    {"version", "schemas", "templates", "examples", "envelope", "defaults", "policies", "routes"}
+)
+_ROUTE_KEYS: Final = frozenset(
+    {
+        "schema",
+        "idempotency_key",
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply_to",
+        "subject",
+        "template",
+        "tags",
+        "headers",
+        "policies",
+    }
+)
+_DEFAULT_KEYS: Final = frozenset({"from", "reply_to", "tags", "headers"})
+_RESERVED_HEADERS: Final = frozenset(
+    {"from", "to", "cc", "bcc", "subject", "reply-to", "sender", "content-type", "date"}
+)
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+#: ASCII addresses only: a local part, then a domain with at least one dot
+_EMAIL = rf"[A-Za-z0-9.!#$%&'*+/=?^_`{{|}}~-]+@{_LABEL}(?:\.{_LABEL})+"
+_ADDRESS = re.compile(rf"^(?:{_EMAIL}|[^<>\x00-\x1f]*<{_EMAIL}>)\Z")
+_TAG = re.compile(r"^[A-Za-z0-9_-]{1,256}\Z")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+
+
+class RoutesError(SettingsError):
+    """The routes file, a schema or a template is unusable; names file, route and field."""
+
+
+def is_address(text: str) -> bool:
+    """`jane@example.com` or `Jane Doe <jane@example.com>`, at most 320 characters."""
+    return len(text) <= 320 and bool(_ADDRESS.match(text))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """How one event type becomes one email."""
+
+    event_type: str
+    schema_path: Path
+    validator: Validator
+    key: KeyTemplate
+    sender: Interp
+    to: tuple[Interp, ...]
+    cc: tuple[Interp, ...]
+    bcc: tuple[Interp, ...]
+    reply_to: tuple[Interp, ...]
+    subject: Compiled
+    html: Compiled | None
+    text: Compiled | None
+    hosted_id: str | None
+    hosted_variables: tuple[tuple[str, Interp], ...]
+    tags: tuple[tuple[str, Interp], ...]
+    headers: tuple[tuple[str, Interp], ...]
+    max_event_age: float | None
+    stale_policy: StalePolicy | None
+
+    def body(self, event: Event) -> dict[str, Any]:
+        """The request body as a dict; InvalidEvent with a Reason when it cannot be built."""
+        sender = self.sender.constant
+        if sender is None:
+            sender = self.sender.one(event, field="from", reason=Reason.INVALID_SENDER)
+            _no_controls("from", sender)
+            if not is_address(sender):
+                shown = mask_address(sender)
+                raise invalid(Reason.INVALID_SENDER, f"from: {shown} is not an email address")
+        to = _addresses(self.to, event, "to")
+        if not to:
+            raise invalid(Reason.INVALID_RECIPIENT, "to: no recipient")
+        if len(to) > MAX_TO:
+            raise invalid(Reason.INVALID_RECIPIENT, f"to: {len(to)} recipients, at most {MAX_TO}")
+        context = {"data": event.data, "event": event.attributes()}
+        subject = render_template(self.subject, context, "subject")
+        _no_controls("subject", subject)
+        if not subject.strip():
+            raise invalid(Reason.TEMPLATE_ERROR, "subject: rendered empty")
+        body: dict[str, Any] = {"from": sender, "to": to, "subject": subject}
+        for name, exprs in (("cc", self.cc), ("bcc", self.bcc), ("reply_to", self.reply_to)):
+            if exprs:
+                body[name] = _addresses(exprs, event, name)
+        if self.hosted_id is not None:
+            variables = {name: _variable(expr, event, name) for name, expr in self.hosted_variables}
+            body["template"] = {"id": self.hosted_id, "variables": variables}
+        if self.html is not None:
+            body["html"] = render_template(self.html, context, "html")
+        if self.text is not None:
+            body["text"] = render_template(self.text, context, "text")
+        if self.tags:
+            body["tags"] = [_tag(name, expr, event) for name, expr in self.tags]
+        if self.headers:
+            headers = {}
+            for name, expr in self.headers:
+                value = expr.one(event, field=f"headers.{name}", reason=Reason.TEMPLATE_ERROR)
+                _no_controls(f"headers.{name}", value)
+                headers[name] = value
+            body["headers"] = headers
+        return body
+
+    def recipients(self, body: Mapping[str, Any]) -> tuple[str, ...]:
+        """Every address the body sends to (for masked logging)."""
+        out: list[str] = []
+        for name in ("to", "cc", "bcc"):
+            out.extend(body.get(name, ()))
+        return tuple(out)
+
+
+def _no_controls(field: str, value: str) -> None:
+    if has_control_characters(value):
+        raise invalid(Reason.CONTROL_CHARACTERS, f"{field}: CR, LF or another control character")
+
+
+def _addresses(exprs: tuple[Interp, ...], event: Event, field: str) -> list[str]:
+    reason = Reason.INVALID_RECIPIENT
+    out: list[str] = []
+    for expr in exprs:
+        if expr.constant is not None:
+            out.append(expr.constant)
+            continue
+        for address in expr.many(event, field=field, reason=reason):
+            _no_controls(field, address)
+            if not is_address(address):
+                # Masked even when it is not an address: it may still be personal data.
+                shown = mask_address(address)
+                raise invalid(reason, f"{field}: {shown} is not an email address")
+            out.append(address)
+    return out
+
+
+def _variable(expr: Interp, event: Event, name: str) -> Any:
+    field = f"template.variables.{name}"
+    value = expr.native(event, field=field, reason=Reason.TEMPLATE_ERROR)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise invalid(Reason.TEMPLATE_ERROR, f"{field}: need a string or a number")
+    return value
+
+
+def _tag(name: str, expr: Interp, event: Event) -> dict[str, str]:
+    if expr.constant is not None:  # checked at load
+        return {"name": name, "value": expr.constant}
+    value = expr.one(event, field=f"tags.{name}", reason=Reason.INVALID_TAG)
+    if not _TAG.match(value):
+        raise invalid(Reason.INVALID_TAG, f"tags.{name}: value must be 1-256 of [A-Za-z0-9_-]")
+    return {"name": name, "value": value}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteTable:
+    """The loaded routes file: every route plus the envelope validator and policies."""
+
+    path: Path
+    routes: Mapping[str, Route]
+    envelope: Validator
+    unknown_type: UnknownTypePolicy
+    schemas_dir: Path
+    templates_dir: Path
+    examples_dir: Path | None
+
+
+# -- loading ------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (YAML would silently keep the last)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            line = key_node.start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
+            )
+        seen.add(key)
+    return dict(loader.construct_mapping(node))
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _Loader:
+    """Reads one routes file; every error names file, route and field."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.parent
+
+    def fail(
+        self, problem: str, *, route: str | None = None, field: str | None = None
+    ) -> RoutesError:
+        where = [str(self.path)]
+        if route is not None:
+            where.append(f"route {route!r}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        return RoutesError(f"{': '.join(where)}: {problem}")
+
+    def load(self) -> RouteTable:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self.fail(f"cannot read the routes file ({exc})") from None
+        try:
+            doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            raise self.fail(f"not valid YAML: {exc}") from None
+        if not isinstance(doc, dict):
+            raise self.fail("the file must hold a mapping with a 'routes' key")
+        self.unknown_keys(doc, _TOP_KEYS)
+        schemas_dir = self.folder(doc, "schemas", ".")
+        templates_dir = self.folder(doc, "templates", "templates")
+        examples = self.folder(doc, "examples", "examples")
+        envelope_name = doc.get("envelope", ENVELOPE_SCHEMA)
+        if not isinstance(envelope_name, str):
+            raise self.fail("must be a file name", field="envelope")
+        envelope = self.schema(schemas_dir / envelope_name, field="envelope")
+        defaults = doc.get("defaults") or {}
+        if not isinstance(defaults, dict):
+            raise self.fail("must be a mapping", field="defaults")
+        self.unknown_keys(defaults, _DEFAULT_KEYS, field="defaults")
+        policies = doc.get("policies") or {}
+        if not isinstance(policies, dict):
+            raise self.fail("must be a mapping", field="policies")
+        self.unknown_keys(policies, frozenset({"unknown_type"}), field="policies")
+        unknown_type = policies.get("unknown_type", "dead-letter")
+        if unknown_type not in UNKNOWN_TYPE_POLICIES:
+            raise self.fail(
+                f"{unknown_type!r} is not one of {', '.join(UNKNOWN_TYPE_POLICIES)}",
+                field="policies.unknown_type",
+            )
+        raw_routes = doc.get("routes")
+        if not isinstance(raw_routes, dict) or not raw_routes:
+            raise self.fail("must be a non-empty mapping of event type to route", field="routes")
+        html_env = environment(templates_dir, html=True)
+        text_env = environment(templates_dir, html=False)
+        routes: dict[str, Route] = {}
+        for event_type, spec in raw_routes.items():
+            if not isinstance(event_type, str) or not event_type:
+                raise self.fail(f"route name {event_type!r} must be an event type string")
+            if not isinstance(spec, dict):
+                raise self.fail("must be a mapping", route=event_type)
+            merged = {**defaults, **spec}
+            routes[event_type] = _RouteLoader(self, event_type, schemas_dir).build(
+                merged, html_env=html_env, text_env=text_env
+            )
+        self.distinct_keys(routes)
+        return RouteTable(
+            path=self.path,
+            routes=routes,
+            envelope=envelope,
+            unknown_type=unknown_type,
+            schemas_dir=schemas_dir,
+            templates_dir=templates_dir,
+            examples_dir=examples if examples.is_dir() else None,
+        )
+
+    def distinct_keys(self, routes: Mapping[str, Route]) -> None:
+        """Refuse key templates that could give two event types the same key."""
+        prefixes = {name: route.key.prefix(name) for name, route in routes.items()}
+        for name, prefix in prefixes.items():
+            if not prefix:
+                raise self.fail(
+                    "must start with literal text (e.g. 'welcome:') or {type}, "
+                    "so keys of different event types cannot collide",
+                    route=name,
+                    field="idempotency_key",
+                )
+            for other, other_prefix in prefixes.items():
+                if other != name and other_prefix.startswith(prefix):
+                    raise self.fail(
+                        f"its fixed start {prefix!r} is also the start of route {other!r}'s "
+                        f"keys ({other_prefix!r}): the two types could share a key",
+                        route=name,
+                        field="idempotency_key",
+                    )
+
+    def unknown_keys(
+        self,
+        doc: Mapping[Any, Any],
+        allowed: frozenset[str],
+        *,
+        route: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        extra = sorted(str(k) for k in doc if k not in allowed)
+        if extra:
+            raise self.fail(
+                f"unknown key(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}",
+                route=route,
+                field=field,
+            )
+
+    def folder(self, doc: Mapping[str, Any], name: str, default: str) -> Path:
+        value = doc.get(name, default)
+        if not isinstance(value, str):
+            raise self.fail("must be a folder path", field=name)
+        return (self.base / value).resolve()
+
+    def schema(self, path: Path, *, route: str | None = None, field: str) -> Validator:
+        try:
+            return compile_schema(load_json_file(path))
+        except OSError as exc:
+            raise self.fail(
+                f"cannot read {path} ({exc.strerror})", route=route, field=field
+            ) from None
+        except ValueError as exc:
+            raise self.fail(f"{path}: {exc}", route=route, field=field) from None
+
+
+class _RouteLoader:
+    """Builds one `Route` from its mapping."""
+
+    def __init__(self, loader: _Loader, event_type: str, schemas_dir: Path) -> None:
+        self.loader = loader
+        self.route = event_type
+        self.schemas_dir = schemas_dir
+
+    def fail(self, field: str, problem: str) -> RoutesError:
+        return self.loader.fail(problem, route=self.route, field=field)
+
+    def build(
+        self,
+        spec: dict[str, Any],
+        *,
+        html_env: ImmutableSandboxedEnvironment,
+        text_env: ImmutableSandboxedEnvironment,
+    ) -> Route:
+        self.loader.unknown_keys(spec, _ROUTE_KEYS, route=self.route)
+        schema_name = spec.get("schema", f"{self.route}{SCHEMA_SUFFIX}")
+        if not isinstance(schema_name, str):
+            raise self.fail("schema", "must be a file name")
+        schema_path = (self.schemas_dir / schema_name).resolve()
+        validator = self.loader.schema(schema_path, route=self.route, field="schema")
+        key_text = spec.get("idempotency_key", DEFAULT_KEY_TEMPLATE)
+        try:
+            key = KeyTemplate.parse(key_text)
+        except KeyTemplateError as exc:
+            raise self.fail("idempotency_key", str(exc)) from None
+        if "from" not in spec:
+            raise self.fail("from", "is required (here or under defaults)")
+        if "to" not in spec:
+            raise self.fail("to", "is required")
+        subject_text = self.string(spec, "subject", required=True)
+        assert subject_text is not None
+        html, text, hosted_id, variables = self.template(spec.get("template"), html_env, text_env)
+        policies = spec.get("policies") or {}
+        if not isinstance(policies, dict):
+            raise self.fail("policies", "must be a mapping")
+        self.loader.unknown_keys(
+            policies, frozenset({"max_event_age", "stale"}), route=self.route, field="policies"
+        )
+        stale = policies.get("stale")
+        if stale is not None and stale not in STALE_POLICIES:
+            raise self.fail(
+                "policies.stale", f"{stale!r} is not one of {', '.join(STALE_POLICIES)}"
+            )
+        return Route(
+            event_type=self.route,
+            schema_path=schema_path,
+            validator=validator,
+            key=key,
+            sender=self.address("from", spec["from"]),
+            to=self.interps("to", spec["to"], required=True),
+            cc=self.interps("cc", spec.get("cc")),
+            bcc=self.interps("bcc", spec.get("bcc")),
+            reply_to=self.interps("reply_to", spec.get("reply_to")),
+            subject=self.compile(text_env, subject_text, "subject"),
+            html=html,
+            text=text,
+            hosted_id=hosted_id,
+            hosted_variables=variables,
+            tags=self.pairs("tags", spec.get("tags"), _TAG, MAX_TAGS),
+            headers=self.pairs("headers", spec.get("headers"), _HEADER_NAME, 100),
+            max_event_age=self.age(policies.get("max_event_age")),
+            stale_policy=stale,
+        )
+
+    def string(self, spec: Mapping[str, Any], field: str, *, required: bool = False) -> str | None:
+        value = spec.get(field)
+        if value is None:
+            if required:
+                raise self.fail(field, "is required")
+            return None
+        if isinstance(value, dict) and len(value) == 1 and None in value.values():
+            raise self.fail(field, 'quote placeholders in YAML: write "{data.x}", not {data.x}')
+        if not isinstance(value, str) or not value:
+            raise self.fail(field, "must be a non-empty string")
+        return value
+
+    def interp(self, field: str, value: Any) -> Interp:
+        text = self.string({field: value}, field, required=True)
+        assert text is not None
+        try:
+            return Interp.parse(text)
+        except ValueError as exc:
+            raise self.fail(field, str(exc)) from None
+
+    def address(self, field: str, value: Any) -> Interp:
+        expr = self.interp(field, value)
+        if expr.constant is not None and not is_address(expr.constant):
+            raise self.fail(field, f"{expr.constant!r} is not an email address")
+        return expr
+
+    def interps(self, field: str, value: Any, *, required: bool = False) -> tuple[Interp, ...]:
+        if value is None and not required:
+            return ()
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise self.fail(field, "must name at least one address")
+        return tuple(self.address(field, item) for item in items)
+
+    def pairs(
+        self, field: str, value: Any, name_rule: re.Pattern[str], limit: int
+    ) -> tuple[tuple[str, Interp], ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            raise self.fail(field, "must be a mapping of name to value")
+        if len(value) > limit:
+            raise self.fail(field, f"at most {limit} entries")
+        out = []
+        for name, item in value.items():
+            if not isinstance(name, str) or not name_rule.match(name):
+                raise self.fail(f"{field}.{name}", f"name must match {name_rule.pattern}")
+            if field == "headers" and name.lower() in _RESERVED_HEADERS:
+                raise self.fail(f"{field}.{name}", "set this through its own route field")
+            if isinstance(item, int) and not isinstance(item, bool):
+                item = str(item)
+            expr = self.interp(f"{field}.{name}", item)
+            if field == "tags" and expr.constant is not None and not _TAG.match(expr.constant):
+                raise self.fail(f"{field}.{name}", "value must be 1-256 of [A-Za-z0-9_-]")
+            if (
+                field == "headers"
+                and expr.constant is not None
+                and has_control_characters(expr.constant)
+            ):
+                raise self.fail(f"{field}.{name}", "CR, LF or another control character")
+            out.append((name, expr))
+        return tuple(out)
+
+    def template(
+        self,
+        value: Any,
+        html_env: ImmutableSandboxedEnvironment,
+        text_env: ImmutableSandboxedEnvironment,
+    ) -> tuple[Compiled | None, Compiled | None, str | None, tuple[tuple[str, Interp], ...]]:
+        if not isinstance(value, dict):
+            raise self.fail("template", "is required: {html, text} files or {id, variables}")
+        if "id" in value:
+            if set(value) - {"id", "variables"}:
+                raise self.fail("template", "a hosted template takes only id and variables")
+            hosted_id = self.string(value, "id", required=True)
+            variables = self.pairs("template.variables", value.get("variables"), _TAG, 200)
+            return None, None, hosted_id, variables
+        if set(value) - {"html", "text"} or not value:
+            raise self.fail("template", "give html and/or text files, or id and variables")
+        html = self.file(html_env, value.get("html"), "template.html", ".html.j2")
+        text = self.file(text_env, value.get("text"), "template.text", ".txt.j2")
+        return html, text, None, ()
+
+    def file(
+        self, env: ImmutableSandboxedEnvironment, name: Any, field: str, suffix: str
+    ) -> Compiled | None:
+        if name is None:
+            return None
+        if not isinstance(name, str) or not name.endswith(suffix):
+            raise self.fail(field, f"must be a template file name ending in {suffix}")
+        try:
+            return Compiled(env.get_template(name))
+        except jinja2.TemplateNotFound:
+            raise self.fail(field, f"template {name} not found in the templates folder") from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise self.fail(field, f"{name} line {exc.lineno}: {exc.message}") from None
+
+    def compile(self, env: ImmutableSandboxedEnvironment, source: str, field: str) -> Compiled:
+        try:
+            return Compiled(env.from_string(source), source=source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise self.fail(field, f"template syntax: {exc.message}") from None
+
+    def age(self, value: Any) -> float | None:
+        if value is None:
+            return None
+        try:
+            seconds = parse_duration(str(value))
+        except ValueError as exc:
+            raise self.fail("policies.max_event_age", str(exc)) from None
+        if not 0 < seconds <= MAX_AGE_LIMIT:
+            raise self.fail(
+                "policies.max_event_age", "must be above 0 and at most 24h (Resend's key window)"
+            )
+        return seconds
+
+
+def load_routes(path: Path) -> RouteTable:
+    """Read, check and compile a routes file; RoutesError on any problem."""
+    return _Loader(path.resolve()).load()

@@ -1,0 +1,236 @@
+"""Idempotency keys: deterministic, valid, distinct, never showing sensitive values."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consumer.errors import InvalidEvent
+from consumer.events import Event, Reason
+from consumer.keys import (
+    DEFAULT_KEY_TEMPLATE,
+    MAX_KEY_LENGTH,
+    KeyTemplate,
+    KeyTemplateError,
+    encode_value,
+    finish_key,
+    is_valid_key,
+)
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+ids = st.one_of(
+    st.text(min_size=1, max_size=400),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=50)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
+def event(data: Any = None, **attrs: Any) -> Event:
+    """An Event built directly (keys do not care how it was decoded)."""
+    fields: dict[str, Any] = {
+        "id": "evt-1",
+        "source": "https://shop.acme.example/orders",
+        "type": "order.confirmed",
+        "specversion": "1.0",
+        "time": None,
+        "subject": None,
+        "datacontenttype": None,
+        "data": data,
+        "mode": "structured",
+        "event_time": None,
+    }
+    fields.update(attrs)
+    return Event(**fields)
+
+
+def test_route_template_gives_readable_key() -> None:
+    """A key keeps clean entity IDs as they are, after the route's literal text."""
+    template = KeyTemplate.parse("order-confirmation:{data.order_id}")
+    assert template.render(event({"order_id": "A-10042"})) == "order-confirmation:A-10042"
+
+
+def test_two_part_key_and_integer_ids() -> None:
+    """Integers are entity IDs too; both parts show, separated by the literal colon."""
+    template = KeyTemplate.parse("password-reset:{data.user_id}:{data.request_id}")
+    key = template.render(event({"user_id": 5521, "request_id": "r-9"}))
+    assert key == "password-reset:5521:r-9"
+
+
+def test_disallowed_characters_are_escaped_as_hex() -> None:
+    """'_' and '.' (and any other character outside [A-Za-z0-9-]) become '.' plus UTF-8 hex."""
+    assert encode_value("usr_5.5", sensitive=False) == "usr.5f5.2e5"
+    assert encode_value("é", sensitive=False) == ".c3.a9"
+
+
+def test_default_template_uses_type_source_and_id() -> None:
+    """Without a route template the key is {type}:{source}:{id}, escaped."""
+    key = KeyTemplate.parse(DEFAULT_KEY_TEMPLATE).render(event({}))
+    assert key.startswith("order.2econfirmed:https.3a.2f.2fshop")
+    assert key.endswith(":evt-1")
+    assert is_valid_key(key)
+
+
+def test_sensitive_marker_hashes_with_sha256() -> None:
+    """{path|sha256} puts the first 32 hex digits of SHA-256 in the key, never the value."""
+    template = KeyTemplate.parse("magic-link:{data.token|sha256}")
+    key = template.render(event({"token": "s3cret-token"}))
+    digest = hashlib.sha256(b"s3cret-token").hexdigest()[:32]
+    assert key == f"magic-link:.sha256-{digest}"
+    assert "s3cret" not in key
+
+
+def test_address_is_hashed_even_when_not_marked() -> None:
+    """A value holding '@' is hashed, so an address never reaches a key in clear."""
+    plain = KeyTemplate.parse("welcome:{data.email}").render(event({"email": "jane@example.com"}))
+    marked = KeyTemplate.parse("welcome:{data.email|sha256}").render(
+        event({"email": "jane@example.com"})
+    )
+    assert plain == marked
+    assert plain.startswith("welcome:.sha256-")
+    assert "jane" not in plain
+    assert "example" not in plain
+
+
+def test_over_long_key_keeps_prefix_and_ends_in_hash() -> None:
+    """A key above 256 characters keeps a readable prefix and ends in the full SHA-256."""
+    long_id = "x" * 400
+    key = KeyTemplate.parse("order-confirmation:{data.order_id}").render(
+        event({"order_id": long_id})
+    )
+    full = f"order-confirmation:{long_id}"
+    assert len(key) == MAX_KEY_LENGTH
+    assert key.startswith("order-confirmation:xxxx")
+    assert key.endswith(":" + hashlib.sha256(full.encode()).hexdigest())
+    assert finish_key("short") == "short"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason_text"),
+    [
+        ({}, "missing"),
+        ({"order_id": None}, "missing"),
+        ({"order_id": ""}, "empty"),
+        ({"order_id": True}, "bool"),
+        ({"order_id": 1.5}, "float"),
+        ({"order_id": {"a": 1}}, "dict"),
+        ({"order_id": [1]}, "list"),
+    ],
+)
+def test_unusable_key_field_is_invalid_key(data: dict[str, Any], reason_text: str) -> None:
+    """A missing, empty or non-scalar entity ID is InvalidEvent(invalid_key), not a crash."""
+    template = KeyTemplate.parse("order-confirmation:{data.order_id}")
+    with pytest.raises(InvalidEvent) as info:
+        template.render(event(data))
+    assert info.value.reason == Reason.INVALID_KEY
+    assert reason_text in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", "non-empty"),
+        ("order confirmation:{data.id}", "literal text"),
+        ("order:{data.id", "literal text"),
+        ("order:{data.id|md5}", "unknown filter"),
+        ("order:{payload.id}", "must start with"),
+        ("order:{type}", "every event of the type"),
+        ("constant-key", "every event of the type"),
+        ("order:{data.a}{data.b}", "separated"),
+        ("order:{data.a}-{data.b}", "separated"),
+        ("order:{data.a b}", "segment"),
+        ("order:{id.x}", "nested"),
+    ],
+)
+def test_bad_key_templates_are_refused(text: str, problem: str) -> None:
+    """Templates that could give invalid or colliding keys fail at load with a reason."""
+    with pytest.raises(KeyTemplateError) as info:
+        KeyTemplate.parse(text)
+    assert problem in str(info.value)
+
+
+# -- properties ---------------------------------------------------------------
+
+
+def outcome(render: Callable[[], str]) -> tuple[str, str]:
+    """("key", key) or ("invalid", reason): lets properties assert outside except blocks."""
+    try:
+        return "key", render()
+    except InvalidEvent as exc:
+        return "invalid", exc.reason
+
+
+@FAST
+@given(order_id=ids, user=ids)
+def test_same_event_always_gives_same_key(order_id: str | int, user: str | int) -> None:
+    """Property: rendering the same event twice (or re-parsing the template) gives one key."""
+    data = {"order_id": order_id, "user": user}
+    first = KeyTemplate.parse("o:{data.order_id}:{data.user|sha256}").render(event(data))
+    second = KeyTemplate.parse("o:{data.order_id}:{data.user|sha256}").render(event(dict(data)))
+    assert first == second
+
+
+@FAST
+@given(value=json_values, template=st.text(max_size=60))
+def test_any_input_gives_valid_key_or_clear_error(value: Any, template: str) -> None:
+    """Property: any template and any data give a valid key, KeyTemplateError or invalid_key."""
+    try:
+        parsed = KeyTemplate.parse(template)
+    except KeyTemplateError as exc:
+        problem = str(exc)
+        assert problem
+        return
+    kind, result = outcome(lambda: parsed.render(event({"x": value}, id=str(value))))
+    if kind == "invalid":
+        assert result == Reason.INVALID_KEY
+    else:
+        assert is_valid_key(result), result
+
+
+@FAST
+@given(value=json_values)
+def test_any_data_value_gives_valid_key_or_invalid_key(value: Any) -> None:
+    """Property: a fixed route template never produces an invalid key, whatever the data."""
+    template = KeyTemplate.parse("password-reset:{data.user}:{data.req}")
+    kind, result = outcome(lambda: template.render(event({"user": value, "req": value})))
+    if kind == "invalid":
+        assert result == Reason.INVALID_KEY
+    else:
+        assert is_valid_key(result)
+        assert len(result) <= MAX_KEY_LENGTH
+
+
+def test_hash_never_equals_a_clean_id() -> None:
+    """A hashed value cannot collide with an ID that happens to be the same hex digits."""
+    hashed = encode_value("jane@example.com", sensitive=False)
+    digits = hashed.removeprefix(".sha256-")
+    assert encode_value(digits, sensitive=False) != hashed
+    assert encode_value(hashed, sensitive=False) != hashed
+
+
+@FAST
+@given(a=st.tuples(ids, ids), b=st.tuples(ids, ids))
+def test_different_entity_ids_give_different_keys(
+    a: tuple[str | int, str | int], b: tuple[str | int, str | int]
+) -> None:
+    """Property: two events whose entity IDs differ never share a key."""
+    template = KeyTemplate.parse("password-reset:{data.user_id}:{data.request_id}")
+
+    def key(ids_: tuple[str | int, str | int]) -> str:
+        return template.render(event({"user_id": ids_[0], "request_id": ids_[1]}))
+
+    same_ids = tuple(str(x) for x in a) == tuple(str(x) for x in b)
+    # An int and its decimal string are the same entity ID on purpose.
+    assert (key(a) == key(b)) == same_ids

@@ -1,0 +1,632 @@
+"""Preparer: records in, Prepared | Rejected | Skipped out; deterministic bytes; CLI."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consumer.events import Reason, parse_time
+from consumer.keys import is_valid_key
+from consumer.prepare import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    EXIT_USAGE,
+    Prepared,
+    Preparer,
+    Rejected,
+    Skipped,
+    check_command,
+    record_from_file,
+    render_command,
+)
+from consumer.routes import RoutesError
+from consumer.settings import Settings, StalePolicy
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = ROOT / "schemas"
+EXAMPLES = SCHEMAS / "examples"
+ORDER = json.loads((EXAMPLES / "order.confirmed.json").read_text())
+ORDER_TIME = parse_time(ORDER["time"])
+Headers = list[tuple[str, bytes]]
+
+
+@pytest.fixture(scope="module")
+def preparer() -> Preparer:
+    """The shipped routes with an 8 KiB record limit and default age policy."""
+    return Preparer.from_settings(
+        Settings(routes_file=SCHEMAS / "routes.yaml", max_event_bytes=8192)
+    )
+
+
+def prepare(p: Preparer, value: bytes | None, headers: Headers | None = None, **kw: Any) -> Any:
+    kw.setdefault("now", ORDER_TIME + 60)
+    return p.prepare(
+        value,
+        headers or [],
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=kw.pop("ts", None),
+        **kw,
+    )
+
+
+def order(mutate: Callable[[dict[str, Any]], object] | None = None) -> bytes:
+    """The order.confirmed example, changed by `mutate` (which edits it in place)."""
+    doc = copy.deepcopy(ORDER)
+    if mutate is not None:
+        mutate(doc)
+    return orjson.dumps(doc)
+
+
+def drop(*keys: str) -> Callable[[dict[str, Any]], object]:
+    return lambda doc: [doc.pop(k) for k in keys]
+
+
+def set_(path: str, value: Any) -> Callable[[dict[str, Any]], object]:
+    def apply(doc: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = doc
+        for part in parents:
+            node = node[part]
+        node[last] = value
+
+    return apply
+
+
+def binary(value: bytes | None, **overrides: str | bytes | None) -> tuple[bytes | None, Headers]:
+    headers: dict[str, str | bytes | None] = {
+        "ce_specversion": "1.0",
+        "ce_id": "bin-1",
+        "ce_source": "https://shop.acme.example/orders",
+        "ce_type": "order.confirmed",
+        "ce_time": ORDER["time"],
+        "content-type": "application/json",
+    }
+    headers.update(overrides)
+    pairs = [
+        (k, v if isinstance(v, bytes) else v.encode()) for k, v in headers.items() if v is not None
+    ]
+    return value, pairs
+
+
+ORDER_DATA = orjson.dumps(ORDER["data"])
+
+MALFORMED: list[tuple[str, bytes | None, Headers, Reason]] = [
+    ("no value", None, [], Reason.EMPTY),
+    ("empty value", b"", [], Reason.EMPTY),
+    ("oversized", b"{" + b" " * 9000 + b"}", [], Reason.OVERSIZED),
+    ("invalid byte", b"\xff", [], Reason.NOT_UTF8),
+    ("truncated sequence", b'{"a": "\xc3"}', [], Reason.NOT_UTF8),
+    ("latin-1 JSON", '{"a": "café"}'.encode("latin-1"), [], Reason.NOT_UTF8),
+    ("plain text", b"order confirmed", [], Reason.NOT_JSON),
+    ("unterminated", b'{"specversion": "1.0"', [], Reason.NOT_JSON),
+    ("single quotes", b"{'id': 1}", [], Reason.NOT_JSON),
+    ("NaN", b"NaN", [], Reason.NOT_JSON),
+    ("trailing garbage", order() + b"}", [], Reason.NOT_JSON),
+    ("array", b"[1, 2]", [], Reason.NOT_OBJECT),
+    ("number", b"42", [], Reason.NOT_OBJECT),
+    ("string", b'"order.confirmed"', [], Reason.NOT_OBJECT),
+    ("boolean", b"true", [], Reason.NOT_OBJECT),
+    ("no id", order(drop("id")), [], Reason.MISSING_FIELD),
+    ("no type", order(drop("type")), [], Reason.MISSING_FIELD),
+    ("no source", order(drop("source")), [], Reason.MISSING_FIELD),
+    ("no specversion", order(drop("specversion")), [], Reason.MISSING_FIELD),
+    ("specversion 2.0", order(set_("specversion", "2.0")), [], Reason.INVALID_ENVELOPE),
+    ("numeric id", order(set_("id", 123)), [], Reason.INVALID_ENVELOPE),
+    ("empty source", order(set_("source", "")), [], Reason.INVALID_ENVELOPE),
+    ("bad time", order(set_("time", "last tuesday")), [], Reason.INVALID_ENVELOPE),
+    ("naive time", order(set_("time", "2026-11-29T10:15:00")), [], Reason.INVALID_ENVELOPE),
+    ("xml data", order(set_("datacontenttype", "text/xml")), [], Reason.UNSUPPORTED_CONTENT_TYPE),
+    ("base64 data", order(set_("data_base64", "AAAA")), [], Reason.UNSUPPORTED_CONTENT_TYPE),
+    ("unknown type", order(set_("type", "invoice.paid")), [], Reason.UNKNOWN_TYPE),
+    ("no order_id", order(lambda d: d["data"].pop("order_id")), [], Reason.SCHEMA_VIOLATION),
+    ("no items", order(set_("data.items", [])), [], Reason.SCHEMA_VIOLATION),
+    ("total as text", order(set_("data.total_cents", "66.43")), [], Reason.SCHEMA_VIOLATION),
+    ("null data", order(set_("data", None)), [], Reason.SCHEMA_VIOLATION),
+    ("no data", order(drop("data")), [], Reason.SCHEMA_VIOLATION),
+    ("bad currency", order(set_("data.currency", "euro")), [], Reason.SCHEMA_VIOLATION),
+    (
+        "negative quantity",
+        order(lambda d: d["data"]["items"][0].update(quantity=-1)),
+        [],
+        Reason.SCHEMA_VIOLATION,
+    ),
+    ("bad recipient", order(set_("data.customer.email", "jane.doe")), [], Reason.INVALID_RECIPIENT),
+    (
+        "domain without dot",
+        order(set_("data.customer.email", "jane@localhost")),
+        [],
+        Reason.INVALID_RECIPIENT,
+    ),
+    (
+        "recipient header injection",
+        order(set_("data.customer.email", "jane@example.com\r\nBcc: all@example.com")),
+        [],
+        Reason.CONTROL_CHARACTERS,
+    ),
+    (
+        "subject CRLF",
+        order(set_("data.order_number", "A-1\r\nBcc: x@example.com")),
+        [],
+        Reason.CONTROL_CHARACTERS,
+    ),
+    ("subject NUL", order(set_("data.order_number", "A-1\x00")), [], Reason.CONTROL_CHARACTERS),
+    (
+        "header value LF",
+        order(set_("data.order_id", "ord-1\nX-Evil: 1")),
+        [],
+        Reason.CONTROL_CHARACTERS,
+    ),
+    ("binary: value not JSON", *binary(b"<xml/>"), Reason.NOT_JSON),
+    ("binary: no ce_type", *binary(ORDER_DATA, ce_type=None), Reason.MISSING_FIELD),
+    ("binary: header not UTF-8", *binary(ORDER_DATA, ce_source=b"\xff\xfe"), Reason.NOT_UTF8),
+    ("binary: bad specversion", *binary(ORDER_DATA, ce_specversion="0.3"), Reason.INVALID_ENVELOPE),
+    ("binary: unknown type", *binary(ORDER_DATA, ce_type="order.lost"), Reason.UNKNOWN_TYPE),
+    ("binary: array data", *binary(b"[]"), Reason.SCHEMA_VIOLATION),
+    ("binary: no value", *binary(None), Reason.SCHEMA_VIOLATION),
+    (
+        "binary: text content",
+        *binary(ORDER_DATA, **{"content-type": "text/plain"}),
+        Reason.UNSUPPORTED_CONTENT_TYPE,
+    ),
+    ("stale", order(set_("time", "2026-11-27T10:15:00Z")), [], Reason.STALE_EVENT),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "headers", "reason"),
+    [pytest.param(v, h, r, id=name) for name, v, h, r in MALFORMED],
+)
+def test_malformed_records_are_rejected_with_reason(
+    preparer: Preparer, value: bytes | None, headers: Headers, reason: Reason
+) -> None:
+    """Each malformed record gives Rejected with its stable reason code, never an exception."""
+    result = prepare(preparer, value, headers)
+    assert isinstance(result, Rejected), result
+    assert result.reason == reason
+    assert result.message
+    assert "jane.doe@example.com" not in result.message
+
+
+def test_table_has_at_least_thirty_cases() -> None:
+    """The malformed-record table keeps its promised breadth."""
+    assert len(MALFORMED) >= 30
+    assert len({reason for *_, reason in MALFORMED}) >= 13
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    value=st.one_of(st.none(), st.binary(max_size=300), st.just(order())),
+    headers=st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type", "x"]
+            ),
+            st.binary(max_size=20),
+        ),
+        max_size=6,
+    ),
+)
+def test_prepare_never_raises(preparer: Preparer, value: bytes | None, headers: Headers) -> None:
+    """Property: arbitrary bytes and headers give Prepared, Rejected or Skipped; nothing raises."""
+    result = prepare(preparer, value, headers)
+    assert isinstance(result, Prepared | Rejected | Skipped)
+    if isinstance(result, Rejected):
+        assert result.reason in set(Reason)
+
+
+def test_example_order_prepares_exact_request(preparer: Preparer) -> None:
+    """The order example gives the route's key, endpoint, recipients and sorted-key JSON."""
+    result = prepare(preparer, order())
+    assert isinstance(result, Prepared)
+    assert result.idempotency_key == "order-confirmation:ord.5f01JDZ6K8Q4T7"
+    assert result.endpoint == "/emails"
+    assert result.recipients == ("jane.doe@example.com",)
+    assert result.event_time == ORDER_TIME
+    assert result.stale is False
+    body = orjson.loads(result.body)
+    assert list(body) == sorted(body)
+    assert body["subject"] == "Your Acme order A-10042 is confirmed"
+    assert "Socks &lt;3-pack&gt;" in body["html"]
+    assert "66.43 EUR" in body["text"]
+    assert result.body == orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def example_records() -> dict[str, tuple[bytes, Headers]]:
+    return {
+        path.name: record_from_file(path.read_bytes()) for path in sorted(EXAMPLES.glob("*.json"))
+    }
+
+
+def test_every_example_prepares_with_a_valid_key(preparer: Preparer) -> None:
+    """Each shipped example (structured and binary) prepares; keys are valid and distinct."""
+    records = example_records()
+    assert len(records) >= 5
+    keys = set()
+    for name, (value, headers) in records.items():
+        result = prepare(preparer, value, headers, enforce_age=False)
+        assert isinstance(result, Prepared), (name, result)
+        assert is_valid_key(result.idempotency_key)
+        keys.add(result.idempotency_key)
+    assert len(keys) == len(records)
+
+
+def test_sensitive_key_part_is_hashed(preparer: Preparer) -> None:
+    """The magic-link key hashes the address: it never appears in clear."""
+    value, headers = example_records()["magic_link.requested.json"]
+    result = prepare(preparer, value, headers, enforce_age=False)
+    assert isinstance(result, Prepared)
+    assert result.idempotency_key.startswith("magic-link:.sha256-")
+    assert "noah" not in result.idempotency_key
+
+
+def test_same_event_gives_same_bytes_every_attempt(preparer: Preparer) -> None:
+    """Preparing one record many times gives identical key and body bytes."""
+    results = {(r.idempotency_key, r.body) for r in (prepare(preparer, order()) for _ in range(20))}
+    assert len(results) == 1
+
+
+def test_binary_and_structured_forms_render_same_body(preparer: Preparer) -> None:
+    """The same event in either mode gives the same key and body."""
+    structured = prepare(preparer, order())
+    value, headers = binary(ORDER_DATA, ce_id=ORDER["id"])
+    in_binary = prepare(preparer, value, headers)
+    assert isinstance(structured, Prepared)
+    assert isinstance(in_binary, Prepared)
+    assert (structured.idempotency_key, structured.body) == (
+        in_binary.idempotency_key,
+        in_binary.body,
+    )
+
+
+DUMP_SCRIPT = """
+import sys
+from pathlib import Path
+from consumer.prepare import Preparer, record_from_file
+from consumer.settings import Settings, StalePolicy
+p = Preparer.from_settings(Settings(routes_file=Path(sys.argv[1])))
+for path in sorted(Path(sys.argv[2]).glob("*.json")):
+    value, headers = record_from_file(path.read_bytes())
+    r = p.prepare(
+        value, headers, topic="x", partition=9, offset=99, timestamp_ms=None, enforce_age=False
+    )
+    print(path.name, r.idempotency_key, r.body.hex())
+"""
+
+
+def test_bytes_identical_across_processes(preparer: Preparer) -> None:
+    """Two fresh processes with different hash seeds produce the same keys and bytes as this one."""
+    expected = []
+    for name, (value, headers) in example_records().items():
+        result = prepare(preparer, value, headers, enforce_age=False)
+        assert isinstance(result, Prepared)
+        expected.append(f"{name} {result.idempotency_key} {result.body.hex()}")
+    outputs = []
+    for seed in ("1", "4242"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, "-c", DUMP_SCRIPT, str(SCHEMAS / "routes.yaml"), str(EXAMPLES)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            check=True,
+            timeout=60,
+        )
+        outputs.append(done.stdout.splitlines())
+    assert outputs[0] == expected
+    assert outputs[1] == expected
+
+
+# -- freshness -------------------------------------------------------------------
+
+
+def with_policy(policy: StalePolicy) -> Preparer:
+    return Preparer.from_settings(
+        Settings(routes_file=SCHEMAS / "routes.yaml", stale_policy=policy)
+    )
+
+
+def test_stale_event_is_dead_lettered_by_default_with_its_key(preparer: Preparer) -> None:
+    """Older than MAX_EVENT_AGE (23 h): Rejected(stale_event), still naming its key."""
+    result = prepare(preparer, order(), now=ORDER_TIME + 23 * 3600 + 1)
+    assert isinstance(result, Rejected)
+    assert result.reason == Reason.STALE_EVENT
+    assert result.idempotency_key == "order-confirmation:ord.5f01JDZ6K8Q4T7"
+    fresh = prepare(preparer, order(), now=ORDER_TIME + 23 * 3600 - 1)
+    assert isinstance(fresh, Prepared)
+
+
+def test_stale_policy_skip_and_send() -> None:
+    """STALE_POLICY=skip gives Skipped; send gives Prepared marked stale."""
+    late = ORDER_TIME + 2 * 86400
+    skipped = prepare(with_policy("skip"), order(), now=late)
+    assert skipped == Skipped("stale_event", ORDER["id"], "order.confirmed")
+    sent = prepare(with_policy("send"), order(), now=late)
+    assert isinstance(sent, Prepared)
+    assert sent.stale is True
+
+
+def test_route_policy_overrides_age_and_policy(preparer: Preparer) -> None:
+    """password_reset allows 1 h; magic_link skips after 15 min, whatever the settings say."""
+    value, headers = example_records()["password_reset.requested.json"]
+    reset_time = parse_time("2026-11-29T10:30:00Z")
+    assert isinstance(prepare(preparer, value, headers, now=reset_time + 3500), Prepared)
+    late = prepare(preparer, value, headers, now=reset_time + 3700)
+    assert isinstance(late, Rejected)
+    assert late.reason == Reason.STALE_EVENT
+    value, headers = example_records()["magic_link.requested.json"]
+    link_time = parse_time("2026-11-29T10:45:30.250Z")
+    assert isinstance(prepare(with_policy("send"), value, headers, now=link_time + 901), Skipped)
+
+
+def test_kafka_timestamp_used_when_event_has_no_time(preparer: Preparer) -> None:
+    """Without a CloudEvents time, the record timestamp decides freshness."""
+    value = order(drop("time"))
+    fresh = prepare(preparer, value, ts=int(ORDER_TIME * 1000))
+    assert isinstance(fresh, Prepared)
+    assert fresh.event_time == ORDER_TIME
+    stale = prepare(preparer, value, ts=int((ORDER_TIME - 86400) * 1000))
+    assert isinstance(stale, Rejected)
+    no_time = prepare(preparer, value, ts=-1)
+    assert isinstance(no_time, Prepared)
+    assert no_time.event_time is None
+
+
+def test_enforce_age_off_ignores_freshness(preparer: Preparer) -> None:
+    """Dry runs (enforce_age=False) render old events instead of refusing them."""
+    assert isinstance(
+        prepare(preparer, order(), now=ORDER_TIME + 10 * 86400, enforce_age=False), Prepared
+    )
+
+
+# -- policies and failures ---------------------------------------------------------
+
+
+def test_unknown_type_skip_policy(tmp_path: Path) -> None:
+    """policies.unknown_type: skip turns unknown event types into Skipped."""
+    text = (
+        (SCHEMAS / "routes.yaml")
+        .read_text()
+        .replace("unknown_type: dead-letter", "unknown_type: skip")
+    )
+    text = text.replace("schemas: .", f"schemas: {SCHEMAS}").replace(
+        "templates: templates", f"templates: {SCHEMAS / 'templates'}"
+    )
+    (tmp_path / "routes.yaml").write_text(text)
+    p = Preparer.from_settings(Settings(routes_file=tmp_path / "routes.yaml"))
+    result = prepare(p, order(set_("type", "invoice.paid")))
+    assert result == Skipped("unknown_type", ORDER["id"], "invoice.paid")
+
+
+def test_unexpected_exception_is_internal_error(preparer: Preparer) -> None:
+    """A bug inside the pipeline gives Rejected(internal_error) instead of raising."""
+    route = preparer.table.routes["order.confirmed"]
+
+    def broken(_: Any) -> None:
+        raise RuntimeError("boom with secret@example.com")
+
+    broken_table = dataclasses.replace(
+        preparer.table,
+        routes={
+            **preparer.table.routes,
+            "order.confirmed": dataclasses.replace(route, validator=broken),
+        },
+    )
+    p = Preparer(
+        table=broken_table, max_event_bytes=8192, max_event_age=3600.0, stale_policy="dead-letter"
+    )
+    result = prepare(p, order())
+    assert isinstance(result, Rejected)
+    assert result.reason == Reason.INTERNAL_ERROR
+    assert "secret" not in result.message
+    assert "rejected=1" in repr(p)
+
+
+def test_rejection_message_masks_addresses(preparer: Preparer) -> None:
+    """Messages quoting a bad recipient mask it."""
+    result = prepare(preparer, order(set_("data.customer.email", "jane.doe@example")))
+    assert isinstance(result, Rejected)
+    assert "jane.doe" not in result.message
+    assert "j***@example" in result.message
+    no_at = prepare(preparer, order(set_("data.customer.email", "jane.doe")))
+    assert isinstance(no_at, Rejected)
+    assert "jane" not in no_at.message
+
+
+def test_invalid_routes_file_refuses_to_build(tmp_path: Path) -> None:
+    """Preparer.from_settings raises RoutesError naming the file for a broken routes file."""
+    bad = tmp_path / "routes.yaml"
+    bad.write_text("routes: {}\n")
+    with pytest.raises(RoutesError, match=str(bad)):
+        Preparer.from_settings(Settings(routes_file=bad))
+
+
+# -- CLI ---------------------------------------------------------------------------
+
+
+def test_render_prints_key_and_exact_body(
+    capsysbinary: pytest.CaptureFixture[bytes], preparer: Preparer
+) -> None:
+    """`render EVENT.json` prints POST /emails, the key and the body bytes; exit 0."""
+    path = EXAMPLES / "order.confirmed.binary.json"
+    code = render_command(
+        Settings(routes_file=SCHEMAS / "routes.yaml"), argparse.Namespace(event=str(path))
+    )
+    out = capsysbinary.readouterr().out
+    value, headers = record_from_file(path.read_bytes())
+    expected = prepare(preparer, value, headers, enforce_age=False)
+    assert isinstance(expected, Prepared)
+    assert code == EXIT_OK
+    assert out == (
+        b"POST /emails\nIdempotency-Key: "
+        + expected.idempotency_key.encode()
+        + b"\n\n"
+        + expected.body
+        + b"\n"
+    )
+
+
+def test_render_bad_input_exits_3_with_reason_json(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """Bad input exits 3 and prints {"reason", "message"} as JSON on stderr."""
+    path = tmp_path / "bad.json"
+    path.write_bytes(order(set_("data.customer.email", "nobody")))
+    code = render_command(
+        Settings(routes_file=SCHEMAS / "routes.yaml"), argparse.Namespace(event=str(path))
+    )
+    captured = capsysbinary.readouterr()
+    assert code == EXIT_BAD_INPUT
+    assert captured.out == b""
+    assert orjson.loads(captured.err)["reason"] == "invalid_recipient"
+
+
+def test_render_stale_only_with_enforce_age(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """render ignores age by default; --enforce-age applies the stale policy."""
+    path = tmp_path / "old.json"
+    path.write_bytes(order(set_("time", "2020-01-01T00:00:00Z")))
+    settings_ = Settings(routes_file=SCHEMAS / "routes.yaml")
+    assert (
+        render_command(settings_, argparse.Namespace(event=str(path), enforce_age=False)) == EXIT_OK
+    )
+    capsysbinary.readouterr()
+    assert (
+        render_command(settings_, argparse.Namespace(event=str(path), enforce_age=True))
+        == EXIT_BAD_INPUT
+    )
+    assert orjson.loads(capsysbinary.readouterr().err)["reason"] == "stale_event"
+
+
+def test_check_passes_on_shipped_files(capsys: pytest.CaptureFixture[str]) -> None:
+    """`check` loads routes, schemas and templates and renders every example: exit 0."""
+    code = check_command(Settings(routes_file=SCHEMAS / "routes.yaml"), argparse.Namespace())
+    assert code == EXIT_OK
+    assert "4 routes" in capsys.readouterr().out
+
+
+def test_check_warns_when_age_exceeds_resend_window(capsys: pytest.CaptureFixture[str]) -> None:
+    """MAX_EVENT_AGE above 24 h passes check but prints a warning about duplicates."""
+    settings_ = Settings(routes_file=SCHEMAS / "routes.yaml", max_event_age=25 * 3600.0)
+    assert check_command(settings_, argparse.Namespace(no_examples=True)) == EXIT_OK
+    assert "24 h idempotency window" in capsys.readouterr().err
+
+
+def test_check_fails_with_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`check` exits 2 naming the file, route and field of a broken routes file."""
+    text = (SCHEMAS / "routes.yaml").read_text().replace("schemas: .", f"schemas: {SCHEMAS}")
+    text = text.replace("templates: templates", f"templates: {SCHEMAS / 'templates'}")
+    text = text.replace('"welcome:{data.user_id}"', '"welcome"')
+    (tmp_path / "routes.yaml").write_text(text)
+    code = check_command(Settings(routes_file=tmp_path / "routes.yaml"), argparse.Namespace())
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "route 'user.signed_up': field 'idempotency_key'" in err
+
+
+def test_check_fails_on_a_broken_example(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` renders the examples folder and reports an example that does not prepare."""
+    text = (SCHEMAS / "routes.yaml").read_text().replace("schemas: .", f"schemas: {SCHEMAS}")
+    text = text.replace("templates: templates", f"templates: {SCHEMAS / 'templates'}")
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "broken.json").write_bytes(order(set_("data.items", [])))
+    (tmp_path / "routes.yaml").write_text(text)
+    code = check_command(Settings(routes_file=tmp_path / "routes.yaml"), argparse.Namespace())
+    assert code == EXIT_USAGE
+    assert "broken.json: schema_violation" in capsys.readouterr().err
+
+
+# -- through a real broker -----------------------------------------------------------
+
+
+@pytest.mark.kafka
+async def test_records_from_kafka_prepare_like_files(
+    preparer: Preparer, kafka_bootstrap: str, new_topic: Any, produce: Any
+) -> None:
+    """Examples produced to a real topic, headers and all, prepare to the same bytes as files."""
+    topic = await new_topic(partitions=1)
+    records = example_records()
+    await produce(topic, [(None, value, headers) for value, headers in records.values()])
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        got: list[Any] = []
+        for _ in range(12):  # at most a minute, then the length check below fails
+            if len(got) >= len(records):
+                break
+            batch = await consumer.getmany(timeout_ms=5000)
+            for messages in batch.values():
+                got.extend(messages)
+    finally:
+        await consumer.stop()
+    assert len(got) == len(records)
+    for message, (name, (value, headers)) in zip(got, records.items(), strict=True):
+        from_kafka = preparer.prepare(
+            message.value,
+            list(message.headers),
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            timestamp_ms=message.timestamp,
+            enforce_age=False,
+        )
+        from_file = prepare(preparer, value, headers, enforce_age=False)
+        assert isinstance(from_kafka, Prepared), (name, from_kafka)
+        assert isinstance(from_file, Prepared)
+        assert (from_kafka.idempotency_key, from_kafka.body) == (
+            from_file.idempotency_key,
+            from_file.body,
+        )
+
+
+def test_cli_entry_point_render_and_check() -> None:
+    """`python -m consumer render|check` wire through cli.py: exit codes 0, 3 and 2."""
+    env = {k: v for k, v in os.environ.items() if k != "ROUTES_FILE"}
+
+    def run(*args: str, stdin: str = "", **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "consumer", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**env, **extra},
+            timeout=60,
+            check=False,
+        )
+
+    rendered = run("render", "schemas/examples/user.signed_up.json")
+    assert rendered.returncode == EXIT_OK, rendered.stderr
+    assert rendered.stdout.startswith("POST /emails\nIdempotency-Key: welcome:usr.5f5522\n\n{")
+    bad = run("render", "-", "--max-event-bytes", "10", stdin=order().decode())
+    assert bad.returncode == EXIT_BAD_INPUT
+    assert json.loads(bad.stderr)["reason"] == "oversized"
+    checked = run("check")
+    assert checked.returncode == EXIT_OK, checked.stderr
+    broken = run("check", ROUTES_FILE="/nonexistent/routes.yaml")
+    assert broken.returncode == EXIT_USAGE
+    assert "/nonexistent/routes.yaml" in broken.stderr

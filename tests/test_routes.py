@@ -1,0 +1,520 @@
+"""Routes file: loading, start-up validation with precise errors, rendering and the sandbox."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer.errors import InvalidEvent
+from consumer.events import Event, Reason
+from consumer.routes import RoutesError, RouteTable, is_address, load_routes
+from consumer.settings import SettingsError
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "schemas" / "routes.yaml"
+
+BASE_ROUTE = """
+    idempotency_key: "thing:{data.id}"
+    from: "Acme <no-reply@acme.example>"
+    to: "{data.email}"
+    subject: "Hello {{ data.name }}"
+    template:
+      html: t.html.j2
+      text: t.txt.j2
+"""
+
+
+def write_routes(
+    folder: Path,
+    routes_yaml: str,
+    *,
+    html: str = "<p>Hi {{ data.name }}</p>",
+    text: str = "Hi {{ data.name }}",
+    schema: str = '{"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"}',
+) -> Path:
+    """A self-contained routes folder: routes.yaml, one schema, two templates."""
+    (folder / "templates").mkdir(exist_ok=True)
+    (folder / "templates" / "t.html.j2").write_text(html)
+    (folder / "templates" / "t.txt.j2").write_text(text)
+    (folder / "thing.done.schema.json").write_text(schema)
+    (folder / "envelope.schema.json").write_text(
+        (ROOT / "schemas" / "envelope.schema.json").read_text()
+    )
+    path = folder / "routes.yaml"
+    path.write_text(textwrap.dedent(routes_yaml))
+    return path
+
+
+def one_route(tmp_path: Path, extra: str = "", **kwargs: Any) -> RouteTable:
+    return load_routes(
+        write_routes(tmp_path, "routes:\n  thing.done:" + BASE_ROUTE + extra, **kwargs)
+    )
+
+
+def event(data: Any, event_type: str = "thing.done") -> Event:
+    return Event(
+        id="e-1",
+        source="https://acme.example",
+        type=event_type,
+        specversion="1.0",
+        time=None,
+        subject=None,
+        datacontenttype=None,
+        data=data,
+        mode="structured",
+        event_time=None,
+    )
+
+
+def body_reason(table: RouteTable, data: Any) -> str:
+    with pytest.raises(InvalidEvent) as info:
+        table.routes["thing.done"].body(event(data))
+    return info.value.reason
+
+
+GOOD = {"id": "1", "email": "jane@example.com", "name": "Jane"}
+
+
+def test_shipped_routes_load_with_every_domain_event() -> None:
+    """The shipped routes file names the four domain events and each has html and text."""
+    table = load_routes(SHIPPED)
+    assert set(table.routes) == {
+        "order.confirmed",
+        "password_reset.requested",
+        "user.signed_up",
+        "magic_link.requested",
+    }
+    for route in table.routes.values():
+        assert route.html is not None
+        assert route.text is not None
+    assert table.routes["password_reset.requested"].max_event_age == 3600.0
+    assert table.routes["magic_link.requested"].stale_policy == "skip"
+    assert table.unknown_type == "dead-letter"
+
+
+def test_routes_error_is_a_settings_error(tmp_path: Path) -> None:
+    """RoutesError subclasses SettingsError, so the CLI reports it as configuration."""
+    assert issubclass(RoutesError, SettingsError)
+    with pytest.raises(SettingsError):
+        load_routes(tmp_path / "missing.yaml")
+
+
+def test_body_has_fields_from_route_and_data(tmp_path: Path) -> None:
+    """The body takes from/subject/templates from the route and recipients from data."""
+    table = one_route(
+        tmp_path,
+        extra="""
+    cc: ["audit@acme.example"]
+    bcc: "{data.bcc}"
+    reply_to: "Support <support@acme.example>"
+    tags:
+      category: thing
+      user: "{data.id}"
+    headers:
+      X-Entity-Ref-ID: "thing-{data.id}"
+""",
+    )
+    body = table.routes["thing.done"].body(
+        event({**GOOD, "bcc": ["b1@example.com", "b2@example.com"]})
+    )
+    assert body == {
+        "from": "Acme <no-reply@acme.example>",
+        "to": ["jane@example.com"],
+        "cc": ["audit@acme.example"],
+        "bcc": ["b1@example.com", "b2@example.com"],
+        "reply_to": ["Support <support@acme.example>"],
+        "subject": "Hello Jane",
+        "html": "<p>Hi Jane</p>",
+        "text": "Hi Jane",
+        "tags": [{"name": "category", "value": "thing"}, {"name": "user", "value": "1"}],
+        "headers": {"X-Entity-Ref-ID": "thing-1"},
+    }
+
+
+def test_html_is_autoescaped_text_is_not(tmp_path: Path) -> None:
+    """HTML templates escape data; text templates and the subject keep it as written."""
+    table = one_route(tmp_path)
+    body = table.routes["thing.done"].body(event({**GOOD, "name": "<b>Tom & Jerry</b>"}))
+    assert body["html"] == "<p>Hi &lt;b&gt;Tom &amp; Jerry&lt;/b&gt;</p>"
+    assert body["text"] == "Hi <b>Tom & Jerry</b>"
+    assert body["subject"] == "Hello <b>Tom & Jerry</b>"
+
+
+def test_data_is_never_evaluated_as_template(tmp_path: Path) -> None:
+    """Jinja syntax inside event data is printed, not run (no template injection)."""
+    table = one_route(tmp_path)
+    payload = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    body = table.routes["thing.done"].body(event({**GOOD, "name": payload}))
+    assert body["text"] == f"Hi {payload}"
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        "{{ data.name.__class__ }}",
+        "{{ data.name.__class__.__mro__ }}",
+        "{{ data[data.field] }}",
+        "{{ data.name.format.__globals__ }}",
+    ],
+)
+def test_template_reaching_python_internals_is_template_security(tmp_path: Path, html: str) -> None:
+    """The sandbox stops attribute walks into Python internals with template_security."""
+    table = one_route(tmp_path, html=html)
+    assert body_reason(table, {**GOOD, "field": "__class__"}) == Reason.TEMPLATE_SECURITY
+
+
+def test_sandbox_is_immutable(tmp_path: Path) -> None:
+    """Templates cannot mutate event data (ImmutableSandboxedEnvironment)."""
+    table = one_route(tmp_path, html="{{ data.tags.append('x') }}")
+    assert body_reason(table, {**GOOD, "tags": []}) == Reason.TEMPLATE_SECURITY
+
+
+def test_missing_template_variable_is_template_error(tmp_path: Path) -> None:
+    """StrictUndefined: a field the template needs but the event lacks is template_error."""
+    table = one_route(tmp_path, text="Order {{ data.order_number }}")
+    assert body_reason(table, GOOD) == Reason.TEMPLATE_ERROR
+
+
+def test_runtime_error_message_does_not_quote_data(tmp_path: Path) -> None:
+    """A template failing on a value reports the exception type, not the (secret) value."""
+    table = one_route(tmp_path, text="{{ 1 / data.zero }}")
+    with pytest.raises(InvalidEvent) as info:
+        table.routes["thing.done"].body(event({**GOOD, "zero": 0, "token": "tok-secret"}))
+    assert info.value.reason == Reason.TEMPLATE_ERROR
+    assert "ZeroDivisionError" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({**GOOD, "email": "not-an-address"}, Reason.INVALID_RECIPIENT),
+        ({**GOOD, "email": ""}, Reason.INVALID_RECIPIENT),
+        ({**GOOD, "email": None}, Reason.INVALID_RECIPIENT),
+        ({"id": "1", "name": "x"}, Reason.INVALID_RECIPIENT),
+        ({**GOOD, "email": ["a@example.com", 5]}, Reason.INVALID_RECIPIENT),
+        ({**GOOD, "email": [f"u{i}@example.com" for i in range(51)]}, Reason.INVALID_RECIPIENT),
+        ({**GOOD, "email": []}, Reason.INVALID_RECIPIENT),
+        ({**GOOD, "email": "jane@example.com\r\nBcc: evil@example.com"}, Reason.CONTROL_CHARACTERS),
+        ({**GOOD, "name": "Jane\r\nBcc: evil@example.com"}, Reason.CONTROL_CHARACTERS),
+    ],
+)
+def test_recipient_and_subject_problems_have_reasons(
+    tmp_path: Path, data: dict[str, Any], reason: Reason
+) -> None:
+    """Bad recipients, header injection and empty subjects each map to a stable reason."""
+    assert body_reason(one_route(tmp_path), data) == reason
+
+
+def test_empty_subject_is_template_error(tmp_path: Path) -> None:
+    """A subject that renders blank is refused (Resend requires one)."""
+    routes = "routes:\n  thing.done:" + BASE_ROUTE.replace(
+        "Hello {{ data.name }}", "{{ data.name }}"
+    )
+    table = load_routes(write_routes(tmp_path, routes))
+    assert body_reason(table, {**GOOD, "name": "   "}) == Reason.TEMPLATE_ERROR
+
+
+def test_sender_and_header_values_from_data_are_checked(tmp_path: Path) -> None:
+    """from and header values filled from data refuse CR/LF and non-addresses."""
+    path = write_routes(
+        tmp_path,
+        """
+        routes:
+          thing.done:
+            idempotency_key: "thing:{data.id}"
+            from: "{data.sender}"
+            to: "{data.email}"
+            subject: "s"
+            template: {text: t.txt.j2}
+            headers:
+              X-Ref: "{data.ref}"
+            tags:
+              kind: "{data.kind}"
+        """,
+    )
+    table = load_routes(path)
+    ok = {**GOOD, "sender": "Acme <a@acme.example>", "ref": "r1", "kind": "k"}
+    assert table.routes["thing.done"].body(event(ok))["headers"] == {"X-Ref": "r1"}
+    assert (
+        body_reason(table, {**ok, "sender": "Acme\n<a@acme.example>"}) == Reason.CONTROL_CHARACTERS
+    )
+    assert body_reason(table, {**ok, "sender": "nobody"}) == Reason.INVALID_SENDER
+    assert body_reason(table, {**ok, "ref": "r1\r\nX-Evil: 1"}) == Reason.CONTROL_CHARACTERS
+    assert body_reason(table, {**ok, "ref": {"a": 1}}) == Reason.TEMPLATE_ERROR
+    assert body_reason(table, {**ok, "kind": "no spaces allowed"}) == Reason.INVALID_TAG
+
+
+def test_hosted_template_sends_id_and_variables(tmp_path: Path) -> None:
+    """A Resend-hosted template sends {id, variables} and no html/text."""
+    path = write_routes(
+        tmp_path,
+        """
+        routes:
+          thing.done:
+            idempotency_key: "thing:{data.id}"
+            from: "a@acme.example"
+            to: "{data.email}"
+            subject: "Hello"
+            template:
+              id: "tmpl_welcome_v2"
+              variables:
+                name: "{data.name}"
+                count: "{data.count}"
+                greeting: "Hi {data.name}!"
+        """,
+    )
+    body = load_routes(path).routes["thing.done"].body(event({**GOOD, "count": 3}))
+    assert body["template"] == {
+        "id": "tmpl_welcome_v2",
+        "variables": {"name": "Jane", "count": 3, "greeting": "Hi Jane!"},
+    }
+    assert "html" not in body
+    assert "text" not in body
+
+
+ROUTE_ERRORS = [
+    ("routes: []", None, "routes", "non-empty mapping"),
+    ("nonsense: 1\nroutes: {}", None, None, "unknown key(s) nonsense"),
+    ("routes:\n  thing.done: 5", "thing.done", None, "must be a mapping"),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE + "    colour: red\n",
+        "thing.done",
+        None,
+        "unknown key(s) colour",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE.replace('"thing:{data.id}"', '"thing"'),
+        "thing.done",
+        "idempotency_key",
+        "every event of the type",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE.replace('to: "{data.email}"', "to: {data.email}"),
+        "thing.done",
+        "to",
+        "quote placeholders",
+    ),
+    (
+        "routes:\n  thing.done:"
+        + BASE_ROUTE.replace('"Acme <no-reply@acme.example>"', '"not an address"'),
+        "thing.done",
+        "from",
+        "not an email address",
+    ),
+    (
+        "routes:\n  thing.done:"
+        + BASE_ROUTE.replace('    from: "Acme <no-reply@acme.example>"\n', ""),
+        "thing.done",
+        "from",
+        "is required",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE.replace("t.html.j2", "missing.html.j2"),
+        "thing.done",
+        "template.html",
+        "not found",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE.replace("t.html.j2", "t.txt.j2"),
+        "thing.done",
+        "template.html",
+        "ending in .html.j2",
+    ),
+    (
+        "routes:\n  thing.done:"
+        + BASE_ROUTE.replace("Hello {{ data.name }}", "Hello {{ data.name "),
+        "thing.done",
+        "subject",
+        "template syntax",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE + "    policies: {max_event_age: 25h}\n",
+        "thing.done",
+        "policies.max_event_age",
+        "at most 24h",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE + "    policies: {stale: maybe}\n",
+        "thing.done",
+        "policies.stale",
+        "not one of",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE + "    tags: {category: 'has space'}\n",
+        "thing.done",
+        "tags.category",
+        "value must be",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE + "    headers: {Bcc: 'x@acme.example'}\n",
+        "thing.done",
+        "headers.Bcc",
+        "own route field",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE + "    schema: nope.schema.json\n",
+        "thing.done",
+        "schema",
+        "cannot read",
+    ),
+    (
+        "policies: {unknown_type: explode}\nroutes:\n  thing.done:" + BASE_ROUTE,
+        None,
+        "policies.unknown_type",
+        "not one of",
+    ),
+    ("routes:\n  thing.done:" + BASE_ROUTE + "  thing.done: {}\n", None, None, "duplicate key"),
+    ("routes: [unclosed", None, None, "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(("routes_yaml", "route", "field", "problem"), ROUTE_ERRORS)
+def test_invalid_routes_file_names_file_route_and_field(
+    tmp_path: Path, routes_yaml: str, route: str | None, field: str | None, problem: str
+) -> None:
+    """Every routes-file mistake fails at load, naming the file, the route and the field."""
+    path = write_routes(tmp_path, routes_yaml)
+    with pytest.raises(RoutesError) as info:
+        load_routes(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert problem in message
+    if route is not None:
+        assert f"route {route!r}" in message
+    if field is not None:
+        assert f"field {field!r}" in message
+
+
+def test_nondeterministic_helpers_are_refused_at_load(tmp_path: Path) -> None:
+    """`random` and `lipsum` would change bytes between attempts: templates cannot use them."""
+    with pytest.raises(RoutesError, match="random"):
+        one_route(tmp_path, html="{{ data.items | random }}")
+    table = one_route(tmp_path, html="{{ lipsum() }}")
+    assert body_reason(table, GOOD) == Reason.TEMPLATE_ERROR
+
+
+def test_broken_schema_is_refused(tmp_path: Path) -> None:
+    """A schema file that is not valid JSON Schema stops start-up, naming the route."""
+    with pytest.raises(RoutesError, match=r"route 'thing\.done': field 'schema'"):
+        one_route(tmp_path, schema='{"type": 12}')
+
+
+def test_address_rule() -> None:
+    """Plain and named addresses pass; missing domains, spaces and brackets do not."""
+    assert is_address("jane@example.com")
+    assert is_address("Jane Doe <jane@example.com>")
+    for bad in ("jane", "jane@", "jane@localhost", "ja ne@example.com", "<jane@example.com", ""):
+        assert not is_address(bad), bad
+
+
+COMPLEX_HTML = """{% macro row(k, v) %}<tr><td>{{ k }}</td><td>{{ v }}</td></tr>{% endmacro -%}
+{% set greeting %}Hello <b>{{ data.name }}</b>{% endset -%}
+{{ greeting }}|{{ greeting | upper }}|{{ row(data.name, data.html | safe) }}|
+{{- data.name ~ '<i>' }}|{% autoescape false %}{{ data.name }}{% endautoescape %}|
+{{- data.count }}|{{ data.list | join(', ') }}|{{ data.html | safe }}|
+{{- data.missing | default('<d>') }}
+{%- for x in data.list %}{{ loop.index }}{{ x }}{% endfor %}"""
+
+
+def test_fast_render_matches_stock_jinja(tmp_path: Path) -> None:
+    """Compiled.render gives byte-identical output to Template.render, escaping included."""
+    table = one_route(tmp_path, html=COMPLEX_HTML)
+    route = table.routes["thing.done"]
+    assert route.html is not None
+    data = {"name": "<Tom & 'Jerry'>", "html": "<em>ok</em>", "count": 3, "list": ["a<", "b&"]}
+    context = {"data": data, "event": {}}
+    stock = route.html.template.environment.from_string(COMPLEX_HTML).render(context)
+    assert route.html.render(context) == stock
+    assert "&lt;Tom &amp; &#39;Jerry&#39;&gt;" in stock
+    assert "<em>ok</em>" in stock
+
+
+def test_shipped_templates_render_like_stock_jinja() -> None:
+    """Every shipped template renders its example exactly as an unmodified Jinja template."""
+    table = load_routes(SHIPPED)
+    compared = 0
+    for path in sorted((ROOT / "schemas" / "examples").glob("*.json")):
+        doc = json.loads(path.read_text())
+        event_type = doc["headers"]["ce_type"] if "headers" in doc else doc["type"]
+        data = doc["value"] if "headers" in doc else doc["data"]
+        route = table.routes[event_type]
+        context = {"data": data, "event": {}}
+        for compiled in (route.html, route.text):
+            assert compiled is not None
+            assert compiled.template.name is not None
+            source = (table.templates_dir / compiled.template.name).read_text()
+            stock = compiled.template.environment.from_string(source).render(context)
+            assert compiled.render(context) == stock, (path.name, compiled)
+            compared += 1
+    assert compared >= 10
+
+
+@pytest.mark.parametrize(
+    ("subject", "data"),
+    [
+        ("Your order {{ data.order.number }} is confirmed", {"order": {"number": "A-1"}}),
+        ("Count {{data.n}}", {"n": 12}),
+        ("Price {{ data.n }}", {"n": 1.5}),
+        ("Flag {{ data.n }}", {"n": True}),
+        ("List {{ data.n }}", {"n": [1, "<a>"]}),
+        ("Items {{ data.items }}", {"items": "x"}),
+        ("Plain subject, no fields", {}),
+        ("Upper {{ data.name | upper }}", {"name": "jane"}),
+        ("{{ data.a }}{{ data.b }}", {"a": "x", "b": 2}),
+    ],
+)
+def test_simple_subject_matches_jinja(tmp_path: Path, subject: str, data: dict[str, Any]) -> None:
+    """The subject shortcut gives Jinja's exact output, falling back for other values."""
+    routes = "routes:\n  thing.done:" + BASE_ROUTE.replace("Hello {{ data.name }}", subject)
+    route = load_routes(write_routes(tmp_path, routes)).routes["thing.done"]
+    context = {"data": data, "event": {}}
+    stock = route.subject.template.environment.from_string(subject).render(context)
+    assert route.subject.render(context) == stock
+
+
+def test_simple_subject_missing_field_still_errors(tmp_path: Path) -> None:
+    """A missing subject field falls back to Jinja and fails as template_error."""
+    routes = "routes:\n  thing.done:" + BASE_ROUTE.replace(
+        "Hello {{ data.name }}", "Hi {{ data.who }}"
+    )
+    table = load_routes(write_routes(tmp_path, routes))
+    assert body_reason(table, GOOD) == Reason.TEMPLATE_ERROR
+
+
+def two_routes(tmp_path: Path, first_key: str, second_key: str) -> Path:
+    """A routes file with two event types sharing one schema and template."""
+    route = BASE_ROUTE + "    schema: thing.done.schema.json\n"
+    return write_routes(
+        tmp_path,
+        "routes:\n  thing.done:"
+        + route.replace('"thing:{data.id}"', f'"{first_key}"')
+        + "  thing.other:"
+        + route.replace('"thing:{data.id}"', f'"{second_key}"'),
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("thing:{data.id}", "thing:{data.id}"),
+        ("a:{data.id}", "a:b:{data.id}"),
+        ("a:b:{data.id}", "a:{data.x}:{data.y}"),
+        ("{data.id}:x", "thing:{data.id}"),
+        ("thing.2eother:{id}", "{type}:{id}"),
+    ],
+)
+def test_routes_that_could_share_keys_are_refused(tmp_path: Path, first: str, second: str) -> None:
+    """Two event types whose keys could collide fail at load, naming the idempotency_key."""
+    with pytest.raises(RoutesError, match="field 'idempotency_key'"):
+        load_routes(two_routes(tmp_path, first, second))
+
+
+def test_distinct_prefixes_and_type_keys_load(tmp_path: Path) -> None:
+    """Disjoint literal prefixes, or {type} first, keep keys of different types apart."""
+    table = load_routes(two_routes(tmp_path, "{type}:{id}", "{type}:{source}:{id}"))
+    assert table.routes["thing.done"].key.prefix("thing.done") == "thing.2edone:"
+    load_routes(two_routes(tmp_path, "done:{data.id}", "other:{data.id}"))
