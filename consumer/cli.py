@@ -135,6 +135,16 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from consumer.quickstart import quickstart
 
+    # the quickstart starts what the environment does not already name
+    args.external_kafka = bool(
+        os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or args.setting_kafka_bootstrap_servers
+    )
+    args.external_resend = bool(
+        os.environ.get("RESEND_API_KEY")
+        or os.environ.get("RESEND_API_KEY_FILE")
+        or args.setting_resend_api_key
+        or args.setting_resend_api_key_file
+    )
     settings = settings_from(args)
     return run_async(lambda stop: quickstart(settings, args, stop))
 

@@ -325,11 +325,14 @@ async def deliver(
     headers: Mapping[str, str] | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
+    on_attempt: Callable[[bool], None] | None = None,
 ) -> DeliveryResult:
     """Send one prepared request until it is sent or must be dead-lettered.
 
     Service-wide conditions make it wait (until the gate closes or the task is
     cancelled), never dead-letter. Cancelling it is safe at any await.
+    `on_attempt(True)` / `on_attempt(False)` bracket each HTTP attempt, so a
+    revoke can tell a request on the wire from one waiting for a slot or a backoff.
     """
     attempts = 0  # every HTTP attempt
     budgeted = 0  # attempts that spend the retry budget
@@ -342,12 +345,21 @@ async def deliver(
         started = clock()
         try:
             async with slots:
-                last_at = time.time()
-                first_at = first_at or last_at
-                attempts += 1
-                answer = await client.send(
-                    endpoint=endpoint, body=body, idempotency_key=idempotency_key, headers=headers
-                )
+                if on_attempt is not None:
+                    on_attempt(True)
+                try:
+                    last_at = time.time()
+                    first_at = first_at or last_at
+                    attempts += 1
+                    answer = await client.send(
+                        endpoint=endpoint,
+                        body=body,
+                        idempotency_key=idempotency_key,
+                        headers=headers,
+                    )
+                finally:
+                    if on_attempt is not None:
+                        on_attempt(False)
         except BaseException:
             gate.abandon(ticket)
             raise

@@ -1,0 +1,263 @@
+"""Helpers for the pipeline's integration tests: events, settings, service processes.
+
+Everything here talks to real things: the Kafka broker, the in-process sandbox
+on a real socket, and `python -m consumer run` child processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.consumer import AIOKafkaConsumer
+
+from consumer.settings import FIELDS, Secret, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUTES = ROOT / "schemas" / "routes.yaml"
+API_KEY = "re_test_pipeline_secret_123"
+
+
+def order_event(n: int, *, email: str | None = None, when: datetime | None = None) -> bytes:
+    """A structured-mode `order.confirmed` CloudEvent with entity id `ord-{n}`."""
+    event = {
+        "specversion": "1.0",
+        "id": f"evt-{n}",
+        "source": "shop/orders",
+        "type": "order.confirmed",
+        "time": (when or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
+        "subject": f"ord-{n}",
+        "datacontenttype": "application/json",
+        "data": {
+            "order_id": f"ord-{n}",
+            "order_number": f"A-{n}",
+            "customer": {"name": f"Customer {n}", "email": email or f"customer{n}@example.com"},
+            "currency": "EUR",
+            "items": [{"sku": "SKU-1", "name": "Widget", "quantity": 1, "unit_price_cents": 4200}],
+            "total_cents": 4200,
+        },
+    }
+    return orjson.dumps(event)
+
+
+def order_records(ns: Iterable[int]) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    return [(f"ord-{n}".encode(), order_event(n), []) for n in ns]
+
+
+def pipeline_settings(bootstrap: str, topic: str, base_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": bootstrap,
+        "kafka_topics": (topic,),
+        "kafka_group_id": f"g-{uuid.uuid4().hex[:10]}",
+        "kafka_session_timeout": 10.0,
+        "kafka_heartbeat_interval": 1.0,
+        "kafka_rebalance_timeout": 20.0,
+        "drain_timeout": 5.0,
+        "shutdown_timeout": 10.0,
+        "resend_base_url": base_url,
+        "resend_api_key": Secret(API_KEY),
+        "routes_file": ROUTES,
+        "rate_limit": 5000.0,
+        "retry_base": 0.05,
+        "retry_cap": 0.5,
+        "commit_interval": 0.2,
+        "health_port": 0,
+        "log_level": "warning",
+        "log_format": "json",
+        "probe_initial": 0.2,
+        "probe_max": 1.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """Environment for a `python -m consumer run` child with exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "RESEND_"))}
+    for f in FIELDS:
+        value = getattr(settings, f.name)
+        if value is None:
+            continue
+        if isinstance(value, Secret):
+            text = value.get()
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif getattr(f.parse, "__name__", "") in {"_positive_duration", "parse_duration"}:
+            text = f"{value}s"
+        else:
+            text = str(value)
+        env[f.env] = text
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class ServiceProcess:
+    """`python -m consumer run` as a child process with its output kept in a file."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "consumer", "run"],
+            env=service_env(settings),
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        """kill -9: no drain, no commit, no goodbye."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    async def wait(self, timeout: float = 60.0) -> int:
+        code = await asyncio.to_thread(self.proc.wait, timeout)
+        self._log.close()
+        return code
+
+    async def wait_assigned(self, timeout: float = 60.0) -> None:
+        """Wait until this process logged a partition assignment (needs LOG_LEVEL=info)."""
+        await wait_for(lambda: "partitions_assigned" in self.output(), timeout, "an assignment")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ensure_dead(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if not self._log.closed:
+            self._log.close()
+
+
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, what: str
+) -> None:
+    """Poll `predicate` until true; fail with `what` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def committed(bootstrap: str, group: str) -> dict[int, int]:
+    """Committed offsets of a group by partition, read through the admin client."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+
+async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        ends = await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+    return {tp.partition: off for tp, off in ends.items()}
+
+
+async def read_all(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list[Any]:
+    """Read `count` records of `topic` from the beginning (no group)."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    got: list[Any] = []
+    try:
+
+        async def loop() -> None:
+            while len(got) < count:
+                batch = await consumer.getmany(timeout_ms=300)
+                for records in batch.values():
+                    got.extend(records)
+
+        await asyncio.wait_for(loop(), timeout)
+    finally:
+        await consumer.stop()
+    return got
+
+
+class FaultProxy:
+    """A real HTTP proxy in front of the sandbox that answers 503 for chosen keys.
+
+    Lets a test hold one particular event in retry while every other one flows.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.stuck: set[str] = set()
+        self.refused: dict[str, int] = {}
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        key = request.headers.get("Idempotency-Key", "")
+        if key in self.stuck:
+            self.refused[key] = self.refused.get(key, 0) + 1
+            return web.json_response(
+                {"statusCode": 503, "name": "service_unavailable", "message": "held by test"},
+                status=503,
+            )
+        body = await request.read()
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in {"host", "content-length"}
+        }
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, data=body, headers=headers
+        ) as resp:
+            data = await resp.read()
+            out_headers = {
+                k: v
+                for k, v in resp.headers.items()
+                if k.lower() not in {"content-length", "transfer-encoding", "content-encoding"}
+            }
+            return web.Response(status=resp.status, body=data, headers=out_headers)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self._session.close()

@@ -1,0 +1,432 @@
+"""The pipeline against a real Kafka broker and the sandbox over real sockets.
+
+Exactly-once in effect is judged only from the sandbox's delivery ledger and
+from the offsets committed in Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from consumer.observe import Health, Metrics
+from consumer.pipeline import Pipeline, run_service
+from consumer.prepare import Preparer
+from consumer.ratelimit import RateLimiter
+from consumer.resend import ResendClient
+from consumer.retry import RetryPolicy, ServiceGate
+from consumer.sandbox import Faults, Sandbox, SandboxConfig
+from consumer.settings import Settings
+from tests.conftest import NewTopicFactory, Produce
+from tests.pipeline_support import (
+    API_KEY,
+    FaultProxy,
+    ServiceProcess,
+    committed,
+    end_offsets,
+    order_event,
+    order_records,
+    pipeline_settings,
+    read_all,
+    wait_for,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+async def fast_sandbox() -> AsyncIterator[Sandbox]:
+    """A sandbox with no practical rate limit, so the pipeline is what is measured."""
+    sb = Sandbox(config=SandboxConfig(api_key=API_KEY, rate_limit=100_000.0, seed=7))
+    await sb.start(host="127.0.0.1", port=0)
+    try:
+        yield sb
+    finally:
+        await sb.stop()
+
+
+def delivered_keys(sb: Sandbox) -> Counter[str]:
+    return Counter(d.idempotency_key for d in sb.deliveries())
+
+
+async def _service(settings: Settings, stop: asyncio.Event) -> asyncio.Task[int]:
+    return asyncio.create_task(run_service(settings, stop))
+
+
+async def _stop(task: asyncio.Task[int], stop: asyncio.Event) -> int:
+    stop.set()
+    return await asyncio.wait_for(task, 60)
+
+
+@pytest.mark.slow
+async def test_ten_thousand_events_each_delivered_exactly_once_under_random_latency(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+) -> None:
+    """10,000 events under 1-20 ms random latency: one delivery per key, all offsets committed."""
+    n = 10_000
+    topic = await new_topic(6)
+    await produce(topic, order_records(range(n)))
+    fast_sandbox.set_faults(Faults(latency_uniform_ms=(1.0, 20.0)))
+    settings = pipeline_settings(kafka_bootstrap, topic, fast_sandbox.url, max_in_flight=128)
+    stop = asyncio.Event()
+    task = await _service(settings, stop)
+    try:
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= n, 240, f"{n} deliveries")
+        ends = await end_offsets(kafka_bootstrap, topic, 6)
+
+        async def all_committed() -> bool:
+            return await committed(kafka_bootstrap, settings.kafka_group_id) == ends
+
+        await wait_for(all_committed, 30, "every offset committed")
+    finally:
+        assert await _stop(task, stop) == 0
+    keys = delivered_keys(fast_sandbox)
+    assert len(keys) == n
+    assert set(keys.values()) == {1}
+    assert sum(ends.values()) == n
+
+
+async def test_event_stuck_in_retry_holds_its_partition_commit_right_before_it(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+) -> None:
+    """Later events finish while one retries; the commit stops at its offset, then moves on."""
+    topic = await new_topic(1)
+    await produce(topic, order_records(range(20)))
+    proxy = FaultProxy(fast_sandbox.url)
+    await proxy.start()
+    stuck_n = 5
+    settings = pipeline_settings(
+        kafka_bootstrap,
+        topic,
+        proxy.url,
+        ordering="none",
+        retry_max_attempts=10_000,
+        retry_max_elapsed=3600.0,
+    )
+    stop = asyncio.Event()
+    task = None
+    try:
+        # learn the stuck event's key from the dry-run preparer: same bytes, same key
+        preparer = Preparer.from_settings(settings)
+        prepared = preparer.prepare(
+            order_event(stuck_n), [], topic=topic, partition=0, offset=stuck_n, timestamp_ms=None
+        )
+        stuck_key = prepared.idempotency_key  # type: ignore[union-attr]
+        proxy.stuck.add(stuck_key)
+        task = await _service(settings, stop)
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= 19, 60, "19 deliveries")
+
+        async def held() -> bool:
+            return (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == stuck_n
+
+        await wait_for(held, 20, f"commit to stop at offset {stuck_n}")
+        await asyncio.sleep(1.0)  # several commit intervals later, it still holds
+        assert (await committed(kafka_bootstrap, settings.kafka_group_id))[0] == stuck_n
+        assert proxy.refused[stuck_key] >= 2
+        assert stuck_key not in delivered_keys(fast_sandbox)
+
+        proxy.stuck.clear()
+
+        async def released() -> bool:
+            return (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 20
+
+        await wait_for(released, 30, "commit to reach the end once the event goes through")
+    finally:
+        if task is not None:
+            assert await _stop(task, stop) == 0
+        await proxy.stop()
+    assert set(delivered_keys(fast_sandbox).values()) == {1}
+    assert len(delivered_keys(fast_sandbox)) == 20
+
+
+@pytest.mark.slow
+async def test_kill_minus_nine_mid_flight_then_restart_loses_nothing_and_sends_nothing_twice(
+    kafka_bootstrap: str,
+    new_topic: NewTopicFactory,
+    produce: Produce,
+    fast_sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    """SIGKILL mid-run, restart: every event delivered, none twice, offsets reach the end."""
+    n = 3000
+    topic = await new_topic(3)
+    await produce(topic, order_records(range(n)))
+    fast_sandbox.set_faults(Faults(latency_uniform_ms=(5.0, 30.0)))
+    settings = pipeline_settings(kafka_bootstrap, topic, fast_sandbox.url, max_in_flight=32)
+    first = ServiceProcess(settings, tmp_path / "first.log")
+    try:
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= n // 4, 90, "a quarter delivered")
+        first.kill()
+    finally:
+        first.ensure_dead()
+    at_kill = len(fast_sandbox.deliveries())
+    assert at_kill < n, "the kill must land mid-run"
+    second = ServiceProcess(settings, tmp_path / "second.log")
+    try:
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= n, 180, "all delivered")
+        ends = await end_offsets(kafka_bootstrap, topic, 3)
+
+        async def all_committed() -> bool:
+            return await committed(kafka_bootstrap, settings.kafka_group_id) == ends
+
+        await wait_for(all_committed, 30, "every offset committed")
+        second.terminate()
+        assert await second.wait(60) == 0, second.output()[-3000:]
+    finally:
+        second.ensure_dead()
+    keys = delivered_keys(fast_sandbox)
+    assert len(keys) == n
+    assert set(keys.values()) == {1}
+    stats = fast_sandbox.stats()
+    # the restart re-sent what the killed process had in flight: replays, not new emails
+    assert stats["outcomes"].get("idempotency_conflict", 0) == 0
+    # and the restart really did re-send what the killed process had in flight
+    assert stats["outcomes"].get("replayed", 0) + stats["outcomes"].get("sent", 0) >= n
+
+
+@pytest.mark.slow
+async def test_consumers_joining_and_leaving_mid_run_deliver_each_event_once(
+    kafka_bootstrap: str,
+    new_topic: NewTopicFactory,
+    produce: Produce,
+    fast_sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    """Two, then three processes join; two leave (SIGTERM, SIGKILL); one delivery per key."""
+    n = 2000
+    topic = await new_topic(6)
+    await produce(topic, order_records(range(n)))
+    fast_sandbox.set_faults(Faults(latency_uniform_ms=(20.0, 60.0)))
+    settings = pipeline_settings(
+        kafka_bootstrap, topic, fast_sandbox.url, max_in_flight=8, log_level="info"
+    )
+    procs: list[ServiceProcess] = []
+    try:
+        procs.append(ServiceProcess(settings, tmp_path / "a.log"))
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= 300, 90, "300 delivered")
+        procs.append(ServiceProcess(settings, tmp_path / "b.log"))
+        await procs[1].wait_assigned()
+        at_b = len(fast_sandbox.deliveries())
+        procs.append(ServiceProcess(settings, tmp_path / "c.log"))
+        await procs[2].wait_assigned()
+        await wait_for(
+            lambda: len(fast_sandbox.deliveries()) >= at_b + 300, 90, "progress with three"
+        )
+        procs[1].terminate()
+        assert await procs[1].wait(60) == 0, procs[1].output()[-3000:]
+        at_kill = len(fast_sandbox.deliveries())
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= at_kill + 300, 90, "progress")
+        procs[0].kill()
+        assert len(fast_sandbox.deliveries()) < n, "the kill must land mid-run"
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= n, 180, "all delivered")
+        ends = await end_offsets(kafka_bootstrap, topic, 6)
+
+        async def all_committed() -> bool:
+            return await committed(kafka_bootstrap, settings.kafka_group_id) == ends
+
+        await wait_for(all_committed, 60, "every offset committed")
+        procs[2].terminate()
+        assert await procs[2].wait(60) == 0, procs[2].output()[-3000:]
+    finally:
+        for p in procs:
+            p.ensure_dead()
+    keys = delivered_keys(fast_sandbox)
+    assert len(keys) == n
+    assert set(keys.values()) == {1}
+
+
+async def test_sigterm_drains_in_flight_sends_commits_and_exits_zero(
+    kafka_bootstrap: str,
+    new_topic: NewTopicFactory,
+    produce: Produce,
+    fast_sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM mid-run: exit 0, everything below the committed offsets was delivered."""
+    n = 2000
+    topic = await new_topic(2)
+    await produce(topic, order_records(range(n)))
+    fast_sandbox.set_faults(Faults(latency_uniform_ms=(50.0, 150.0)))
+    settings = pipeline_settings(
+        kafka_bootstrap, topic, fast_sandbox.url, max_in_flight=32, log_level="info"
+    )
+    proc = ServiceProcess(settings, tmp_path / "svc.log")
+    try:
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= 200, 60, "200 delivered")
+        proc.terminate()
+        code = await proc.wait(40)
+    finally:
+        proc.ensure_dead()
+    assert code == 0, proc.output()[-3000:]
+    assert "shutdown_complete" in proc.output()
+    positions = await committed(kafka_bootstrap, settings.kafka_group_id)
+    assert sum(positions.values()) >= 200
+    delivered = set(delivered_keys(fast_sandbox))
+    # every record below a committed position was acknowledged by Resend
+    records = await read_all(kafka_bootstrap, topic, n)
+    for rec in records:
+        if rec.offset < positions.get(rec.partition, 0):
+            assert f"order-confirmation:{orjson.loads(rec.value)['data']['order_id']}" in delivered
+    # nothing that was in flight at SIGTERM was abandoned: deliveries match the commits
+    assert len(delivered) == sum(positions.values())
+
+
+async def test_dead_letters_carry_every_header_and_their_offsets_are_committed(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+) -> None:
+    """Bad input and a Resend 422 are dead-lettered with headers; offsets move past them."""
+    topic = await new_topic(1)
+    dlq = await new_topic(1, name=f"{topic}.dlq")
+    good = order_records(range(3))
+    bad_json = (b"k-bad", b"{not json", [("trace", b"abc")])
+    bad_recipient = (b"ord-99", order_event(99, email="not-an-address"), [])
+    await produce(topic, [good[0], bad_json, good[1], bad_recipient, good[2]])
+    settings = pipeline_settings(kafka_bootstrap, topic, fast_sandbox.url)
+    stop = asyncio.Event()
+    task = await _service(settings, stop)
+    try:
+        letters = await read_all(kafka_bootstrap, dlq, 2)
+
+        async def all_committed() -> bool:
+            return (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 5
+
+        await wait_for(all_committed, 30, "offsets past the dead letters")
+    finally:
+        assert await _stop(task, stop) == 0
+    assert len(fast_sandbox.deliveries()) == 3
+    by_offset = {int(dict(r.headers)["dlq.source_offset"]): r for r in letters}
+    assert set(by_offset) == {1, 3}
+    first = by_offset[1]
+    headers = dict(first.headers)
+    assert first.key == b"k-bad"
+    assert first.value == b"{not json"
+    assert headers["trace"] == b"abc"
+    assert headers["dlq.reason"] == b"not_json"
+    assert headers["dlq.source_topic"] == topic.encode()
+    assert headers["dlq.source_partition"] == b"0"
+    for name in (
+        "dlq.reason",
+        "dlq.message",
+        "dlq.attempts",
+        "dlq.source_topic",
+        "dlq.source_partition",
+        "dlq.source_offset",
+        "dlq.service_version",
+        "dlq.dead_lettered_at",
+    ):
+        assert name in headers, name
+    assert API_KEY.encode() not in b"".join(v for _, v in first.headers if v)
+    second = dict(by_offset[3].headers)
+    assert second["dlq.reason"] in {b"invalid_recipient", b"resend_rejected"}
+
+
+async def test_backlog_pauses_partitions_and_pending_stays_bounded(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+) -> None:
+    """With a slow Resend, fetched-but-unfinished records never pass the configured bounds."""
+    topic = await new_topic(2)
+    await produce(topic, order_records(range(1500)))
+    fast_sandbox.set_faults(Faults(latency_ms=40.0))
+    settings = pipeline_settings(
+        kafka_bootstrap,
+        topic,
+        fast_sandbox.url,
+        max_pending=100,
+        max_pending_per_partition=60,
+        max_in_flight=8,
+    )
+    limiter = RateLimiter(rate=settings.rate_limit)
+    gate = ServiceGate(probe_initial=0.2, probe_max=1.0)
+    samples: list[int] = []
+    paused_seen = 0
+    stop = asyncio.Event()
+    async with ResendClient.from_settings(settings, limiter=limiter) as client:
+        pipeline = Pipeline(
+            settings=settings,
+            preparer=Preparer.from_settings(settings),
+            client=client,
+            gate=gate,
+            policy=RetryPolicy.from_settings(settings),
+            metrics=Metrics(),
+            health=Health(liveness_window=60.0),
+        )
+        task = asyncio.create_task(pipeline.run(stop))
+        try:
+            for _ in range(60):
+                await asyncio.sleep(0.05)
+                samples.append(pipeline.ledger.total_pending())
+                paused_seen = max(paused_seen, len(pipeline._paused))
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+    # a single fetch may land on top of the bound once; never more than that
+    assert max(samples) <= 100 + 60
+    assert paused_seen >= 1
+    assert len(fast_sandbox.deliveries()) > 0
+
+
+async def test_same_kafka_key_is_sent_in_offset_order(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+) -> None:
+    """ordering=key: events sharing a Kafka key reach Resend one at a time, in offset order."""
+    topic = await new_topic(1)
+    rnd = random.Random(3)
+    records = [(b"customer-1", order_event(i), []) for i in range(30)]
+    records += [(f"other-{i}".encode(), order_event(100 + i), []) for i in range(30)]
+    rnd.shuffle(records)
+    await produce(topic, records)
+    fast_sandbox.set_faults(Faults(latency_uniform_ms=(1.0, 30.0)))
+    settings = pipeline_settings(kafka_bootstrap, topic, fast_sandbox.url, ordering="key")
+    stop = asyncio.Event()
+    task = await _service(settings, stop)
+    try:
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= 60, 60, "60 deliveries")
+    finally:
+        assert await _stop(task, stop) == 0
+    sent_order = [
+        d.idempotency_key
+        for d in sorted(fast_sandbox.deliveries(), key=lambda d: d.received_at)
+        if int(d.idempotency_key.rsplit("-", 1)[1]) < 100
+    ]
+    produced_order = [
+        f"order-confirmation:ord-{orjson.loads(v)['data']['order_id'].split('-')[1]}"
+        for k, v, _ in records
+        if k == b"customer-1"
+    ]
+    assert sent_order == produced_order
+
+
+async def test_outage_pauses_without_dead_letters_and_resumes(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+) -> None:
+    """A Resend outage keeps offsets and dead-letters nothing; recovery delivers everything."""
+    topic = await new_topic(1)
+    await new_topic(1, name=f"{topic}.dlq")
+    fast_sandbox.set_faults(Faults(force_status={"status": 503, "name": "service_unavailable"}))
+    await produce(topic, order_records(range(50)))
+    settings = pipeline_settings(
+        kafka_bootstrap, topic, fast_sandbox.url, retry_max_attempts=3, retry_max_elapsed=2.0
+    )
+    stop = asyncio.Event()
+    task = await _service(settings, stop)
+    try:
+        await asyncio.sleep(5.0)  # far beyond the retry budget
+        assert len(fast_sandbox.deliveries()) == 0
+        assert (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0, 0) == 0
+        fast_sandbox.set_faults(Faults())
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= 50, 60, "recovery")
+
+        async def all_committed() -> bool:
+            return (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 50
+
+        await wait_for(all_committed, 30, "offsets after recovery")
+    finally:
+        assert await _stop(task, stop) == 0
+    with pytest.raises(TimeoutError):
+        await read_all(kafka_bootstrap, f"{topic}.dlq", 1, timeout=2.0)
