@@ -22,8 +22,8 @@ from referencing.jsonschema import DRAFT202012
 from consumer.sandbox import Sandbox
 from consumer.sandbox.validation import MAX_IDEMPOTENCY_KEY, validate_email
 
-# the shared contract lives beside the repository (../shared/resend/)
-OPENAPI = Path(__file__).resolve().parents[2] / "shared" / "resend" / "openapi" / "resend.yaml"
+# Resend's own OpenAPI file (MIT), kept with its LICENSE and SOURCE under tests/data
+OPENAPI = Path(__file__).resolve().parent / "data" / "resend-openapi" / "resend.yaml"
 BASE = "urn:resend:openapi"
 AUTH = {"Authorization": "Bearer re_test_123", "User-Agent": "sandbox-tests/1"}
 JSON = "content/application~1json/schema"
