@@ -9,6 +9,7 @@ killed test run leaves no JVM behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from pathlib import Path
 
 import pytest
+import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -28,6 +30,18 @@ BROKER = ROOT / "deploy" / "kafka" / "broker.py"
 Record = tuple[bytes | None, bytes, Sequence[tuple[str, bytes]]]
 NewTopicFactory = Callable[..., Awaitable[str]]
 Produce = Callable[[str, Sequence[Record]], Awaitable[None]]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Tests that run the service configure logging globally; put it back afterwards."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
