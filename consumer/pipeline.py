@@ -49,7 +49,7 @@ from consumer.observe import (
 from consumer.offsets import OffsetLedger
 from consumer.prepare import Prepared, Preparer, Rejected, Skipped
 from consumer.ratelimit import RateLimiter
-from consumer.resend import ResendClient
+from consumer.resend import RULES, Answer, ResendClient
 from consumer.retry import DeliveryResult, RetryPolicy, ServiceGate, deliver
 from consumer.settings import Settings, SettingsError
 
@@ -64,6 +64,7 @@ SKIPPED: Final = "skipped"
 COMMIT_METADATA: Final = f"resend-consumer/{__version__}"
 
 TP = TopicPartition
+KNOWN_ERROR_NAMES: Final = frozenset(rule.name for rule in RULES if rule.name is not None)
 
 
 @dataclass(slots=True)
@@ -216,6 +217,7 @@ class Pipeline:
         `consumer.stop()` does not call the rebalance listener, so the drain and
         the final commit happen here, before it.
         """
+        self.health.set_stopping()
         assigned = set(consumer.assignment())
         with contextlib.suppress(KafkaError, AssertionError):
             consumer.pause(*assigned)
@@ -591,6 +593,7 @@ class Pipeline:
             self._revoking.discard(tp)
             self._paused.discard(tp)
         self.health.set_assigned(len(self._generations))
+        self.metrics.assigned_partitions.set(len(self._generations))
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
@@ -608,7 +611,9 @@ class Pipeline:
             self.ledger.revoke(tp)
             self._generations.pop(tp, None)
             self._paused.discard(tp)
+            self.metrics.forget_partition(tp.topic, tp.partition)
         self.health.set_assigned(len(self._generations))
+        self.metrics.assigned_partitions.set(len(self._generations))
         log.info(
             "partitions_revoked",
             partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in revoked),
@@ -680,6 +685,26 @@ class Pipeline:
         return total
 
 
+def observe_client(client: ResendClient, metrics: Metrics, limiter: RateLimiter) -> None:
+    """Feed the client's answers and rate-limit waits into the metrics."""
+
+    def on_answer(answer: Answer, seconds: float) -> None:
+        status = str(answer.status) if answer.status is not None else "transport"
+        metrics.sends.labels(status=status).inc()
+        metrics.send_latency.observe(seconds)
+        if answer.verdict == "retry":
+            # only names of the contract's table become labels: servers may invent others
+            name = answer.error_name
+            metrics.retries.labels(reason=name if name in KNOWN_ERROR_NAMES else status).inc()
+        metrics.ratelimit_rate.set(limiter.rate)
+
+    def on_rate_wait(seconds: float) -> None:
+        metrics.ratelimit_wait.observe(seconds)
+
+    client.on_answer = on_answer
+    client.on_rate_wait = on_rate_wait
+
+
 async def run_service(settings: Settings, stop: asyncio.Event) -> int:
     """`resend-consumer run`: build every part from settings, run until stop, drain, exit 0."""
     configure_logging(settings)
@@ -715,6 +740,7 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> int:
         await server.start()
     try:
         async with ResendClient.from_settings(settings, limiter=limiter) as client:
+            observe_client(client, metrics, limiter)
             pipeline = Pipeline(
                 settings=settings,
                 preparer=preparer,

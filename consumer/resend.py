@@ -18,7 +18,7 @@ from __future__ import annotations
 import email.utils
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -351,6 +351,10 @@ class ResendClient:
         self._session: aiohttp.ClientSession | None = None
         self._in_flight = 0
         self.counts: Counter[str] = Counter()
+        #: observers for metrics (set by the pipeline): every answer with its
+        #: duration in seconds, and every wait for a rate-limit token
+        self.on_answer: Callable[[Answer, float], None] | None = None
+        self.on_rate_wait: Callable[[float], None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, limiter: RateLimiter | None = None) -> Self:
@@ -440,7 +444,10 @@ class ResendClient:
             await self.start()
         assert self._session is not None
         if self.limiter is not None:
+            waited = time.monotonic()
             await self.limiter.acquire()
+            if self.on_rate_wait is not None:
+                self.on_rate_wait(time.monotonic() - waited)
         key = self._key()
         request_headers = {
             HEADER_AUTHORIZATION: f"Bearer {key}",
@@ -452,6 +459,7 @@ class ResendClient:
         if headers:
             request_headers.update(headers)
         self._in_flight += 1
+        started = time.monotonic()
         try:
             async with self._session.post(
                 self.base_url + endpoint,
@@ -477,6 +485,8 @@ class ResendClient:
         if answer.condition == "auth":
             self._reload_key = True
         self.counts[answer.verdict] += 1
+        if self.on_answer is not None:
+            self.on_answer(answer, time.monotonic() - started)
         return answer
 
 

@@ -430,3 +430,65 @@ async def test_outage_pauses_without_dead_letters_and_resumes(
         assert await _stop(task, stop) == 0
     with pytest.raises(TimeoutError):
         await read_all(kafka_bootstrap, f"{topic}.dlq", 1, timeout=2.0)
+
+
+async def test_health_and_metrics_follow_the_running_service(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+) -> None:
+    """/readyz turns ready on assignment and not-ready on an auth failure; /metrics counts sends."""
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    topic = await new_topic(2)
+    await produce(topic, order_records(range(20)))
+    settings = pipeline_settings(
+        kafka_bootstrap, topic, fast_sandbox.url, health_port=port, health_host="127.0.0.1"
+    )
+    base = f"http://127.0.0.1:{port}"
+    stop = asyncio.Event()
+    task = await _service(settings, stop)
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def status(path: str) -> int:
+                try:
+                    async with http.get(base + path) as resp:
+                        return resp.status
+                except aiohttp.ClientError:
+                    return 0
+
+            async def ready() -> bool:
+                return await status("/readyz") == 200
+
+            await wait_for(ready, 30, "ready")
+            await wait_for(lambda: len(fast_sandbox.deliveries()) >= 20, 30, "20 deliveries")
+            async with http.get(base + "/metrics") as resp:
+                text = await resp.text()
+            assert 'resend_consumer_sends_total{status="200"} 20.0' in text
+            assert (
+                'resend_consumer_events_total{outcome="sent",type="order.confirmed"} 20.0' in text
+            )
+            assert "resend_consumer_assigned_partitions 2.0" in text
+            assert API_KEY not in text
+            assert await status("/healthz") == 200
+
+            # a bad API key is service-wide: not ready, nothing dead-lettered
+            fast_sandbox.set_faults(Faults(force_status={"status": 403, "name": "invalid_api_key"}))
+            await produce(topic, order_records(range(20, 25)))
+
+            async def not_ready() -> bool:
+                return await status("/readyz") == 503
+
+            await wait_for(not_ready, 30, "not ready on invalid_api_key")
+            async with http.get(base + "/metrics") as resp:
+                text = await resp.text()
+            assert 'resend_consumer_circuit_open{condition="auth"} 1.0' in text
+            fast_sandbox.set_faults(Faults())
+            await wait_for(ready, 30, "ready again once the key works")
+            await wait_for(lambda: len(fast_sandbox.deliveries()) >= 25, 30, "25 deliveries")
+    finally:
+        assert await _stop(task, stop) == 0
