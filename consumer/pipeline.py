@@ -38,6 +38,7 @@ from aiokafka.errors import KafkaError
 from consumer import __version__
 from consumer.deadletter import DeadLetter, DeadLetterWriter
 from consumer.errors import DeadLetterUnavailable
+from consumer.logs import LogEvent
 from consumer.observe import (
     Health,
     HealthServer,
@@ -221,7 +222,7 @@ class Pipeline:
         assigned = set(consumer.assignment())
         with contextlib.suppress(KafkaError, AssertionError):
             consumer.pause(*assigned)
-        log.info("shutdown_drain", in_flight=self.in_flight, pending=self.ledger.total_pending())
+        log.info(LogEvent.STOPPING, in_flight=self.in_flight, pending=self.ledger.total_pending())
         await self._drain(assigned, self.settings.shutdown_timeout)
         await self._commit(reason="shutdown")
         for tp in assigned:
@@ -229,7 +230,7 @@ class Pipeline:
         await consumer.stop()
         if self._producer is not None:
             await self._producer.stop()
-        log.info("shutdown_complete", done=self.done, dead_lettered=self.dead_lettered)
+        log.info(LogEvent.STOPPED, done=self.done, dead_lettered=self.dead_lettered)
 
     # -- intake ---------------------------------------------------------------------
 
@@ -253,7 +254,7 @@ class Pipeline:
                 except KafkaError as exc:
                     # the client reconnects by itself; keep polling, report not-ready meanwhile
                     self.health.set_broker_ok(False)
-                    log.warning("fetch_failed", error=type(exc).__name__)
+                    log.warning(LogEvent.FETCH_FAILED, error=type(exc).__name__)
                     await asyncio.sleep(0.5)
                     continue
                 self.health.set_broker_ok(True)
@@ -461,7 +462,7 @@ class Pipeline:
                 if not self._dlq_down:
                     self._dlq_down = True
                     self.health.set_circuit(True, "dlq_unavailable")
-                    log.error("dlq_unavailable", error=str(exc), topic=work.tp.topic)
+                    log.error(LogEvent.DLQ_UNAVAILABLE, error=str(exc), topic=work.tp.topic)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.probe_max)
             finally:
@@ -469,7 +470,7 @@ class Pipeline:
         if self._dlq_down:
             self._dlq_down = False
             self.health.set_circuit(False, None)
-            log.info("dlq_available")
+            log.info(LogEvent.DLQ_AVAILABLE)
         self.dead_lettered += 1
         self.metrics.dead_letters.labels(reason=reason).inc()
         self._finish(work, DEAD_LETTERED, result=result, reason=reason)
@@ -516,7 +517,7 @@ class Pipeline:
             email_id=result.email_id if result else None,
         )
         if not accepted:
-            log.debug("completion_after_revoke", topic=work.tp.topic, offset=work.offset)
+            log.debug(LogEvent.LATE_COMPLETION, topic=work.tp.topic, offset=work.offset)
 
     # -- back-pressure --------------------------------------------------------------
 
@@ -540,7 +541,7 @@ class Pipeline:
             consumer.pause(*to_pause)
             self._paused.update(to_pause)
             log.info(
-                "partitions_paused",
+                LogEvent.PAUSED,
                 partitions=[f"{tp.topic}-{tp.partition}" for tp in to_pause],
                 pending=total,
                 reason="service_condition" if hold_all else "backlog",
@@ -549,7 +550,7 @@ class Pipeline:
             consumer.resume(*to_resume)
             self._paused.difference_update(to_resume)
             log.info(
-                "partitions_resumed",
+                LogEvent.RESUMED,
                 partitions=[f"{tp.topic}-{tp.partition}" for tp in to_resume],
                 pending=total,
             )
@@ -576,14 +577,14 @@ class Pipeline:
                 await consumer.commit({tp: (pos, COMMIT_METADATA) for tp, pos in positions.items()})
             except KafkaError as exc:
                 # a rebalance or a coordinator move: keep the positions, try again later
-                log.warning("commit_failed", reason=reason, error=type(exc).__name__)
+                log.warning(LogEvent.COMMIT_FAILED, reason=reason, error=type(exc).__name__)
                 return
             for tp, pos in positions.items():
                 self.ledger.mark_committed(tp, pos)
                 self.metrics.committed_offset.labels(topic=tp.topic, partition=tp.partition).set(
                     pos
                 )
-            log.debug("committed", reason=reason, partitions=len(positions))
+            log.debug(LogEvent.COMMITTED, reason=reason, partitions=len(positions))
 
     # -- rebalance ------------------------------------------------------------------
 
@@ -595,7 +596,7 @@ class Pipeline:
         self.health.set_assigned(len(self._generations))
         self.metrics.assigned_partitions.set(len(self._generations))
         log.info(
-            "partitions_assigned",
+            LogEvent.ASSIGNED,
             partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
         )
 
@@ -615,7 +616,7 @@ class Pipeline:
         self.health.set_assigned(len(self._generations))
         self.metrics.assigned_partitions.set(len(self._generations))
         log.info(
-            "partitions_revoked",
+            LogEvent.REVOKED,
             partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in revoked),
             drained_in_ms=round((time.monotonic() - started) * 1000),
         )
@@ -653,7 +654,7 @@ class Pipeline:
             task.cancel()
             cancelled.append(task)
         if waiting:
-            log.warning("drain_timeout", cancelled=len(waiting), timeout_s=limit)
+            log.warning(LogEvent.DRAIN_TIMEOUT, cancelled=len(waiting), timeout_s=limit)
         if cancelled:
             await asyncio.wait(cancelled, timeout=5)
 
@@ -751,7 +752,7 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> int:
                 health=health,
             )
             log.info(
-                "starting",
+                LogEvent.STARTED,
                 version=__version__,
                 topics=list(settings.kafka_topics),
                 group=settings.kafka_group_id,

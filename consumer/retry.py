@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import structlog
 
+from consumer.logs import LogEvent
 from consumer.resend import Answer, Condition
 
 if TYPE_CHECKING:
@@ -262,14 +263,14 @@ class ServiceGate:
         if (old, old_condition) != (state, condition):
             if state == "open":
                 log.warning(
-                    "resend_paused" if old == "closed" else "resend_pause_reason_changed",
+                    LogEvent.CIRCUIT_OPEN if old == "closed" else LogEvent.CIRCUIT_CHANGED,
                     condition=condition,
                     previous=old_condition,
                     next_probe_in=round(max(0.0, self._next_probe - self._clock()), 3),
                 )
             else:
                 log.info(
-                    "resend_resumed",
+                    LogEvent.CIRCUIT_CLOSED,
                     previous=old_condition,
                     paused_for=round(self._clock() - self._opened_at, 3),
                     probes=self.probes,

@@ -135,7 +135,7 @@ class ServiceProcess:
 
     async def wait_assigned(self, timeout: float = 60.0) -> None:
         """Wait until this process logged a partition assignment (needs LOG_LEVEL=info)."""
-        await wait_for(lambda: "partitions_assigned" in self.output(), timeout, "an assignment")
+        await wait_for(lambda: "partitions.assigned" in self.output(), timeout, "an assignment")
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -264,7 +264,7 @@ async def test_sigterm_drains_in_flight_sends_commits_and_exits_zero(
     finally:
         proc.ensure_dead()
     assert code == 0, proc.output()[-3000:]
-    assert "shutdown_complete" in proc.output()
+    assert "service.stopped" in proc.output()
     positions = await committed(kafka_bootstrap, settings.kafka_group_id)
     assert sum(positions.values()) >= 200
     delivered = set(delivered_keys(fast_sandbox))

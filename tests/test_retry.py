@@ -113,7 +113,7 @@ async def test_fatal_opens_once_and_logs_once() -> None:
             gate.record(closed_ticket(), AUTH)
     assert (gate.state, gate.condition, gate.ready) == ("open", "auth", False)
     assert changes.seen == [("closed", "open", "auth")]
-    assert [e["event"] for e in logs] == ["resend_paused"]
+    assert [e["event"] for e in logs] == ["circuit.open"]
     assert "re_" not in repr(gate)
 
 
@@ -138,7 +138,7 @@ async def test_one_probe_at_a_time_and_success_closes() -> None:
     assert not follower.probe
     assert gate.ready
     assert changes.seen == [("closed", "open", "auth"), ("open", "closed", None)]
-    assert [e["event"] for e in logs] == ["resend_resumed"]
+    assert [e["event"] for e in logs] == ["circuit.closed"]
 
 
 async def test_probe_interval_grows_to_the_max() -> None:

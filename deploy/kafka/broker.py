@@ -5,6 +5,7 @@ Standard library only, so it runs before any virtual environment exists.
 
     python3 deploy/kafka/broker.py fetch                  # resolve jars into deploy/kafka/cache/lib
     python3 deploy/kafka/broker.py start --dir DIR        # prints the bootstrap address
+    python3 deploy/kafka/broker.py start --dir DIR --secure   # plus SSL and SASL listeners
     python3 deploy/kafka/broker.py stop --dir DIR
     python3 deploy/kafka/broker.py status --dir DIR
 
@@ -12,16 +13,25 @@ Standard library only, so it runs before any virtual environment exists.
 free ports, and returns only once a Metadata request answers with a broker.
 `--watch-pid PID` leaves a small watchdog behind that stops the broker when
 PID exits, so an interrupted test run leaves no JVM behind.
+
+`--secure` adds listeners for every security setting the service supports
+(see `SECURE_LISTENERS`), with a throwaway CA made by `openssl` in DIR and
+one SASL user known to PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512. Addresses,
+file paths and the user's credentials go to DIR/secure.json; the last line
+printed stays the PLAINTEXT bootstrap address either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -38,11 +48,11 @@ SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}{more_listeners}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}{more_listeners}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT{more_protocols}
 log.dirs={data}
 # single node: every internal topic has one replica
 offsets.topic.replication.factor=1
@@ -58,6 +68,62 @@ auto.create.topics.enable=false
 num.partitions=1
 default.replication.factor=1
 log.retention.hours=24
+"""
+
+# --secure: listener name -> security protocol. MTLS is an SSL listener that also
+# demands a client certificate signed by the run's CA (KAFKA_SSL_CERTFILE/KEYFILE).
+SECURE_LISTENERS: dict[str, str] = {
+    "SSL": "SSL",
+    "SASL_PLAINTEXT": "SASL_PLAINTEXT",
+    "SASL_SSL": "SASL_SSL",
+    "MTLS": "SSL",
+}
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SASL_USER = "alice"
+_PLAIN_MODULE = "org.apache.kafka.common.security.plain.PlainLoginModule"
+_SCRAM_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
+
+SECURE_PROPERTIES = """\
+# --secure: one user for every SASL mechanism; no authorizer, so any
+# authenticated user may do anything (like PLAINTEXT)
+sasl.enabled.mechanisms={mechanisms}
+{jaas}
+ssl.keystore.type=PKCS12
+ssl.keystore.location={keystore}
+ssl.keystore.password={store_password}
+ssl.key.password={store_password}
+listener.name.mtls.ssl.client.auth=required
+listener.name.mtls.ssl.truststore.type=PEM
+listener.name.mtls.ssl.truststore.location={ca}
+"""
+
+# Extensions kept in a config file rather than `-addext`, which older OpenSSL and
+# LibreSSL lack. The leaf certificates carry what strict verifiers (Python 3.13's
+# VERIFY_X509_STRICT) want: key identifiers, key usage, extended key usage, SAN.
+OPENSSL_CNF = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca_ext]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+[server_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1,DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid,issuer
+[client_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid,issuer
 """
 
 LOG4J2 = """\
@@ -180,8 +246,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start(run_dir: Path, *, watch_pid: int | None = None, timeout: float = 90.0) -> str:
-    """Format fresh storage in run_dir, start the broker, return its bootstrap address."""
+def _free_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        port = _free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def start(
+    run_dir: Path,
+    *,
+    watch_pid: int | None = None,
+    timeout: float = 90.0,
+    secure: bool = False,
+) -> str:
+    """Format fresh storage in run_dir, start the broker, return its bootstrap address.
+
+    With `secure`, the broker also opens the `SECURE_LISTENERS` and their
+    details are written to run_dir/secure.json (see `_secure_setup`).
+    """
     fetch()
     existing = _pid(run_dir)
     if existing and _alive(existing):
@@ -189,19 +274,36 @@ def start(run_dir: Path, *, watch_pid: int | None = None, timeout: float = 90.0)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    port, controller_port = _free_port(), _free_port()
-    while controller_port == port:
-        controller_port = _free_port()
+    port, controller_port, *secure_ports = _free_ports(2 + (len(SECURE_LISTENERS) if secure else 0))
+    listeners = dict(zip(SECURE_LISTENERS, secure_ports, strict=False))
     props = run_dir / "server.properties"
-    props.write_text(
-        SERVER_PROPERTIES.format(port=port, controller_port=controller_port, data=run_dir / "data")
+    text = SERVER_PROPERTIES.format(
+        port=port,
+        controller_port=controller_port,
+        data=run_dir / "data",
+        more_listeners="".join(f",{name}://127.0.0.1:{p}" for name, p in listeners.items()),
+        more_protocols="".join(f",{name}:{SECURE_LISTENERS[name]}" for name in listeners),
     )
+    format_extra: list[str] = []
+    info: dict[str, object] = {}
+    if secure:
+        text, format_extra, info = _secure_setup(run_dir, text, listeners)
+    props.write_text(text)
     (run_dir / "log4j2.properties").write_text(
         LOG4J2.format(log=run_dir / "server.log", level=os.environ.get("KAFKA_LOG_LEVEL", "INFO"))
     )
     cluster_id = _cluster_id()
     subprocess.run(  # noqa: S603 - fixed argv
-        [*_jvm(run_dir), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+        [
+            *_jvm(run_dir),
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(props),
+            *format_extra,
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -218,7 +320,13 @@ def start(run_dir: Path, *, watch_pid: int | None = None, timeout: float = 90.0)
     (run_dir / "broker.pid").write_text(str(proc.pid))
     bootstrap = f"127.0.0.1:{port}"
     (run_dir / "bootstrap").write_text(bootstrap)
-    while not metadata_ok("127.0.0.1", port):
+
+    def ready() -> bool:
+        if not metadata_ok("127.0.0.1", port):
+            return False
+        return all(_listener_ready(name, p, run_dir) for name, p in listeners.items())
+
+    while not ready():
         if proc.poll() is not None:
             tail = (run_dir / "broker.out").read_text(errors="replace")[-2000:]
             raise SystemExit(f"broker: exited with {proc.returncode} while starting:\n{tail}")
@@ -227,9 +335,124 @@ def start(run_dir: Path, *, watch_pid: int | None = None, timeout: float = 90.0)
             raise SystemExit(f"broker: not ready after {timeout:.0f}s; see {run_dir}/server.log")
         time.sleep(0.2)
     (run_dir / "started_in").write_text(f"{time.monotonic() - began:.2f}")
+    if secure:
+        # written last: its presence means every secure listener answered
+        (run_dir / "secure.json").write_text(json.dumps(info, indent=2) + "\n")
     if watch_pid is not None:
         _spawn_watchdog(run_dir, watch_pid)
     return bootstrap
+
+
+def _secure_setup(
+    run_dir: Path, properties: str, listeners: dict[str, int]
+) -> tuple[str, list[str], dict[str, object]]:
+    """Make the CA and certificates, add the secure settings to the broker's properties.
+
+    Returns the properties, the extra `StorageTool format` arguments (SCRAM
+    credentials live in the KRaft metadata log, so they are created at format
+    time) and what secure.json will hold.
+    """
+    tls = run_dir / "tls"
+    store_password = secrets.token_urlsafe(16)
+    files = _make_certificates(tls, store_password)
+    password = secrets.token_urlsafe(16)
+    jaas = []
+    for name, protocol in SECURE_LISTENERS.items():
+        if not protocol.startswith("SASL"):
+            continue
+        prefix = f"listener.name.{name.lower()}"
+        jaas.append(
+            f"{prefix}.plain.sasl.jaas.config={_PLAIN_MODULE} required "
+            f'user_{SASL_USER}="{password}";'
+        )
+        for mechanism in SASL_MECHANISMS[1:]:
+            jaas.append(f"{prefix}.{mechanism.lower()}.sasl.jaas.config={_SCRAM_MODULE} required;")
+    properties += SECURE_PROPERTIES.format(
+        mechanisms=",".join(SASL_MECHANISMS),
+        jaas="\n".join(jaas),
+        keystore=files["keystore"],
+        store_password=store_password,
+        ca=files["ca"],
+    )
+    format_extra = []
+    for mechanism in SASL_MECHANISMS[1:]:
+        format_extra += ["--add-scram", f"{mechanism}=[name={SASL_USER},password={password}]"]
+    info: dict[str, object] = {
+        "listeners": {name: f"127.0.0.1:{p}" for name, p in listeners.items()},
+        "protocols": dict(SECURE_LISTENERS),
+        "ca_file": str(files["ca"]),
+        "client_cert_file": str(files["client_cert"]),
+        "client_key_file": str(files["client_key"]),
+        "sasl_mechanisms": list(SASL_MECHANISMS),
+        "username": SASL_USER,
+        "password": password,
+    }
+    return properties, format_extra, info
+
+
+def _make_certificates(tls: Path, store_password: str) -> dict[str, Path]:
+    """A throwaway CA, a broker certificate for 127.0.0.1 and a client certificate."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise SystemExit("broker: --secure needs the openssl command to make certificates")
+    tls.mkdir(mode=0o700)
+    (tls / "openssl.cnf").write_text(OPENSSL_CNF)
+
+    def run(args: str, *more: str) -> None:
+        # fixed words split on spaces; `more` holds values that may contain spaces
+        argv = [openssl, *args.split(), *more]
+        done = subprocess.run(argv, cwd=tls, capture_output=True, text=True, check=False)  # noqa: S603
+        if done.returncode != 0:
+            raise SystemExit(f"broker: openssl {args} failed:\n{done.stderr[-2000:]}")
+
+    def key(name: str) -> None:
+        run(f"genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {name}.key")
+
+    def sign(name: str, cn: str, extensions: str) -> None:
+        key(name)
+        run(f"req -new -key {name}.key -out {name}.csr -config openssl.cnf -subj", f"/CN={cn}")
+        run(
+            f"x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -days 30 -sha256 "
+            f"-set_serial {secrets.randbits(63)} -extfile openssl.cnf -extensions {extensions} "
+            f"-out {name}.pem"
+        )
+
+    key("ca")
+    run(
+        "req -x509 -new -key ca.key -days 30 -sha256 -config openssl.cnf -extensions ca_ext "
+        "-out ca.pem -subj",
+        "/CN=resend-consumer test CA",
+    )
+    sign("broker", "127.0.0.1", "server_ext")
+    sign("client", "resend-consumer", "client_ext")
+    run(
+        "pkcs12 -export -in broker.pem -inkey broker.key -certfile ca.pem -name broker "
+        "-out broker.p12 -passout",
+        f"pass:{store_password}",
+    )
+    return {
+        "ca": tls / "ca.pem",
+        "keystore": tls / "broker.p12",
+        "client_cert": tls / "client.pem",
+        "client_key": tls / "client.key",
+    }
+
+
+def _listener_ready(name: str, port: int, run_dir: Path) -> bool:
+    """True once the listener accepts; TLS listeners must also complete a verified handshake."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2.0) as raw:
+            if SECURE_LISTENERS[name] == "SASL_PLAINTEXT":
+                return True
+            context = ssl.create_default_context(cafile=run_dir / "tls" / "ca.pem")
+            if name == "MTLS":
+                context.load_cert_chain(
+                    run_dir / "tls" / "client.pem", run_dir / "tls" / "client.key"
+                )
+            with context.wrap_socket(raw, server_hostname="127.0.0.1"):
+                return True
+    except (OSError, ssl.SSLError):
+        return False
 
 
 def _cluster_id() -> str:
@@ -291,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--dir", type=Path, required=True)
     p_start.add_argument("--watch-pid", type=int, default=None)
     p_start.add_argument("--timeout", type=float, default=90.0)
+    p_start.add_argument(
+        "--secure",
+        action="store_true",
+        help="also open SSL, SASL_PLAINTEXT, SASL_SSL and mutual-TLS listeners (see secure.json)",
+    )
     p_stop = sub.add_parser("stop", help="stop the broker started in --dir")
     p_stop.add_argument("--dir", type=Path, required=True)
     p_status = sub.add_parser("status", help="exit 0 when the broker in --dir answers")
@@ -303,7 +531,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "fetch":
         fetch(quiet=args.quiet)
     elif args.cmd == "start":
-        print(start(args.dir.resolve(), watch_pid=args.watch_pid, timeout=args.timeout))
+        print(
+            start(
+                args.dir.resolve(),
+                watch_pid=args.watch_pid,
+                timeout=args.timeout,
+                secure=args.secure,
+            )
+        )
     elif args.cmd == "stop":
         stop(args.dir.resolve())
     elif args.cmd == "status":
