@@ -9,12 +9,14 @@ killed test run leaves no JVM behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,42 @@ async def make_sandbox() -> AsyncIterator[Callable[..., Awaitable[Sandbox]]]:
 async def sandbox(make_sandbox: Callable[..., Awaitable[Sandbox]]) -> Sandbox:
     """An in-process sandbox on 127.0.0.1 (free port), rate limit raised to 1000/s for speed."""
     return await make_sandbox(config=SandboxConfig(rate_limit=1000.0))
+
+
+# -- a second broker with SSL and SASL listeners (broker.py start --secure) ---------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureKafka:
+    """Where the secure broker listens and how to authenticate (from its secure.json)."""
+
+    plaintext: str
+    listeners: dict[str, str]  # SSL, SASL_PLAINTEXT, SASL_SSL, MTLS (SSL + client cert)
+    ca_file: Path
+    client_cert_file: Path
+    client_key_file: Path
+    username: str
+    password: str
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKafka]:
+    """A session broker of its own with SSL, SASL_PLAINTEXT, SASL_SSL and mutual-TLS listeners."""
+    run_dir = tmp_path_factory.mktemp("kafka-secure")
+    cmd = [sys.executable, str(BROKER), "start", "--dir", str(run_dir), "--secure"]
+    out = subprocess.run(
+        [*cmd, "--watch-pid", str(os.getpid())], check=True, capture_output=True, text=True
+    )
+    try:
+        info = json.loads((run_dir / "secure.json").read_text())
+        yield SecureKafka(
+            plaintext=out.stdout.strip().splitlines()[-1],
+            listeners=info["listeners"],
+            ca_file=Path(info["ca_file"]),
+            client_cert_file=Path(info["client_cert_file"]),
+            client_key_file=Path(info["client_key_file"]),
+            username=info["username"],
+            password=info["password"],
+        )
+    finally:
+        subprocess.run([sys.executable, str(BROKER), "stop", "--dir", str(run_dir)], check=False)

@@ -492,3 +492,85 @@ async def test_health_and_metrics_follow_the_running_service(
             await wait_for(lambda: len(fast_sandbox.deliveries()) >= 25, 30, "25 deliveries")
     finally:
         assert await _stop(task, stop) == 0
+
+
+async def test_unwritable_dead_letter_topic_pauses_instead_of_skipping(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+) -> None:
+    """With no DLQ topic a bad record holds its offset; once the topic exists it moves on."""
+    topic = await new_topic(1)
+    await produce(topic, [order_records([0])[0], (b"bad", b"not json", []), order_records([1])[0]])
+    settings = pipeline_settings(kafka_bootstrap, topic, fast_sandbox.url, probe_max=0.5)
+    stop = asyncio.Event()
+    task = await _service(settings, stop)
+    try:
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= 2, 30, "both good events sent")
+        await asyncio.sleep(3.0)  # many commit intervals and dead-letter retries later
+        assert (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 1
+        await new_topic(1, name=f"{topic}.dlq")
+
+        async def moved_on() -> bool:
+            return (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 3
+
+        await wait_for(moved_on, 60, "the commit to pass the dead letter once it is written")
+        letters = await read_all(kafka_bootstrap, f"{topic}.dlq", 1)
+    finally:
+        assert await _stop(task, stop) == 0
+    assert letters[0].value == b"not json"
+    assert dict(letters[0].headers)["dlq.reason"] == b"not_json"
+
+
+async def test_second_signal_exits_at_once(
+    kafka_bootstrap: str,
+    new_topic: NewTopicFactory,
+    produce: Produce,
+    fast_sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM starts a drain that a hanging Resend would stretch; a second SIGTERM ends it now."""
+    topic = await new_topic(1)
+    await produce(topic, order_records(range(5)))
+    fast_sandbox.set_faults(Faults(hang_rate=1.0))
+    settings = pipeline_settings(
+        kafka_bootstrap,
+        topic,
+        fast_sandbox.url,
+        shutdown_timeout=30.0,
+        resend_total_timeout=60.0,
+        resend_read_timeout=60.0,
+        log_level="info",
+    )
+    proc = ServiceProcess(settings, tmp_path / "svc.log")
+    try:
+        await proc.wait_assigned()
+        await wait_for(lambda: fast_sandbox.stats()["requests"] > 0, 30, "a hanging send")
+        proc.terminate()
+        await wait_for(lambda: "service.stopping" in proc.output(), 10, "the drain to start")
+        assert proc.proc.poll() is None, "still draining the hanging send"
+        proc.terminate()
+        code = await proc.wait(5)
+    finally:
+        proc.ensure_dead()
+    assert code == 130
+    assert (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0, 0) == 0
+
+
+async def test_partition_ordering_sends_one_partition_in_offset_order(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+) -> None:
+    """ordering=partition: one partition's events reach Resend strictly in offset order."""
+    topic = await new_topic(1)
+    records = [(f"key-{i}".encode(), order_event(i), []) for i in range(25)]
+    await produce(topic, records)
+    fast_sandbox.set_faults(Faults(latency_uniform_ms=(1.0, 20.0)))
+    settings = pipeline_settings(kafka_bootstrap, topic, fast_sandbox.url, ordering="partition")
+    stop = asyncio.Event()
+    task = await _service(settings, stop)
+    try:
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= 25, 30, "25 deliveries")
+    finally:
+        assert await _stop(task, stop) == 0
+    sent = [
+        d.idempotency_key for d in sorted(fast_sandbox.deliveries(), key=lambda d: d.received_at)
+    ]
+    assert sent == [f"order-confirmation:ord-{i}" for i in range(25)]
