@@ -18,6 +18,7 @@ Log event names the service emits are declared once in `LogEvent`.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -121,7 +122,9 @@ def mask_email(address: str) -> str:
     return _EMAIL.sub(_mask_match, address) if "@" in address else address
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_secret_key(key: object) -> bool:
+    # field names repeat on every line: the answer is cached per name
     if not isinstance(key, str):
         return False
     low = key.lower().replace("-", "_")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,44 @@ class Settings:
             )
         if not self.kafka_topics and not self.kafka_topic_pattern:
             raise SettingsError("set KAFKA_TOPICS or KAFKA_TOPIC_PATTERN")
+        self._check_kafka_security()
+
+    def _check_kafka_security(self) -> None:
+        """Refuse security settings the chosen protocol would silently ignore.
+
+        The classic mistake is setting SASL credentials for Confluent Cloud or
+        MSK and forgetting KAFKA_SECURITY_PROTOCOL: the client would then talk
+        plaintext to a TLS port and fail with nothing but a connection error.
+        """
+        protocol = self.kafka_security_protocol
+        unused = []
+        if not protocol.startswith("SASL"):
+            unused += [
+                env
+                for env, value in (
+                    ("KAFKA_SASL_MECHANISM", self.kafka_sasl_mechanism),
+                    ("KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                    ("KAFKA_SASL_PASSWORD", self.kafka_sasl_password),
+                )
+                if value
+            ]
+        if protocol not in ("SSL", "SASL_SSL"):
+            unused += [
+                env
+                for env, value in (
+                    ("KAFKA_SSL_CAFILE", self.kafka_ssl_cafile),
+                    ("KAFKA_SSL_CERTFILE", self.kafka_ssl_certfile),
+                    ("KAFKA_SSL_KEYFILE", self.kafka_ssl_keyfile),
+                )
+                if value
+            ]
+        if unused:
+            raise SettingsError(
+                f"{', '.join(unused)} set but KAFKA_SECURITY_PROTOCOL={protocol} does not use "
+                "them; Confluent Cloud and MSK (SASL/SCRAM) need SASL_SSL"
+            )
+        if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
+            raise SettingsError("KAFKA_SSL_KEYFILE needs KAFKA_SSL_CERTFILE (mutual TLS)")
 
     # -- building ---------------------------------------------------------------
 
@@ -253,19 +292,34 @@ class Settings:
             "security_protocol": self.kafka_security_protocol,
         }
         if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            kwargs["ssl_context"] = create_ssl_context(
-                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None,
-                certfile=str(self.kafka_ssl_certfile) if self.kafka_ssl_certfile else None,
-                keyfile=str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
-            )
+            kwargs["ssl_context"] = self._kafka_ssl_context()
         if self.kafka_security_protocol.startswith("SASL"):
             kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism
             kwargs["sasl_plain_username"] = self.kafka_sasl_username
             assert self.kafka_sasl_password is not None  # checked in __post_init__
             kwargs["sasl_plain_password"] = self.kafka_sasl_password.get()
         return kwargs
+
+    def _kafka_ssl_context(self) -> ssl.SSLContext:
+        """Verifying TLS context: the broker's chain and its host name or IP SAN are checked.
+
+        Without KAFKA_SSL_CAFILE the system's CAs are used (Confluent Cloud, MSK).
+        A missing or unreadable file is a SettingsError naming the variable.
+        """
+        env, hint = "KAFKA_SSL_CAFILE", "PEM certificates expected"
+        try:
+            context = ssl.create_default_context(cafile=self.kafka_ssl_cafile)
+            if self.kafka_ssl_certfile is not None:
+                env, hint = "KAFKA_SSL_CERTFILE / KAFKA_SSL_KEYFILE", "PEM, key not encrypted"
+                # an empty password instead of None: OpenSSL would otherwise prompt on
+                # the terminal for an encrypted key and the service would hang there
+                context.load_cert_chain(
+                    self.kafka_ssl_certfile, self.kafka_ssl_keyfile, password=lambda: b""
+                )
+        except OSError as exc:  # ssl.SSLError included; its strerror is None
+            reason = exc.strerror or f"{exc}; {hint}"
+            raise SettingsError(f"{env}: cannot load ({reason})") from None
+        return context
 
 
 def _secret(text: str) -> Secret:
