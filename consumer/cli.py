@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from consumer import __version__
+from consumer.errors import ConsumerError
 from consumer.settings import FIELDS, Settings, SettingsError, defaults_table
 
 #: exit codes, stable for scripts and probes
@@ -241,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"resend-consumer: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ConsumerError as exc:
+        print(f"resend-consumer: {exc} [{exc.reason}]", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return code

@@ -12,7 +12,8 @@
         ├── EndpointError       404/405: wrong base URL
         ├── QuotaExceeded       daily or monthly quota
         ├── ResendUnavailable   Resend down for long (a run of 5xx/transport failures)
-        └── DeadLetterUnavailable   the dead-letter topic cannot be written
+        ├── DeadLetterUnavailable   the dead-letter topic cannot be written
+        └── KafkaUnavailable        Kafka unreachable or refusing us at start-up
 
 Every class says what the pipeline does with it through `retriable`,
 `permanent` and `fatal`. Messages never contain secrets: build them from
@@ -110,3 +111,9 @@ class DeadLetterUnavailable(FatalError):
     """The dead-letter topic could not be written: pause rather than skip."""
 
     reason = "dlq_unavailable"
+
+
+class KafkaUnavailable(FatalError):
+    """Kafka could not be reached or refused us at start-up (address, TLS, SASL)."""
+
+    reason = "kafka_unavailable"

@@ -37,7 +37,7 @@ from aiokafka.errors import KafkaError
 
 from consumer import __version__
 from consumer.deadletter import DeadLetter, DeadLetterWriter
-from consumer.errors import DeadLetterUnavailable
+from consumer.errors import DeadLetterUnavailable, KafkaUnavailable
 from consumer.logs import LogEvent
 from consumer.observe import (
     Health,
@@ -185,20 +185,32 @@ class Pipeline:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until stop is set, then drain, commit and close everything."""
         self._producer = self._make_producer()
-        await self._producer.start()
+        consumer = self._consumer = self._make_consumer()
+        try:
+            await self._producer.start()
+            listener = _Listener(self)
+            if self.settings.kafka_topic_pattern:
+                consumer.subscribe(pattern=self.settings.kafka_topic_pattern, listener=listener)
+            else:
+                consumer.subscribe(topics=list(self.settings.kafka_topics), listener=listener)
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            await self._producer.stop()
+            s = self.settings
+            how: str = s.kafka_security_protocol
+            if s.kafka_sasl_mechanism:
+                how += f" {s.kafka_sasl_mechanism} as {s.kafka_sasl_username}"
+            raise KafkaUnavailable(
+                f"cannot start the Kafka clients for {s.kafka_bootstrap_servers} ({how}): "
+                f"{type(exc).__name__}; check the address, TLS files and SASL credentials"
+            ) from None
         self._dlq = DeadLetterWriter(
             producer=self._producer,
             topic_for=self.settings.dlq_topic_for,
             timeout=30.0,
             secrets=(self.settings.resend_api_key, self.settings.kafka_sasl_password),
         )
-        consumer = self._consumer = self._make_consumer()
-        listener = _Listener(self)
-        if self.settings.kafka_topic_pattern:
-            consumer.subscribe(pattern=self.settings.kafka_topic_pattern, listener=listener)
-        else:
-            consumer.subscribe(topics=list(self.settings.kafka_topics), listener=listener)
-        await consumer.start()
         self.health.set_broker_ok(True)
         committer = asyncio.create_task(self._commit_loop(stop), name="committer")
         progress = asyncio.create_task(self._progress_loop(stop), name="progress")

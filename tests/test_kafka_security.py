@@ -185,9 +185,11 @@ async def test_service_with_wrong_password_exits_and_logs_reason_without_passwor
     finally:
         service.ensure_dead()
     log = service.output()
-    assert code != 0
+    assert code == 1
     assert "Authentication failed" in log
     assert "SCRAM-SHA-512" in log
+    assert "[kafka_unavailable]" in log
+    assert "Traceback" not in log
     assert WRONG_PASSWORD not in log
 
 
