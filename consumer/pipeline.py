@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -763,6 +764,11 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> int:
                 metrics=metrics,
                 health=health,
             )
+            # Everything loaded so far (routes, compiled templates and validators,
+            # clients) lives as long as the process: move it out of the cyclic
+            # collector's scans, which otherwise cost about a tenth of each event.
+            gc.collect()
+            gc.freeze()
             log.info(
                 LogEvent.STARTED,
                 version=__version__,
