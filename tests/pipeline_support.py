@@ -176,6 +176,18 @@ async def committed(bootstrap: str, group: str) -> dict[int, int]:
     return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
 
 
+async def wait_committed(
+    bootstrap: str, group: str, expected: dict[int, int], timeout: float, what: str
+) -> None:
+    """Wait until the group's committed offsets for `expected`'s partitions equal it."""
+
+    async def reached() -> bool:
+        positions = await committed(bootstrap, group)
+        return {p: positions.get(p) for p in expected} == expected
+
+    await wait_for(reached, timeout, what)
+
+
 async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()

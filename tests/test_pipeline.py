@@ -34,6 +34,7 @@ from tests.pipeline_support import (
     order_records,
     pipeline_settings,
     read_all,
+    wait_committed,
     wait_for,
 )
 
@@ -80,10 +81,9 @@ async def test_ten_thousand_events_each_delivered_exactly_once_under_random_late
         await wait_for(lambda: len(fast_sandbox.deliveries()) >= n, 240, f"{n} deliveries")
         ends = await end_offsets(kafka_bootstrap, topic, 6)
 
-        async def all_committed() -> bool:
-            return await committed(kafka_bootstrap, settings.kafka_group_id) == ends
-
-        await wait_for(all_committed, 30, "every offset committed")
+        await wait_committed(
+            kafka_bootstrap, settings.kafka_group_id, ends, 30, "every offset committed"
+        )
     finally:
         assert await _stop(task, stop) == 0
     keys = delivered_keys(fast_sandbox)
@@ -122,10 +122,13 @@ async def test_event_stuck_in_retry_holds_its_partition_commit_right_before_it(
         task = await _service(settings, stop)
         await wait_for(lambda: len(fast_sandbox.deliveries()) >= 19, 60, "19 deliveries")
 
-        async def held() -> bool:
-            return (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == stuck_n
-
-        await wait_for(held, 20, f"commit to stop at offset {stuck_n}")
+        await wait_committed(
+            kafka_bootstrap,
+            settings.kafka_group_id,
+            {0: stuck_n},
+            20,
+            f"commit to stop at offset {stuck_n}",
+        )
         await asyncio.sleep(1.0)  # several commit intervals later, it still holds
         assert (await committed(kafka_bootstrap, settings.kafka_group_id))[0] == stuck_n
         assert proxy.refused[stuck_key] >= 2
@@ -133,10 +136,13 @@ async def test_event_stuck_in_retry_holds_its_partition_commit_right_before_it(
 
         proxy.stuck.clear()
 
-        async def released() -> bool:
-            return (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 20
-
-        await wait_for(released, 30, "commit to reach the end once the event goes through")
+        await wait_committed(
+            kafka_bootstrap,
+            settings.kafka_group_id,
+            {0: 20},
+            30,
+            "commit to reach the end once the event goes through",
+        )
     finally:
         if task is not None:
             assert await _stop(task, stop) == 0
@@ -172,10 +178,9 @@ async def test_kill_minus_nine_mid_flight_then_restart_loses_nothing_and_sends_n
         await wait_for(lambda: len(fast_sandbox.deliveries()) >= n, 180, "all delivered")
         ends = await end_offsets(kafka_bootstrap, topic, 3)
 
-        async def all_committed() -> bool:
-            return await committed(kafka_bootstrap, settings.kafka_group_id) == ends
-
-        await wait_for(all_committed, 30, "every offset committed")
+        await wait_committed(
+            kafka_bootstrap, settings.kafka_group_id, ends, 30, "every offset committed"
+        )
         second.terminate()
         assert await second.wait(60) == 0, second.output()[-3000:]
     finally:
@@ -227,10 +232,9 @@ async def test_consumers_joining_and_leaving_mid_run_deliver_each_event_once(
         await wait_for(lambda: len(fast_sandbox.deliveries()) >= n, 180, "all delivered")
         ends = await end_offsets(kafka_bootstrap, topic, 6)
 
-        async def all_committed() -> bool:
-            return await committed(kafka_bootstrap, settings.kafka_group_id) == ends
-
-        await wait_for(all_committed, 60, "every offset committed")
+        await wait_committed(
+            kafka_bootstrap, settings.kafka_group_id, ends, 60, "every offset committed"
+        )
         procs[2].terminate()
         assert await procs[2].wait(60) == 0, procs[2].output()[-3000:]
     finally:
@@ -293,10 +297,9 @@ async def test_dead_letters_carry_every_header_and_their_offsets_are_committed(
     try:
         letters = await read_all(kafka_bootstrap, dlq, 2)
 
-        async def all_committed() -> bool:
-            return (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 5
-
-        await wait_for(all_committed, 30, "offsets past the dead letters")
+        await wait_committed(
+            kafka_bootstrap, settings.kafka_group_id, {0: 5}, 30, "offsets past the dead letters"
+        )
     finally:
         assert await _stop(task, stop) == 0
     assert len(fast_sandbox.deliveries()) == 3
@@ -422,10 +425,9 @@ async def test_outage_pauses_without_dead_letters_and_resumes(
         fast_sandbox.set_faults(Faults())
         await wait_for(lambda: len(fast_sandbox.deliveries()) >= 50, 60, "recovery")
 
-        async def all_committed() -> bool:
-            return (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 50
-
-        await wait_for(all_committed, 30, "offsets after recovery")
+        await wait_committed(
+            kafka_bootstrap, settings.kafka_group_id, {0: 50}, 30, "offsets after recovery"
+        )
     finally:
         assert await _stop(task, stop) == 0
     with pytest.raises(TimeoutError):
@@ -509,10 +511,13 @@ async def test_unwritable_dead_letter_topic_pauses_instead_of_skipping(
         assert (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 1
         await new_topic(1, name=f"{topic}.dlq")
 
-        async def moved_on() -> bool:
-            return (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 3
-
-        await wait_for(moved_on, 60, "the commit to pass the dead letter once it is written")
+        await wait_committed(
+            kafka_bootstrap,
+            settings.kafka_group_id,
+            {0: 3},
+            60,
+            "the commit to pass the dead letter once it is written",
+        )
         letters = await read_all(kafka_bootstrap, f"{topic}.dlq", 1)
     finally:
         assert await _stop(task, stop) == 0
