@@ -63,6 +63,7 @@ class LogEvent(StrEnum):
     COMMIT_FAILED = "commit.failed"
     COMMITTED = "offsets.committed"
     FETCH_FAILED = "fetch.failed"
+    DUPLICATE_RECORD = "fetch.duplicate_record"
     DRAIN_TIMEOUT = "drain.timeout"
     LATE_COMPLETION = "completion.after_revoke"
     DLQ_UNAVAILABLE = "dlq.unavailable"

@@ -52,7 +52,15 @@ from consumer.offsets import OffsetLedger
 from consumer.prepare import Prepared, Preparer, Rejected, Skipped
 from consumer.ratelimit import RateLimiter
 from consumer.resend import RULES, Answer, ResendClient
-from consumer.retry import DeliveryResult, RetryPolicy, ServiceGate, deliver
+from consumer.retry import (
+    DeliveryResult,
+    GateCondition,
+    GateState,
+    OnChange,
+    RetryPolicy,
+    ServiceGate,
+    deliver,
+)
 from consumer.settings import Settings, SettingsError
 
 log = structlog.get_logger("consumer.pipeline")
@@ -85,9 +93,6 @@ class Work:
     rejected: Rejected | None = None
     #: an HTTP attempt or a dead-letter write is under way: a drain waits for it
     busy: bool = False
-
-    def set_busy(self, busy: bool) -> None:
-        self.busy = busy
 
 
 @dataclass(slots=True)
@@ -283,7 +288,13 @@ class Pipeline:
 
     def _admit(self, tp: TopicPartition, generation: int, record: Any) -> None:
         """Track a fetched record and route it to its lane; never raises for bad input."""
-        self.ledger.track(tp, record.offset)
+        try:
+            self.ledger.track(tp, record.offset)
+        except ValueError:
+            # an offset at or below one already tracked in this assignment: the
+            # client handed a record out twice; its first copy is on its way already
+            log.warning(LogEvent.DUPLICATE_RECORD, topic=tp.topic, offset=record.offset)
+            return
         work = Work(
             tp=tp,
             offset=record.offset,
@@ -389,22 +400,16 @@ class Pipeline:
         entry[1] += 1
         try:
             async with entry[0]:
-                self.in_flight += 1
-                self.metrics.in_flight.set(self.in_flight)
-                try:
-                    result = await deliver(
-                        self.client,
-                        endpoint=prepared.endpoint,
-                        body=prepared.body,
-                        idempotency_key=key,
-                        policy=self.policy,
-                        gate=self.gate,
-                        slots=self._slots,
-                        on_attempt=work.set_busy,
-                    )
-                finally:
-                    self.in_flight -= 1
-                    self.metrics.in_flight.set(self.in_flight)
+                result = await deliver(
+                    self.client,
+                    endpoint=prepared.endpoint,
+                    body=prepared.body,
+                    idempotency_key=key,
+                    policy=self.policy,
+                    gate=self.gate,
+                    slots=self._slots,
+                    on_attempt=lambda busy: self._on_attempt(work, busy),
+                )
         finally:
             entry[1] -= 1
             if entry[1] == 0:
@@ -421,6 +426,12 @@ class Pipeline:
                 message=last.message if last is not None else result.reason,
                 result=result,
             )
+
+    def _on_attempt(self, work: Work, busy: bool) -> None:
+        """An attempt starts (True) or ends (False): `in_flight` counts attempts on the wire."""
+        work.busy = busy
+        self.in_flight += 1 if busy else -1
+        self.metrics.in_flight.set(self.in_flight)
 
     async def _dead_letter(
         self,
@@ -482,7 +493,7 @@ class Pipeline:
                 work.busy = False
         if self._dlq_down:
             self._dlq_down = False
-            self.health.set_circuit(False, None)
+            self.health.set_circuit(False, "dlq_unavailable")
             log.info(LogEvent.DLQ_AVAILABLE)
         self.dead_lettered += 1
         self.metrics.dead_letters.labels(reason=reason).inc()
@@ -699,6 +710,32 @@ class Pipeline:
         return total
 
 
+GATE_CONDITIONS: Final = ("auth", "endpoint", "quota_daily", "quota_monthly", "outage")
+
+
+def gate_observer(health: Health, metrics: Metrics) -> OnChange:
+    """The service gate's on_change: readiness and the circuit metric follow its state.
+
+    Only the gate's own condition is closed again: a dead-letter outage reported
+    beside it stays open until the dead-letter topic is writable.
+    """
+    current: list[str | None] = [None]
+
+    def on_change(old: GateState, new: GateState, condition: GateCondition | None) -> None:
+        previous = current[0]
+        if previous is not None and (new == "closed" or previous != condition):
+            health.set_circuit(False, previous)
+        current[0] = condition if new != "closed" else None
+        if new != "closed":
+            health.set_circuit(True, condition)
+        for name in GATE_CONDITIONS:
+            metrics.circuit_open.labels(condition=name).set(
+                1 if new != "closed" and condition == name else 0
+            )
+
+    return on_change
+
+
 def observe_client(client: ResendClient, metrics: Metrics, limiter: RateLimiter) -> None:
     """Feed the client's answers and rate-limit waits into the metrics."""
 
@@ -732,17 +769,10 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> int:
     metrics = Metrics()
     health = Health(liveness_window=max(60.0, settings.kafka_max_poll_interval / 2))
 
-    def on_gate_change(old: str, new: str, condition: str | None) -> None:
-        health.set_circuit(new != "closed", condition)
-        for name in ("auth", "endpoint", "quota_daily", "quota_monthly", "outage"):
-            metrics.circuit_open.labels(condition=name).set(
-                1 if new != "closed" and condition == name else 0
-            )
-
     gate = ServiceGate(
         probe_initial=settings.probe_initial,
         probe_max=settings.probe_max,
-        on_change=on_gate_change,
+        on_change=gate_observer(health, metrics),
     )
     limiter = RateLimiter(rate=settings.rate_limit)
     policy = RetryPolicy.from_settings(settings)
