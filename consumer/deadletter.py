@@ -21,11 +21,12 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TextIO
 
 import orjson
+from aiokafka.errors import MessageSizeTooLargeError
 
 from consumer import __version__
 from consumer.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -52,6 +53,9 @@ H_IDEMPOTENCY_KEY: Final = "dlq.idempotency_key"
 H_EVENT_TYPE: Final = "dlq.event_type"
 H_SERVICE_VERSION: Final = "dlq.service_version"
 H_DEAD_LETTERED_AT: Final = "dlq.dead_lettered_at"
+#: set when the original record was too large for the dead-letter topic: its value
+#: (and its original headers) were left out; the header holds the value's size in bytes
+H_VALUE_OMITTED: Final = "dlq.value_omitted"
 
 #: every dlq.* header, in the order they are written
 DLQ_HEADERS: Final[tuple[str, ...]] = (
@@ -222,7 +226,19 @@ class DeadLetterWriter:
         topic = self._topic_for(letter.source_topic)
         headers = dead_letter_headers(letter, dead_lettered_at=self._clock(), secrets=self._secrets)
         try:
-            meta = await asyncio.wait_for(self._send(topic, letter, headers), self._timeout)
+            try:
+                meta = await asyncio.wait_for(self._send(topic, letter, headers), self._timeout)
+            except MessageSizeTooLargeError:
+                # Too large for the producer or the topic: retrying can never help, and
+                # pausing would stop the service for good. Keep the record's identity
+                # (key, source position, reason) and say what was left out.
+                size = len(letter.value or b"")
+                slim = replace(letter, value=None, headers=())
+                headers = dead_letter_headers(
+                    slim, dead_lettered_at=self._clock(), secrets=self._secrets
+                )
+                headers.append((H_VALUE_OMITTED, str(size).encode()))
+                meta = await asyncio.wait_for(self._send(topic, slim, headers), self._timeout)
         except self._failures as exc:
             self.failed += 1
             # Kafka client errors carry no credentials, but scrub anyway: this text is

@@ -64,6 +64,9 @@ class LogEvent(StrEnum):
     COMMITTED = "offsets.committed"
     FETCH_FAILED = "fetch.failed"
     DUPLICATE_RECORD = "fetch.duplicate_record"
+    BROKER_UNREACHABLE = "broker.unreachable"
+    BROKER_REACHABLE = "broker.reachable"
+    INTERNAL_ERROR = "internal_error"
     DRAIN_TIMEOUT = "drain.timeout"
     LATE_COMPLETION = "completion.after_revoke"
     DLQ_UNAVAILABLE = "dlq.unavailable"
@@ -161,6 +164,24 @@ def scrub_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict
     return event_dict
 
 
+class _ExactSecrets:
+    """Processor: the configured secret values never appear, in any string of a line."""
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        self._secrets = secrets
+
+    def _text(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+        for key, value in list(event_dict.items()):
+            event_dict[key] = _scrub(value, self._text)
+        return event_dict
+
+
 def mask_recipients(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Processor: every email address in every string value is masked."""
     for key, value in list(event_dict.items()):
@@ -246,6 +267,14 @@ def configure_logging(settings: Settings, *, stream: IO[Any] | None = None) -> N
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     scrubbers: list[Processor] = [scrub_secrets]
+    known = tuple(
+        secret.get()
+        for secret in (settings.resend_api_key, settings.kafka_sasl_password)
+        if secret is not None and len(secret.get()) >= 4
+    )
+    if known:
+        # the configured secrets by value, wherever they turn up in free text
+        scrubbers.append(_ExactSecrets(known))
     if settings.mask_recipients:
         scrubbers.append(mask_recipients)
 

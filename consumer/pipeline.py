@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -74,6 +75,10 @@ SKIPPED: Final = "skipped"
 COMMIT_METADATA: Final = f"resend-consumer/{__version__}"
 
 TP = TopicPartition
+#: seconds between two broker reachability checks (and their timeout)
+BROKER_CHECK_INTERVAL: Final = 5.0
+#: records admitted between two yields to the event loop
+ADMIT_SLICE: Final = 256
 KNOWN_ERROR_NAMES: Final = frozenset(rule.name for rule in RULES if rule.name is not None)
 
 
@@ -145,6 +150,10 @@ class Pipeline:
         self._paused: set[TopicPartition] = set()
         self._commit_lock = asyncio.Lock()
         self._dlq_down = False
+        # a commit must fit in what is left of the rebalance timeout after a drain
+        self._commit_timeout = max(
+            1.0, min(10.0, (settings.kafka_rebalance_timeout - settings.drain_timeout) / 2)
+        )
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._dlq: DeadLetterWriter | None = None
@@ -185,6 +194,8 @@ class Pipeline:
             enable_idempotence=True,
             acks="all",
             request_timeout_ms=15_000,
+            # a dead letter is the original record plus a few hundred bytes of headers
+            max_request_size=max(1_048_576, self.settings.max_event_bytes + 65_536),
             **self.settings.kafka_client_kwargs(),
         )
 
@@ -220,12 +231,14 @@ class Pipeline:
         self.health.set_broker_ok(True)
         committer = asyncio.create_task(self._commit_loop(stop), name="committer")
         progress = asyncio.create_task(self._progress_loop(stop), name="progress")
+        watcher = asyncio.create_task(self._watch_broker(consumer, stop), name="broker-watch")
         try:
             await self._intake(consumer, stop)
         finally:
-            committer.cancel()
-            progress.cancel()
-            for task in (committer, progress):
+            background = (committer, progress, watcher)
+            for task in background:
+                task.cancel()
+            for task in background:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self._shutdown(consumer)
@@ -275,13 +288,19 @@ class Pipeline:
                     log.warning(LogEvent.FETCH_FAILED, error=type(exc).__name__)
                     await asyncio.sleep(0.5)
                     continue
-                self.health.set_broker_ok(True)
+                admitted = 0
                 for tp, records in batch.items():
                     generation = self._generations.get(tp)
                     if generation is None or tp in self._revoking:
                         continue  # fetched just before a revoke: the new owner reads it again
                     for record in records:
+                        if tp in self._revoking or self._generations.get(tp) != generation:
+                            break  # revoked (or reassigned) while this batch was admitted
                         self._admit(tp, generation, record)
+                        admitted += 1
+                        if admitted % ADMIT_SLICE == 0:
+                            # preparing costs ~100 us a record: let sends and heartbeats run
+                            await asyncio.sleep(0)
                 self._apply_backpressure(consumer)
         finally:
             stopping.cancel()
@@ -374,6 +393,8 @@ class Pipeline:
                 lane.current = work
                 try:
                     await self._process(work)
+                except Exception as exc:  # a bug must not silently stall the partition
+                    await self._on_bug(work, exc)
                 finally:
                     lane.current = None
         finally:
@@ -409,6 +430,7 @@ class Pipeline:
                     gate=self.gate,
                     slots=self._slots,
                     on_attempt=lambda busy: self._on_attempt(work, busy),
+                    pace=self.client.pace,
                 )
         finally:
             entry[1] -= 1
@@ -426,6 +448,26 @@ class Pipeline:
                 message=last.message if last is not None else result.reason,
                 result=result,
             )
+
+    async def _on_bug(self, work: Work, exc: Exception) -> None:
+        """An unexpected exception while processing: log it, then dead-letter the record.
+
+        If even that fails the offset stays pending: the partition's commit holds
+        right before it (visible as lag) and the record is read again after a restart.
+        """
+        log.exception(
+            LogEvent.INTERNAL_ERROR,
+            error=type(exc).__name__,
+            topic=work.tp.topic,
+            partition=work.tp.partition,
+            offset=work.offset,
+        )
+        try:
+            await self._dead_letter(
+                work, reason="internal_error", message=f"{type(exc).__name__} while processing"
+            )
+        except Exception as again:
+            log.exception(LogEvent.INTERNAL_ERROR, error=type(again).__name__, stage="dead_letter")
 
     def _on_attempt(self, work: Work, busy: bool) -> None:
         """An attempt starts (True) or ends (False): `in_flight` counts attempts on the wire."""
@@ -598,8 +640,13 @@ class Pipeline:
             if not positions:
                 return
             try:
-                await consumer.commit({tp: (pos, COMMIT_METADATA) for tp, pos in positions.items()})
-            except KafkaError as exc:
+                # aiokafka retries a commit for as long as the coordinator is away; a
+                # revoke or a shutdown must not wait that long behind the commit lock
+                await asyncio.wait_for(
+                    consumer.commit({tp: (pos, COMMIT_METADATA) for tp, pos in positions.items()}),
+                    self._commit_timeout,
+                )
+            except (KafkaError, TimeoutError) as exc:
                 # a rebalance or a coordinator move: keep the positions, try again later
                 log.warning(LogEvent.COMMIT_FAILED, reason=reason, error=type(exc).__name__)
                 return
@@ -681,6 +728,29 @@ class Pipeline:
             log.warning(LogEvent.DRAIN_TIMEOUT, cancelled=len(waiting), timeout_s=limit)
         if cancelled:
             await asyncio.wait(cancelled, timeout=5)
+
+    async def _watch_broker(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        """Readiness needs a reachable broker; aiokafka hides fetch errors, so ask it.
+
+        A metadata request every BROKER_CHECK_INTERVAL seconds; a change is logged once.
+        """
+        reachable = True
+        while not stop.is_set():
+            await asyncio.sleep(BROKER_CHECK_INTERVAL)
+            try:
+                await asyncio.wait_for(consumer.topics(), BROKER_CHECK_INTERVAL)
+                ok = True
+            except (KafkaError, TimeoutError, OSError):
+                ok = False
+            self.health.set_broker_ok(ok)
+            if ok != reachable:
+                reachable = ok
+                event = LogEvent.BROKER_REACHABLE if ok else LogEvent.BROKER_UNREACHABLE
+                log.log(
+                    logging.INFO if ok else logging.WARNING,
+                    event,
+                    bootstrap=self.settings.kafka_bootstrap_servers,
+                )
 
     # -- progress -------------------------------------------------------------------
 

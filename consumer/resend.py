@@ -431,6 +431,15 @@ class ResendClient:
                 self._api_key = Secret(fresh)
         return self._api_key.get()
 
+    async def pace(self) -> None:
+        """Wait for a token of the shared rate limiter (reported to on_rate_wait)."""
+        if self.limiter is None:
+            return
+        waited = time.monotonic()
+        await self.limiter.acquire()
+        if self.on_rate_wait is not None:
+            self.on_rate_wait(time.monotonic() - waited)
+
     async def send(
         self,
         *,
@@ -438,16 +447,18 @@ class ResendClient:
         body: bytes,
         idempotency_key: str | None,
         headers: Mapping[str, str] | None = None,
+        paced: bool = False,
     ) -> Answer:
-        """One HTTP attempt with exactly these bytes; HTTP and transport trouble is classified."""
+        """One HTTP attempt with exactly these bytes; HTTP and transport trouble is classified.
+
+        The attempt first waits for a rate-limit token, unless the caller already
+        did (`paced=True` after `await pace()`).
+        """
         if self._session is None:
             await self.start()
         assert self._session is not None
-        if self.limiter is not None:
-            waited = time.monotonic()
-            await self.limiter.acquire()
-            if self.on_rate_wait is not None:
-                self.on_rate_wait(time.monotonic() - waited)
+        if not paced:
+            await self.pace()
         key = self._key()
         request_headers = {
             HEADER_AUTHORIZATION: f"Bearer {key}",

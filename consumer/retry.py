@@ -311,6 +311,7 @@ class Sender(Protocol):
         body: bytes,
         idempotency_key: str | None,
         headers: Mapping[str, str] | None = None,
+        paced: bool = False,
     ) -> Answer: ...
 
 
@@ -327,6 +328,7 @@ async def deliver(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
     on_attempt: Callable[[bool], None] | None = None,
+    pace: Callable[[], Awaitable[None]] | None = None,
 ) -> DeliveryResult:
     """Send one prepared request until it is sent or must be dead-lettered.
 
@@ -334,6 +336,8 @@ async def deliver(
     cancelled), never dead-letter. Cancelling it is safe at any await.
     `on_attempt(True)` / `on_attempt(False)` bracket each HTTP attempt, so a
     revoke can tell a request on the wire from one waiting for a slot or a backoff.
+    `pace` (the client's rate-limit wait) is awaited before a slot is taken, so a
+    delivery waiting for a rate-limit token holds no in-flight slot either.
     """
     attempts = 0  # every HTTP attempt
     budgeted = 0  # attempts that spend the retry budget
@@ -345,6 +349,8 @@ async def deliver(
         ticket = await gate.admit()
         started = clock()
         try:
+            if pace is not None:
+                await pace()
             async with slots:
                 if on_attempt is not None:
                     on_attempt(True)
@@ -352,12 +358,21 @@ async def deliver(
                     last_at = time.time()
                     first_at = first_at or last_at
                     attempts += 1
-                    answer = await client.send(
-                        endpoint=endpoint,
-                        body=body,
-                        idempotency_key=idempotency_key,
-                        headers=headers,
-                    )
+                    if pace is not None:
+                        answer = await client.send(
+                            endpoint=endpoint,
+                            body=body,
+                            idempotency_key=idempotency_key,
+                            headers=headers,
+                            paced=True,
+                        )
+                    else:
+                        answer = await client.send(
+                            endpoint=endpoint,
+                            body=body,
+                            idempotency_key=idempotency_key,
+                            headers=headers,
+                        )
                 finally:
                     if on_attempt is not None:
                         on_attempt(False)

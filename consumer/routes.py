@@ -80,7 +80,11 @@ _RESERVED_HEADERS: Final = frozenset(
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 #: ASCII addresses only: a local part, then a domain with at least one dot
 _EMAIL = rf"[A-Za-z0-9.!#$%&'*+/=?^_`{{|}}~-]+@{_LABEL}(?:\.{_LABEL})+"
-_ADDRESS = re.compile(rf"^(?:{_EMAIL}|[^<>\x00-\x1f]*<{_EMAIL}>)\Z")
+#: a display name: bare words without the characters that let one string hold a second
+#: address (`,` `;` `@` `:` quotes, brackets, backslash), or a quoted string that may hold
+#: `,` `;` `:` (e.g. "Acme, Inc.") but still no `@`, brackets, quote or backslash
+_DISPLAY = r'(?:[^<>@,;:"\\\x00-\x1f\x7f]*| *"[^<>@"\\\x00-\x1f\x7f]*" *)'
+_ADDRESS = re.compile(rf"^(?:{_EMAIL}|{_DISPLAY}<{_EMAIL}>)\Z")
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,256}\Z")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
@@ -90,7 +94,12 @@ class RoutesError(SettingsError):
 
 
 def is_address(text: str) -> bool:
-    """`jane@example.com` or `Jane Doe <jane@example.com>`, at most 320 characters."""
+    """`jane@example.com`, `Jane Doe <jane@example.com>` or `"Doe, Jane" <jane@example.com>`.
+
+    At most 320 characters, and exactly one address: a display name holding
+    `@`, `,`, `;`, `:`, `<`, `>` or a stray quote is refused, so a single `to`
+    value cannot smuggle in a second recipient past the checks and the cap.
+    """
     return len(text) <= 320 and bool(_ADDRESS.match(text))
 
 

@@ -238,16 +238,25 @@ async def test_stopped_producer_raises_dead_letter_unavailable(
     assert await read_all(kafka_bootstrap, f"{source}.dlq") == []
 
 
-async def test_record_too_large_for_producer_raises(
+async def test_record_too_large_for_the_topic_is_written_without_its_value(
     kafka_bootstrap: str, new_topic: NewTopicFactory, producer: AIOKafkaProducer
 ) -> None:
-    """A dead letter the producer refuses (over max_request_size) is fatal, not dropped."""
+    """A dead letter too large to write keeps key, reason and position; the value is left out."""
     source = await new_topic(prefix="src")
     await new_topic(name=f"{source}.dlq")
     writer = DeadLetterWriter(producer=producer, topic_for=lambda t: f"{t}.dlq")
-    with pytest.raises(DeadLetterUnavailable, match="MessageSizeTooLargeError"):
-        await writer.write(letter(source_topic=source, value=b"x" * 1_100_000))
-    assert await read_all(kafka_bootstrap, f"{source}.dlq") == []
+    big = letter(source_topic=source, value=b"x" * 1_100_000)
+    written = await writer.write(big)
+    records = await read_all(kafka_bootstrap, f"{source}.dlq")
+    assert len(records) == 1
+    record = records[0]
+    assert written.offset == record.offset
+    assert record.value is None
+    assert record.key == big.key
+    headers = dict(record.headers)
+    assert headers["dlq.value_omitted"] == b"1100000"
+    assert headers["dlq.reason"] == big.reason.encode()
+    assert headers["dlq.source_offset"] == str(big.offset).encode()
 
 
 # -- replay (real broker) ---------------------------------------------------------

@@ -125,6 +125,28 @@ def test_json_lines_mask_recipients_and_never_show_the_api_key() -> None:
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_the_sasl_password_is_redacted_by_value_in_free_text() -> None:
+    """A configured SASL password never shows, even inside messages and library lines."""
+    password = "Tr0ub4dor-and-3"
+    buf = io.BytesIO()
+    settings = Settings(
+        log_format="json",
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="alice",
+        kafka_sasl_password=Secret(password),
+    )
+    configure_logging(settings, stream=buf)
+    structlog.get_logger("test").warning("auth", detail=f"tried alice:{password}", n=[password])
+    logging.getLogger("aiokafka.conn").warning("sasl with %s failed", password)
+    out = buf.getvalue()
+    assert password.encode() not in out
+    lines = json_lines(buf)
+    assert lines[0]["detail"] == f"tried alice:{logs.REDACTED}"
+    assert lines[1]["event"] == f"sasl with {logs.REDACTED} failed"
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_masking_can_be_turned_off_but_keys_stay_redacted() -> None:
     """MASK_RECIPIENTS=false shows addresses; API keys are redacted regardless."""
     buf = io.BytesIO()

@@ -154,6 +154,24 @@ MALFORMED: list[tuple[str, bytes | None, Headers, Reason]] = [
         Reason.INVALID_RECIPIENT,
     ),
     (
+        "two addresses in one to value",
+        order(set_("data.customer.email", "evil@attacker.example, <jane@example.com>")),
+        [],
+        Reason.INVALID_RECIPIENT,
+    ),
+    (
+        "address list in one to value",
+        order(set_("data.customer.email", "a@attacker.example; b@attacker.example")),
+        [],
+        Reason.INVALID_RECIPIENT,
+    ),
+    (
+        "quoted address as display name",
+        order(set_("data.customer.email", '"evil@attacker.example" <jane@example.com>')),
+        [],
+        Reason.INVALID_RECIPIENT,
+    ),
+    (
         "recipient header injection",
         order(set_("data.customer.email", "jane@example.com\r\nBcc: all@example.com")),
         [],
@@ -223,11 +241,150 @@ def test_table_has_at_least_thirty_cases() -> None:
     ),
 )
 def test_prepare_never_raises(preparer: Preparer, value: bytes | None, headers: Headers) -> None:
-    """Property: arbitrary bytes and headers give Prepared, Rejected or Skipped; nothing raises."""
+    """Property: arbitrary bytes and headers give a result with a proper reason, never a crash."""
     result = prepare(preparer, value, headers)
     assert isinstance(result, Prepared | Rejected | Skipped)
     if isinstance(result, Rejected):
         assert result.reason in set(Reason)
+        assert result.reason != Reason.INTERNAL_ERROR, result.message
+
+
+# -- mutated valid events: reach the route, key and render stages ------------------
+
+EXAMPLE_DOCS: dict[str, Any] = {
+    path.name: json.loads(path.read_text()) for path in sorted(EXAMPLES.glob("*.json"))
+}
+
+
+def json_paths(node: Any, prefix: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """Every path to a value inside a JSON document (dict keys and list indexes)."""
+    out: list[tuple[str | int, ...]] = []
+    items: list[tuple[str | int, Any]] = []
+    if isinstance(node, dict):
+        items = list(node.items())
+    elif isinstance(node, list):
+        items = list(enumerate(node))
+    for key, child in items:
+        out.append((*prefix, key))
+        out.extend(json_paths(child, (*prefix, key)))
+    return out
+
+
+EXAMPLE_PATHS = {name: json_paths(doc) for name, doc in EXAMPLE_DOCS.items()}
+
+tricky_strings = st.sampled_from(
+    [
+        "",
+        " ",
+        "\r\n",
+        "\u2028",
+        "@",
+        "jane@example.com",
+        "evil@attacker.example, <jane@example.com>",
+        "{{ 7*7 }}",
+        "{data.email}",
+        "2099-01-01T00:00:00Z",
+        "0001-01-01T00:00:00-12:00",
+        "9999-12-31T23:59:59+14:00",
+        "2026-11-29T10:15:00",
+        "1.0",
+        "application/json",
+        "text/plain",
+        "order.confirmed",
+        "💌" * 40,
+    ]
+)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40),
+    st.text(min_size=300, max_size=1500),
+    tricky_strings,
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=10,
+)
+
+
+def like(original: Any) -> st.SearchStrategy[Any]:
+    """Values of the original's JSON type: odd, long or unicode, but often schema-valid."""
+    if isinstance(original, bool):
+        return st.booleans()
+    if isinstance(original, int):
+        return st.integers(min_value=-(2**70), max_value=2**70)
+    if isinstance(original, float):
+        return st.floats(allow_nan=False, allow_infinity=False)
+    if isinstance(original, str):
+        return st.one_of(
+            tricky_strings,
+            st.text(min_size=1, max_size=40),
+            st.text(min_size=300, max_size=1500),
+            st.from_regex(r"[a-z0-9._%+-]{1,20}@[a-z0-9-]{1,10}\.[a-z]{2,5}", fullmatch=True),
+        )
+    if isinstance(original, list):
+        return st.lists(json_values, max_size=4)
+    if isinstance(original, dict):
+        return st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+    return json_values
+
+
+@st.composite
+def mutated_examples(draw: st.DrawFn) -> tuple[str, bytes | None, Headers]:
+    """A shipped example with one to three values replaced (any JSON type) or removed."""
+    name = draw(st.sampled_from(sorted(EXAMPLE_DOCS)))
+    doc = copy.deepcopy(EXAMPLE_DOCS[name])
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        paths = json_paths(doc)
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent = doc
+        try:
+            for step in path[:-1]:
+                parent = parent[step]
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation replaced this branch
+        last = path[-1]
+        kind = draw(st.sampled_from(["same type", "same type", "any", "remove"]))
+        try:
+            if kind == "remove" and isinstance(parent, dict):
+                parent.pop(last, None)
+            elif isinstance(parent, dict | list):
+                # Same-typed values often pass the schema, so the key and render stages run.
+                new = draw(like(parent[last]) if kind == "same type" else json_values)  # type: ignore[index]
+                parent[last] = new  # type: ignore[index]
+        except (KeyError, IndexError):
+            continue
+    raw = json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    value, headers = record_from_file(raw)
+    return name, value, headers
+
+
+def test_mutation_strategy_reaches_every_example_path() -> None:
+    """The mutation strategy's path list covers data fields deep inside each example."""
+    assert ("data", "customer", "email") in EXAMPLE_PATHS["order.confirmed.json"]
+    assert ("headers", "ce_time") in EXAMPLE_PATHS["order.confirmed.binary.json"]
+    assert ("value", "items", 0, "quantity") in EXAMPLE_PATHS["order.confirmed.binary.json"]
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=mutated_examples(), ts=st.sampled_from([None, -1, 0, int(ORDER_TIME * 1000)]))
+def test_mutated_valid_events_never_crash(
+    preparer: Preparer, case: tuple[str, bytes | None, Headers], ts: int | None
+) -> None:
+    """Property: valid examples with values swapped for other JSON give a proper reason code."""
+    name, value, headers = case
+    result = prepare(preparer, value, headers, ts=ts)
+    assert isinstance(result, Prepared | Rejected | Skipped)
+    if isinstance(result, Rejected):
+        assert result.reason in set(Reason), (name, result)
+        assert result.reason != Reason.INTERNAL_ERROR, (name, result.message)
+    else:
+        assert is_valid_key(result.idempotency_key) if isinstance(result, Prepared) else True
 
 
 def test_example_order_prepares_exact_request(preparer: Preparer) -> None:

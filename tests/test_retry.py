@@ -511,3 +511,30 @@ async def test_sixty_second_outage_then_recovery(sb: Sandbox, client: ResendClie
     assert during < 8 * 3 + 30
     assert changes.seen == [("closed", "open", "outage"), ("open", "closed", None)]
     print(f"\n60 s outage: {during} requests during the outage, {gate.probes} probes")
+
+
+async def test_waiting_for_a_rate_limit_token_holds_no_slot() -> None:
+    """`pace` runs before the slot is taken: a token wait leaves the slot to others."""
+    released = asyncio.Event()
+    paced: list[bool] = []
+
+    async def pace() -> None:
+        await released.wait()
+
+    class Recording(Scripted):
+        async def send(self, **kw: Any) -> Answer:
+            paced.append(kw.pop("paced", False))
+            return await super().send(**kw)
+
+    slots = asyncio.Semaphore(1)
+    sender = Recording([OK])
+    waiting = asyncio.create_task(run(sender, slots=slots, pace=pace))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    assert not slots.locked(), "a delivery waiting for a token must not hold the slot"
+    other = await run(Scripted([OK]), slots=slots, key="other")  # gets the slot meanwhile
+    assert other.outcome == "sent"
+    released.set()
+    result = await asyncio.wait_for(waiting, 5)
+    assert result.outcome == "sent"
+    assert paced == [True], "the client is told the token was already taken"

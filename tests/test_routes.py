@@ -407,8 +407,33 @@ def test_address_rule() -> None:
     """Plain and named addresses pass; missing domains, spaces and brackets do not."""
     assert is_address("jane@example.com")
     assert is_address("Jane Doe <jane@example.com>")
+    assert is_address("<jane@example.com>")
+    assert is_address('"Doe, Jane" <jane@example.com>')
+    assert is_address("J. R. O'Neil <jane@example.com>")
     for bad in ("jane", "jane@", "jane@localhost", "ja ne@example.com", "<jane@example.com", ""):
         assert not is_address(bad), bad
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "evil@attacker.example, <jane@example.com>",
+        "evil@attacker.example; <jane@example.com>",
+        "<evil@attacker.example>, <jane@example.com>",
+        "jane@example.com, evil@attacker.example",
+        "Jane, Bob <jane@example.com>",
+        "evil@attacker.example <jane@example.com>",
+        '"evil@attacker.example" <jane@example.com>',
+        '"Jane <jane@example.com>',
+        '"a" "b" <jane@example.com>',
+        "undisclosed-recipients: <jane@example.com>",
+        "Jane\\ <jane@example.com>",
+        "Jane\x7f <jane@example.com>",
+    ],
+)
+def test_address_rule_refuses_a_second_address_in_one_value(text: str) -> None:
+    """A display name holding @ , ; : quotes or brackets is refused: one value, one address."""
+    assert not is_address(text)
 
 
 COMPLEX_HTML = """{% macro row(k, v) %}<tr><td>{{ k }}</td><td>{{ v }}</td></tr>{% endmacro -%}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDictProxy
 
 from consumer.sandbox import Sandbox, SandboxConfig
@@ -226,3 +229,122 @@ async def test_unknown_path_and_method_are_json(
         assert (r.status, (await r.json())["name"]) == (404, "not_found")
     async with http.put(sandbox.url + "/emails", json=EMAIL, headers=AUTH) as r:
         assert (r.status, (await r.json())["name"]) == (405, "method_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "when",
+    ["in 99999999999 days", "in 10000000 days", "in " + "9" * 5000 + " minutes"],
+)
+async def test_scheduled_at_overflow_is_422_not_500(
+    sandbox: Sandbox, http: aiohttp.ClientSession, when: str
+) -> None:
+    """A relative `scheduled_at` too large for datetime/int is a JSON 422, not a plain 500."""
+    status, body, _ = await post(http, sandbox, {**EMAIL, "scheduled_at": when})
+    assert status == 422
+    assert body == {
+        "statusCode": 422,
+        "name": "validation_error",
+        "message": "`scheduled_at` cannot be more than 30 days in the future.",
+    }
+    assert sandbox.deliveries() == []
+
+
+# -- hostile JSON: any object posted gets a JSON answer, never a 500 ------------------
+
+_JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()  # beyond 64 bits orjson refuses the body: must be a 400, not a 500
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+_JSON = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_ADDRESSES = st.sampled_from(["a@b.co", "Name <a@b.co>", "x", "", "a b@c.d", "<@>"])
+_SCHEDULED = (
+    st.builds(
+        "in {} {}".format,
+        # every length of number equally likely: small, day-sized and overflowing alike
+        st.integers(min_value=1, max_value=40).flatmap(lambda n: st.integers(0, 10**n - 1)),
+        st.sampled_from(["min", "mins", "hour", "days"]),
+    )
+    | st.datetimes().map(lambda d: d.isoformat())
+    | st.text(max_size=30)
+)
+#: per Resend field: hostile values shaped like the field, or any JSON at all
+_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "from": _ADDRESSES | _JSON,
+    "to": st.lists(_ADDRESSES, max_size=3) | _ADDRESSES | _JSON,
+    "cc": st.lists(_ADDRESSES, max_size=3) | _JSON,
+    "bcc": _ADDRESSES | _JSON,
+    "reply_to": _ADDRESSES | _JSON,
+    "subject": st.text(max_size=10) | _JSON,
+    "html": _JSON,
+    "text": _JSON,
+    "topic_id": _JSON,
+    "headers": st.dictionaries(st.text(max_size=5), _JSON, max_size=3) | _JSON,
+    "tags": st.lists(st.dictionaries(st.sampled_from(["name", "value", "x"]), _JSON)) | _JSON,
+    "template": st.fixed_dictionaries(
+        {}, optional={"id": _JSON, "variables": st.dictionaries(st.text(max_size=4), _JSON)}
+    )
+    | _JSON,
+    "attachments": st.lists(
+        st.dictionaries(st.sampled_from(["content", "path", "filename"]), _JSON), max_size=3
+    )
+    | _JSON,
+    "scheduled_at": _SCHEDULED | _JSON,
+}
+#: a valid email with exactly one field replaced reaches every field's check
+_ONE_FIELD = st.sampled_from(sorted(_FIELDS)).flatmap(
+    lambda name: _FIELDS[name].map(lambda value: {**EMAIL, name: value})
+)
+#: several fields changed, sometimes from nothing, with unknown extra fields
+_EMAILS = st.builds(
+    lambda extra, base, fields: {**extra, **base, **fields},
+    st.dictionaries(st.text(max_size=8), _JSON, max_size=2),
+    st.sampled_from([EMAIL, {}]),
+    st.lists(st.sampled_from(sorted(_FIELDS)), max_size=4, unique=True).flatmap(
+        lambda names: st.fixed_dictionaries({n: _FIELDS[n] for n in names})
+    ),
+)
+
+
+@pytest.fixture
+async def unlimited(make_sandbox: Any) -> Sandbox:
+    """A sandbox whose rate limit no test reaches, so every example is validated."""
+    sb: Sandbox = await make_sandbox(config=SandboxConfig(rate_limit=1e6))
+    return sb
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(body=st.one_of(_ONE_FIELD, _ONE_FIELD, _EMAILS, _JSON), batch=st.booleans())
+async def test_hostile_json_never_answers_500(
+    unlimited: Sandbox, http: aiohttp.ClientSession, body: Any, batch: bool
+) -> None:
+    """Any JSON posted to /emails or /emails/batch is answered 2xx/4xx with a Resend JSON body."""
+    sb = unlimited
+    path = "/emails/batch" if batch else "/emails"
+    payload = [body, EMAIL] if batch else body
+    # json.dumps (not aiohttp's json=) so integers beyond 64 bits reach the server as written
+    data = json.dumps(payload).encode()
+    async with http.post(sb.url + path, data=data, headers=AUTH) as r:
+        status = r.status
+        assert r.headers["Content-Type"].startswith("application/json"), await r.text()
+        answer = await r.json()
+    assert status < 500, answer
+    if status == 200:
+        assert set(answer) == ({"data"} if batch else {"id"})
+    else:
+        assert set(answer) == {"statusCode", "name", "message"}
+        assert answer["statusCode"] == status
+        assert isinstance(answer["name"], str)
+        assert isinstance(answer["message"], str)

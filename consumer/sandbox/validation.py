@@ -164,13 +164,24 @@ def _attachments(attachments: Any) -> ApiError | None:
     return None
 
 
+def _too_far_ahead() -> ApiError:
+    return _err(
+        422, "validation_error", "`scheduled_at` cannot be more than 30 days in the future."
+    )
+
+
 def _scheduled_at(value: Any, now: datetime) -> ApiError | None:
     if not isinstance(value, str):
         return _err(422, "validation_error", "Invalid `scheduled_at` field.")
     m = _RELATIVE.match(value.strip().lower())
     if m:
         unit = m.group(2).rstrip("s")
-        when = now + timedelta(seconds=int(m.group(1)) * _RELATIVE_UNIT[unit])
+        try:
+            # `in 99999999999 days` overflows timedelta/datetime, and more than
+            # 4300 digits overflow int(): either way it is far beyond the limit.
+            when = now + timedelta(seconds=int(m.group(1)) * _RELATIVE_UNIT[unit])
+        except (ArithmeticError, ValueError):
+            return _too_far_ahead()
     else:
         try:
             when = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -182,10 +193,9 @@ def _scheduled_at(value: Any, now: datetime) -> ApiError | None:
             )
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
+    # aware minus aware within years 1-9999 always fits a timedelta: no overflow here
     if when - now > MAX_SCHEDULE_AHEAD:
-        return _err(
-            422, "validation_error", "`scheduled_at` cannot be more than 30 days in the future."
-        )
+        return _too_far_ahead()
     return None
 
 
