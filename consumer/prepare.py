@@ -33,6 +33,8 @@ EXIT_USAGE: Final = 2
 EXIT_BAD_INPUT: Final = 3
 #: a file holding one Kafka record (binary mode): {"headers": {...}, "value": ...}
 RECORD_KEYS: Final = frozenset({"headers", "value", "key"})
+#: how far an event's time may be ahead of this host's clock before it is not trusted
+CLOCK_SKEW: Final = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +128,16 @@ class Preparer:
         topic/partition/offset name the record (kept for symmetry with the
         pipeline; the result does not depend on them, so a replayed record
         prepares identically). `enforce_age=False` (dry runs) ignores freshness.
+
+        Freshness (see `event_time_for_age`): the age is measured from the
+        CloudEvents `time`, else from the Kafka record timestamp. A `time` more
+        than `CLOCK_SKEW` ahead of `now` is not trusted: the record timestamp
+        stands in when it is sane, otherwise the record is Rejected as
+        `invalid_envelope`. With no `time` and no usable record timestamp (None,
+        -1 or itself in the future) the age is unknown and the event counts as
+        fresh, on purpose: refusing it would drop mail from producers that never
+        set a time, and Resend's idempotency key still guards a redelivery
+        within 24 h.
         """
         event_id: str | None = None
         event_type: str | None = None
@@ -138,14 +150,14 @@ class Preparer:
                 return self._unknown(event_id, event_type)
             validate_data(route.validator, event)
             key = route.key.render(event)
-            event_time = event.event_time
-            if event_time is None and timestamp_ms is not None and timestamp_ms >= 0:
-                # No CloudEvents time: the Kafka record timestamp is the next best age.
-                event_time = timestamp_ms / 1000.0
+            clock = time.time() if now is None else now
+            event_time = event_time_for_age(
+                event.event_time, timestamp_ms, now=clock, check_future=enforce_age
+            )
             stale = False
             if enforce_age and event_time is not None:
                 max_age = route.max_event_age or self._max_age
-                age = (time.time() if now is None else now) - event_time
+                age = clock - event_time
                 if age > max_age:
                     # Resend may have forgotten the key: follow the policy, never send blindly.
                     policy = route.stale_policy or self._stale_policy
@@ -210,6 +222,44 @@ class Preparer:
             event_type=event_type,
             idempotency_key=key,
         )
+
+
+# -- freshness ------------------------------------------------------------------
+
+
+def event_time_for_age(
+    event_time: float | None, timestamp_ms: int | None, *, now: float, check_future: bool = True
+) -> float | None:
+    """The time an event's age is measured from, or None when it is unknown.
+
+    - a `time` at most `CLOCK_SKEW` ahead of `now` is used as it is;
+    - a `time` further ahead is untrustworthy (a producer bug, or a date chosen
+      to dodge the freshness guard): the Kafka record timestamp is used instead
+      when it is sane (present, not -1, not itself beyond the skew allowance);
+      otherwise InvalidEvent(invalid_envelope);
+    - no `time`: the record timestamp when sane, else None (age unknown: the
+      caller treats the event as fresh).
+
+    `check_future=False` (dry runs) skips the future check and returns the
+    event's own time.
+    """
+    record_time = None
+    if timestamp_ms is not None and timestamp_ms >= 0:
+        record_time = timestamp_ms / 1000.0
+        if record_time > now + CLOCK_SKEW:
+            record_time = None
+    if event_time is None:
+        return record_time
+    if not check_future or event_time <= now + CLOCK_SKEW:
+        return event_time
+    if record_time is not None:
+        return record_time
+    ahead = event_time - now
+    raise invalid(
+        Reason.INVALID_ENVELOPE,
+        f"event time is {ahead:.0f}s in the future (more than the {CLOCK_SKEW:.0f}s clock "
+        "skew allowance) and the record has no usable Kafka timestamp to measure its age by",
+    )
 
 
 # -- files holding events (render, check, examples) ----------------------------

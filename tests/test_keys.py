@@ -182,21 +182,113 @@ def test_same_event_always_gives_same_key(order_id: str | int, user: str | int) 
     assert first == second
 
 
+literals = st.sampled_from(["order", "o", "password-reset", "a.b", "v2", "x_y", "9"])
+placeholders = st.sampled_from(
+    ["{data.x}", "{data.y}", "{data.x|sha256}", "{id}", "{type}", "{source}", "{subject}"]
+)
+#: ':' and '/' keep placeholders distinct; '-', '.' and '' must be refused between two
+separators = st.sampled_from([":", "/", ":", "/", "-", ".", ""])
+
+
+@st.composite
+def key_templates(draw: st.DrawFn) -> tuple[str, bool]:
+    """(template, well_formed): literal pieces and placeholders joined by separators.
+
+    well_formed is True when the template follows the parse rules by
+    construction: every two neighbouring placeholders have ':' or '/' between
+    them, and one placeholder tells events apart (not {type} or {source}).
+    (Starting with literal text is the routes loader's rule, not the parser's.)
+    """
+    pieces = draw(st.lists(st.one_of(literals, placeholders), min_size=1, max_size=5))
+    text = ""
+    well_formed = True
+    between: str | None = None  # literal text since the last placeholder (None: none yet)
+    for index, piece in enumerate(pieces):
+        sep = draw(separators) if index else ""
+        if between is not None:
+            between += sep
+        if piece.startswith("{"):
+            if between is not None and ":" not in between and "/" not in between:
+                well_formed = False
+            between = ""
+        elif between is not None:
+            between += piece
+        text += sep + piece
+    if not any(p.startswith("{") and p not in ("{type}", "{source}") for p in pieces):
+        well_formed = False  # nothing tells two events of one type apart
+    return text, well_formed
+
+
 @FAST
-@given(value=json_values, template=st.text(max_size=60))
-def test_any_input_gives_valid_key_or_clear_error(value: Any, template: str) -> None:
-    """Property: any template and any data give a valid key, KeyTemplateError or invalid_key."""
+@given(
+    value=json_values,
+    other=st.one_of(st.text(min_size=1, max_size=30), st.integers()),
+    template=key_templates(),
+)
+def test_any_input_gives_valid_key_or_clear_error(
+    value: Any, other: str | int, template: tuple[str, bool]
+) -> None:
+    """Property: built templates parse when well formed, and give a valid key or invalid_key."""
+    text, well_formed = template
     try:
-        parsed = KeyTemplate.parse(template)
+        parsed: KeyTemplate | None = KeyTemplate.parse(text)
+        problem = ""
     except KeyTemplateError as exc:
-        problem = str(exc)
+        parsed, problem = None, str(exc)
+    if parsed is None:
+        assert not well_formed, (text, problem)
         assert problem
         return
-    kind, result = outcome(lambda: parsed.render(event({"x": value}, id=str(value))))
+    assert well_formed, text
+    data = {"x": value, "y": other}
+    kind, result = outcome(lambda: parsed.render(event(data, id=str(other), subject="s/1")))
     if kind == "invalid":
         assert result == Reason.INVALID_KEY
     else:
         assert is_valid_key(result), result
+        assert len(result) <= MAX_KEY_LENGTH
+
+
+@FAST
+@given(template=key_templates(), x=ids, y=ids)
+def test_well_formed_templates_with_clean_ids_always_give_a_key(
+    template: tuple[str, bool], x: str | int, y: str | int
+) -> None:
+    """Property: a well-formed template and string/integer IDs always give a valid key."""
+    text, well_formed = template
+    if not well_formed:
+        return
+    key = KeyTemplate.parse(text).render(event({"x": x, "y": y}, id=str(x), subject=str(y)))
+    assert is_valid_key(key)
+    assert len(key) <= MAX_KEY_LENGTH
+
+
+@FAST
+@given(
+    entity=st.tuples(ids, ids),
+    noise=st.tuples(json_values, json_values),
+    sources=st.tuples(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20)),
+)
+def test_equal_entity_ids_give_equal_keys(
+    entity: tuple[str | int, str | int],
+    noise: tuple[Any, Any],
+    sources: tuple[str, str],
+) -> None:
+    """Property: two events with the same entity IDs share one key, whatever else differs."""
+    template = KeyTemplate.parse("password-reset:{data.user_id}:{data.request_id}")
+    first = event(
+        {"user_id": entity[0], "request_id": entity[1], "note": noise[0]},
+        id="evt-1",
+        source=sources[0],
+        time="2026-11-29T10:00:00Z",
+    )
+    second = event(
+        {"request_id": entity[1], "user_id": entity[0], "note": noise[1], "more": [1, 2]},
+        id="evt-2",
+        source=sources[1],
+        subject="other",
+    )
+    assert template.render(first) == template.render(second)
 
 
 @FAST

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,12 @@ MALFORMED: list[tuple[str, bytes | None, Headers, Reason]] = [
         Reason.UNSUPPORTED_CONTENT_TYPE,
     ),
     ("stale", order(set_("time", "2026-11-27T10:15:00Z")), [], Reason.STALE_EVENT),
+    ("future time", order(set_("time", "2099-01-01T00:00:00Z")), [], Reason.INVALID_ENVELOPE),
+    (
+        "binary: future ce_time",
+        *binary(ORDER_DATA, ce_time="2099-01-01T00:00:00Z"),
+        Reason.INVALID_ENVELOPE,
+    ),
 ]
 
 
@@ -270,6 +277,8 @@ def json_paths(node: Any, prefix: tuple[str | int, ...] = ()) -> list[tuple[str 
     return out
 
 
+#: a minute after the latest example: every unmutated example is fresh, none is future-dated
+EXAMPLES_NOW = parse_time("2026-11-29T10:46:30Z")
 EXAMPLE_PATHS = {name: json_paths(doc) for name, doc in EXAMPLE_DOCS.items()}
 
 tricky_strings = st.sampled_from(
@@ -322,6 +331,7 @@ def like(original: Any) -> st.SearchStrategy[Any]:
         return st.one_of(
             tricky_strings,
             st.text(min_size=1, max_size=40),
+            st.text(min_size=41, max_size=120),
             st.text(min_size=300, max_size=1500),
             st.from_regex(r"[a-z0-9._%+-]{1,20}@[a-z0-9-]{1,10}\.[a-z]{2,5}", fullmatch=True),
         )
@@ -337,8 +347,13 @@ def mutated_examples(draw: st.DrawFn) -> tuple[str, bytes | None, Headers]:
     """A shipped example with one to three values replaced (any JSON type) or removed."""
     name = draw(st.sampled_from(sorted(EXAMPLE_DOCS)))
     doc = copy.deepcopy(EXAMPLE_DOCS[name])
-    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+    for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3]))):
         paths = json_paths(doc)
+        data_paths = [p for p in paths if p[0] in ("data", "value")]
+        # Mostly the data: envelope mutations stop at decode, data ones reach key and render.
+        mostly_data: bool = draw(st.sampled_from([True, True, True, False]))
+        if data_paths and mostly_data:
+            paths = data_paths
         if not paths:
             break
         path = draw(st.sampled_from(paths))
@@ -355,8 +370,9 @@ def mutated_examples(draw: st.DrawFn) -> tuple[str, bytes | None, Headers]:
                 parent.pop(last, None)
             elif isinstance(parent, dict | list):
                 # Same-typed values often pass the schema, so the key and render stages run.
-                new = draw(like(parent[last]) if kind == "same type" else json_values)  # type: ignore[index]
-                parent[last] = new  # type: ignore[index]
+                target: Any = parent  # a dict or a list: `last` is a key or an index
+                strategy = like(target[last]) if kind == "same type" else json_values
+                target[last] = draw(strategy)
         except (KeyError, IndexError):
             continue
     raw = json.dumps(doc, ensure_ascii=False).encode("utf-8")
@@ -378,7 +394,7 @@ def test_mutated_valid_events_never_crash(
 ) -> None:
     """Property: valid examples with values swapped for other JSON give a proper reason code."""
     name, value, headers = case
-    result = prepare(preparer, value, headers, ts=ts)
+    result = prepare(preparer, value, headers, ts=ts, now=EXAMPLES_NOW)
     assert isinstance(result, Prepared | Rejected | Skipped)
     if isinstance(result, Rejected):
         assert result.reason in set(Reason), (name, result)
@@ -543,6 +559,59 @@ def test_kafka_timestamp_used_when_event_has_no_time(preparer: Preparer) -> None
     no_time = prepare(preparer, value, ts=-1)
     assert isinstance(no_time, Prepared)
     assert no_time.event_time is None
+
+
+NOW = ORDER_TIME + 60
+FUTURE = "2099-01-01T00:00:00Z"
+FUTURE_MS = int(parse_time(FUTURE) * 1000)
+
+
+def at(seconds_from_now: float) -> str:
+    """An RFC 3339 time `seconds_from_now` after NOW."""
+    return datetime.fromtimestamp(NOW + seconds_from_now, tz=UTC).isoformat()
+
+
+#: (name, event time or None to drop it, record timestamp ms, expected result, time used)
+FRESHNESS: list[tuple[str, str | None, int | None, type | Reason, float | None]] = [
+    ("time within skew", at(299), None, Prepared, NOW + 299),
+    ("time just past skew, no timestamp", at(301), None, Reason.INVALID_ENVELOPE, None),
+    ("future time, timestamp -1", FUTURE, -1, Reason.INVALID_ENVELOPE, None),
+    ("future time, future timestamp", FUTURE, FUTURE_MS, Reason.INVALID_ENVELOPE, None),
+    ("future time, sane timestamp", FUTURE, int((NOW - 60) * 1000), Prepared, NOW - 60),
+    ("future time, old timestamp", FUTURE, int((NOW - 2 * 86400) * 1000), Reason.STALE_EVENT, None),
+    ("no time, no timestamp: age unknown", None, None, Prepared, None),
+    ("no time, timestamp -1: age unknown", None, -1, Prepared, None),
+    ("no time, future timestamp: age unknown", None, FUTURE_MS, Prepared, None),
+    ("no time, sane timestamp", None, int((NOW - 5) * 1000), Prepared, NOW - 5),
+]
+
+
+@pytest.mark.parametrize(
+    ("time_", "ts", "expected", "used"),
+    [pytest.param(t, ts, e, u, id=name) for name, t, ts, e, u in FRESHNESS],
+)
+def test_freshness_rules(
+    preparer: Preparer, time_: str | None, ts: int | None, expected: Any, used: float | None
+) -> None:
+    """A time over 5 min ahead is not trusted: a sane record timestamp stands in, else rejected."""
+    value = order(drop("time") if time_ is None else set_("time", time_))
+    result = prepare(preparer, value, ts=ts, now=NOW)
+    if isinstance(expected, Reason):
+        assert isinstance(result, Rejected), result
+        assert result.reason == expected
+        assert result.idempotency_key == "order-confirmation:ord.5f01JDZ6K8Q4T7"
+        if expected == Reason.INVALID_ENVELOPE:
+            assert "in the future" in result.message
+    else:
+        assert isinstance(result, expected), result
+        assert result.event_time == pytest.approx(used)
+
+
+def test_future_time_is_rendered_by_dry_runs(preparer: Preparer) -> None:
+    """enforce_age=False (render, check) does not judge the event time at all."""
+    result = prepare(preparer, order(set_("time", FUTURE)), enforce_age=False)
+    assert isinstance(result, Prepared)
+    assert result.event_time == parse_time(FUTURE)
 
 
 def test_enforce_age_off_ignores_freshness(preparer: Preparer) -> None:
@@ -787,3 +856,33 @@ def test_cli_entry_point_render_and_check() -> None:
     broken = run("check", ROUTES_FILE="/nonexistent/routes.yaml")
     assert broken.returncode == EXIT_USAGE
     assert "/nonexistent/routes.yaml" in broken.stderr
+
+
+def test_run_refuses_to_start_with_a_broken_routes_file(tmp_path: Path) -> None:
+    """`python -m consumer run` exits 2 naming a broken ROUTES_FILE, before contacting Kafka."""
+    broken = tmp_path / "routes.yaml"
+    broken.write_text("routes: [oops\n")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("KAFKA_", "RESEND_", "ROUTES_", "HEALTH_"))
+    }
+    env.update(
+        ROUTES_FILE=str(broken),
+        RESEND_API_KEY="re_dummy",
+        # Nothing listens on port 9: reaching Kafka first would hang or fail differently.
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert str(broken) in done.stderr
+    assert "not valid YAML" in done.stderr
+    assert "re_dummy" not in done.stderr + done.stdout

@@ -303,6 +303,8 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
 _ONE_FIELD = st.sampled_from(sorted(_FIELDS)).flatmap(
     lambda name: _FIELDS[name].map(lambda value: {**EMAIL, name: value})
 )
+#: `scheduled_at` is the one field validation does arithmetic on: it gets a branch of its own
+_SCHEDULED_EMAIL = _SCHEDULED.map(lambda value: {**EMAIL, "scheduled_at": value})
 #: several fields changed, sometimes from nothing, with unknown extra fields
 _EMAILS = st.builds(
     lambda extra, base, fields: {**extra, **base, **fields},
@@ -321,12 +323,16 @@ async def unlimited(make_sandbox: Any) -> Sandbox:
     return sb
 
 
+#: batches refuse `scheduled_at` before any arithmetic, so most examples go to /emails
+_BATCH = st.sampled_from([False, False, True])
+
+
 @settings(
-    max_examples=150,
+    max_examples=250,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(body=st.one_of(_ONE_FIELD, _ONE_FIELD, _EMAILS, _JSON), batch=st.booleans())
+@given(body=st.one_of(_ONE_FIELD, _SCHEDULED_EMAIL, _EMAILS, _JSON), batch=_BATCH)
 async def test_hostile_json_never_answers_500(
     unlimited: Sandbox, http: aiohttp.ClientSession, body: Any, batch: bool
 ) -> None:

@@ -12,7 +12,9 @@ Standard library only, so it runs before any virtual environment exists.
 `start` formats a fresh storage folder, starts `kafka.Kafka` on 127.0.0.1 on
 free ports, and returns only once a Metadata request answers with a broker.
 `--watch-pid PID` leaves a small watchdog behind that stops the broker when
-PID exits, so an interrupted test run leaves no JVM behind.
+PID exits, so an interrupted test run leaves no JVM behind. The watchdog
+starts together with the JVM, not once it is ready, and SIGTERM or SIGINT to
+`start` itself, or any error while it waits, stops the half-started broker.
 
 `--secure` adds listeners for every security setting the service supports
 (see `SECURE_LISTENERS`), with a throwaway CA made by `openssl` in DIR and
@@ -35,9 +37,12 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 HERE = Path(__file__).resolve().parent
 LIB = HERE / "cache" / "lib"
@@ -211,7 +216,7 @@ def metadata_ok(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
     # correlation id, throttle_time_ms, brokers array length
     correlation, _throttle, brokers = struct.unpack(">iii", payload[:12])
-    return correlation == 7 and brokers > 0
+    return bool(correlation == 7 and brokers > 0)
 
 
 def _recv(s: socket.socket, n: int) -> bytes:
@@ -255,6 +260,58 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT reached `start`; the half-started broker has been stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class _SignalGuard:
+    """Turns SIGTERM/SIGINT into `Interrupted`, except while `held` (then they wait).
+
+    Holding covers the moments where an exception would lose track of the JVM:
+    inside Popen (the child may exist before `proc` is assigned) and during the
+    clean-up that stops it.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.holding = False
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.holding:
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        # signal.signal only works in the main thread; elsewhere run unguarded
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            raise Interrupted(self.pending)
+
+
 def start(
     run_dir: Path,
     *,
@@ -266,7 +323,21 @@ def start(
 
     With `secure`, the broker also opens the `SECURE_LISTENERS` and their
     details are written to run_dir/secure.json (see `_secure_setup`).
+    SIGTERM/SIGINT while starting stop the broker and raise `Interrupted`.
     """
+    guard = _SignalGuard()
+    with guard.installed():
+        return _start(run_dir, guard, watch_pid=watch_pid, timeout=timeout, secure=secure)
+
+
+def _start(
+    run_dir: Path,
+    guard: _SignalGuard,
+    *,
+    watch_pid: int | None,
+    timeout: float,
+    secure: bool,
+) -> str:
     fetch()
     existing = _pid(run_dir)
     if existing and _alive(existing):
@@ -309,17 +380,49 @@ def start(
         stderr=subprocess.PIPE,
     )
     began = time.monotonic()
-    with (run_dir / "broker.out").open("wb") as out:
-        proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            [*_jvm(run_dir), "kafka.Kafka", str(props)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    (run_dir / "broker.pid").write_text(str(proc.pid))
     bootstrap = f"127.0.0.1:{port}"
-    (run_dir / "bootstrap").write_text(bootstrap)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        # Signals wait until the pid is on disk and the watchdog runs: from then
+        # on both this process and the watchdog can find and stop the JVM.
+        with guard.held():
+            with (run_dir / "broker.out").open("wb") as out:
+                proc = subprocess.Popen(  # noqa: S603 - fixed argv
+                    [*_jvm(run_dir), "kafka.Kafka", str(props)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            (run_dir / "broker.pid").write_text(str(proc.pid))
+            if watch_pid is not None:
+                _spawn_watchdog(run_dir, watch_pid)
+        (run_dir / "bootstrap").write_text(bootstrap)
+        _wait_ready(proc, run_dir, port, listeners, began=began, timeout=timeout)
+    except BaseException:
+        # Hold signals for good: a second SIGTERM must not cut the clean-up short,
+        # and the exception on its way out already ends `start`.
+        guard.holding = True
+        if proc is not None:
+            stop(run_dir, grace=5.0)
+        raise
+    (run_dir / "started_in").write_text(f"{time.monotonic() - began:.2f}")
+    if secure:
+        # written last: its presence means every secure listener answered
+        (run_dir / "secure.json").write_text(json.dumps(info, indent=2) + "\n")
+    return bootstrap
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes],
+    run_dir: Path,
+    port: int,
+    listeners: dict[str, int],
+    *,
+    began: float,
+    timeout: float,
+) -> None:
+    """Return once Metadata and every secure listener answer; SystemExit if the broker cannot."""
 
     def ready() -> bool:
         if not metadata_ok("127.0.0.1", port):
@@ -331,16 +434,9 @@ def start(
             tail = (run_dir / "broker.out").read_text(errors="replace")[-2000:]
             raise SystemExit(f"broker: exited with {proc.returncode} while starting:\n{tail}")
         if time.monotonic() - began > timeout:
-            stop(run_dir)
+            # the caller stops the broker on the way out
             raise SystemExit(f"broker: not ready after {timeout:.0f}s; see {run_dir}/server.log")
         time.sleep(0.2)
-    (run_dir / "started_in").write_text(f"{time.monotonic() - began:.2f}")
-    if secure:
-        # written last: its presence means every secure listener answered
-        (run_dir / "secure.json").write_text(json.dumps(info, indent=2) + "\n")
-    if watch_pid is not None:
-        _spawn_watchdog(run_dir, watch_pid)
-    return bootstrap
 
 
 def _secure_setup(
@@ -531,14 +627,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "fetch":
         fetch(quiet=args.quiet)
     elif args.cmd == "start":
-        print(
-            start(
+        try:
+            bootstrap = start(
                 args.dir.resolve(),
                 watch_pid=args.watch_pid,
                 timeout=args.timeout,
                 secure=args.secure,
             )
-        )
+        except Interrupted as exc:
+            print(f"broker: {exc} while starting; nothing left running", file=sys.stderr)
+            return 128 + exc.signum
+        print(bootstrap)
     elif args.cmd == "stop":
         stop(args.dir.resolve())
     elif args.cmd == "status":
