@@ -723,3 +723,39 @@ async def test_revoke_commits_exactly_the_finished_prefix(
     # ...and the position stops right at the first offset that was not
     if position < 40:
         assert f"order-confirmation:ord-{position}" not in delivered
+
+
+async def test_topic_pattern_consumes_every_matching_topic_with_a_dlq_each(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+) -> None:
+    """KAFKA_TOPIC_PATTERN: both matching topics are consumed; bad records go to <topic>.dlq."""
+    import uuid
+
+    stem = f"pat-{uuid.uuid4().hex[:8]}"
+    first = await new_topic(2, name=f"{stem}.orders")
+    second = await new_topic(1, name=f"{stem}.users")
+    other = await new_topic(1, name=f"other-{stem}")
+    for topic in (first, second):
+        await new_topic(1, name=f"{topic}.dlq")
+    await produce(first, order_records(range(5)))
+    await produce(second, [*order_records(range(5, 8)), (b"x", b"[1, 2]", [])])
+    await produce(other, order_records(range(100, 103)))
+    settings = pipeline_settings(
+        kafka_bootstrap,
+        first,
+        fast_sandbox.url,
+        kafka_topics=(),
+        # the pattern must not match the dead-letter topics themselves
+        kafka_topic_pattern=rf"^{stem}\.(orders|users)$",
+    )
+    stop = asyncio.Event()
+    task = await _service(settings, stop)
+    try:
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= 8, 60, "8 deliveries")
+        letters = await read_all(kafka_bootstrap, f"{second}.dlq", 1)
+    finally:
+        assert await _stop(task, stop) == 0
+    keys = {d.idempotency_key for d in fast_sandbox.deliveries()}
+    assert keys == {f"order-confirmation:ord-{i}" for i in range(8)}
+    assert dict(letters[0].headers)["dlq.reason"] == b"not_object"
+    assert dict(letters[0].headers)["dlq.source_topic"] == second.encode()
