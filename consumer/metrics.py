@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 #: what an event ended as (label `outcome` of `resend_consumer_events_total`)
-Outcome = Literal["sent", "already_sent", "dead_lettered", "skipped"]
+Outcome = Literal["sent", "dead_lettered", "skipped"]
 
 #: Prometheus text format 0.0.4: what every scraper understands
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
