@@ -31,6 +31,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 from consumer import __version__
 from consumer.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from consumer.errors import DeadLetterUnavailable
+from consumer.prepare import CLOCK_SKEW
 from consumer.settings import Secret, Settings, parse_duration
 
 if TYPE_CHECKING:
@@ -439,7 +440,12 @@ def _warnings(
                 "idempotency window: a second email is possible if the first reached Resend"
             )
     event_time = _event_time(headers, value)
-    if event_time is not None and now - event_time > settings.max_event_age:
+    if event_time is not None and event_time > now + CLOCK_SKEW:
+        out.append(
+            f"event time is {(event_time - now) / 3600:.1f}h in the future: the service "
+            "measures its age from the record timestamp, or dead-letters it again"
+        )
+    elif event_time is not None and now - event_time > settings.max_event_age:
         out.append(
             f"event time {(now - event_time) / 3600:.1f}h ago is past MAX_EVENT_AGE: "
             f"STALE_POLICY={settings.stale_policy} will apply again"

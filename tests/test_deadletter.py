@@ -479,3 +479,23 @@ async def test_cli_dlq_replay_runs_end_to_end(
     assert out.decode().strip() == "replayed 1, skipped by filter 0, warned 0 (of 1 read)"
     [record] = await read_all(kafka_bootstrap, source)
     assert (record.key, record.value, list(record.headers)) == (b"k", b"v", [("ce_type", b"t.x")])
+
+
+def test_replay_warns_about_future_dated_and_stale_events() -> None:
+    """A future `time` gets its own warning; an old one warns that STALE_POLICY applies again."""
+    from consumer.deadletter import _warnings
+
+    settings = Settings(kafka_topics=("orders",))
+    meta = {"dlq.attempts": "0"}
+
+    def warnings_for(when: float) -> list[str]:
+        value = orjson.dumps({"id": "e", "time": rfc3339(when)})
+        return _warnings(meta, [], value, NOW, settings, NOW)
+
+    future = warnings_for(NOW + 2 * HOUR)
+    assert len(future) == 1
+    assert "in the future" in future[0]
+    stale = warnings_for(NOW - 30 * HOUR)
+    assert len(stale) == 1
+    assert "MAX_EVENT_AGE" in stale[0]
+    assert warnings_for(NOW - 60) == []
