@@ -141,7 +141,7 @@ def start_service(
             "ROUTES_FILE": str(ROOT / "schemas/routes.yaml"),
             "RATE_LIMIT": "1000000",
             "HEALTH_PORT": "0",
-            "LOG_LEVEL": "warning",
+            "LOG_LEVEL": "info",
             "LOG_FORMAT": "json",
         }
     )

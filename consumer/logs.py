@@ -164,21 +164,24 @@ def scrub_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict
     return event_dict
 
 
-class _ExactSecrets:
-    """Processor: the configured secret values never appear, in any string of a line."""
+class _LineScrubber:
+    """Processor: `scrub_secrets`, the configured secret values, and (optionally)
+    `mask_recipients`, in a single walk over the line."""
 
-    def __init__(self, secrets: tuple[str, ...]) -> None:
-        self._secrets = secrets
+    def __init__(self, *, exact: tuple[str, ...], mask: bool) -> None:
+        self._exact = exact
+        self._mask = mask
 
     def _text(self, text: str) -> str:
-        for secret in self._secrets:
+        text = _redact_keys(text)
+        for secret in self._exact:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        return text
+        return mask_email(text) if self._mask else text
 
     def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
         for key, value in list(event_dict.items()):
-            event_dict[key] = _scrub(value, self._text)
+            event_dict[key] = REDACTED if _is_secret_key(key) else _scrub(value, self._text)
         return event_dict
 
 
@@ -266,17 +269,16 @@ def configure_logging(settings: Settings, *, stream: IO[Any] | None = None) -> N
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    scrubbers: list[Processor] = [scrub_secrets]
     known = tuple(
         secret.get()
         for secret in (settings.resend_api_key, settings.kafka_sasl_password)
         if secret is not None and len(secret.get()) >= 4
     )
-    if known:
-        # the configured secrets by value, wherever they turn up in free text
-        scrubbers.append(_ExactSecrets(known))
-    if settings.mask_recipients:
-        scrubbers.append(mask_recipients)
+    # One walk over each line does all three jobs (secret key names, secret values
+    # and key-shaped strings, addresses): the line is walked once, not three times.
+    scrubbers: list[Processor] = [
+        _LineScrubber(exact=known, mask=settings.mask_recipients),
+    ]
 
     if as_json:
         # exceptions become strings before the scrubbers see them
