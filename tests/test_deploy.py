@@ -446,3 +446,13 @@ def test_routes_configmap_matches_schemas(name: str) -> None:
     data = only("ConfigMap", "resend-consumer-routes")["data"]
     for key, rel in gen.schema_files().items():
         assert data[key] == (ROOT / "schemas" / rel).read_text()
+
+
+def test_image_installs_the_uv_that_deploy_dev_pins() -> None:
+    """The Dockerfile's uv is the one the developer loop (and so CI) uses."""
+    dev = (ROOT / "deploy" / "dev").read_text()
+    pinned = re.search(r'^UV_VERSION="([0-9.]+)"', dev, re.M)
+    assert pinned is not None
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert f"ARG UV_VERSION={pinned.group(1)}" in dockerfile
+    assert 'pip install "uv==${UV_VERSION}"' in dockerfile
