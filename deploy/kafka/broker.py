@@ -413,6 +413,47 @@ def _start(
     return bootstrap
 
 
+def resume(run_dir: Path, *, watch_pid: int | None = None, timeout: float = 90.0) -> str:
+    """Start the stopped broker of run_dir again, on the same ports and the same data.
+
+    For restart tests: clients keep their bootstrap address, topics and
+    committed offsets survive. Secure listeners are not resumed.
+    """
+    props = run_dir / "server.properties"
+    boot_file = run_dir / "bootstrap"
+    if not props.exists() or not boot_file.exists():
+        raise SystemExit(f"broker: nothing to resume in {run_dir}")
+    existing = _pid(run_dir)
+    if existing and _alive(existing):
+        raise SystemExit(f"broker: already running in {run_dir} (pid {existing})")
+    bootstrap = boot_file.read_text().strip()
+    port = int(bootstrap.rsplit(":", 1)[1])
+    guard = _SignalGuard()
+    with guard.installed():
+        began = time.monotonic()
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            with guard.held():
+                with (run_dir / "broker.out").open("ab") as out:
+                    proc = subprocess.Popen(  # noqa: S603 - fixed argv
+                        [*_jvm(run_dir), "kafka.Kafka", str(props)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                (run_dir / "broker.pid").write_text(str(proc.pid))
+                if watch_pid is not None:
+                    _spawn_watchdog(run_dir, watch_pid)
+            _wait_ready(proc, run_dir, port, {}, began=began, timeout=timeout)
+        except BaseException:
+            guard.holding = True
+            if proc is not None:
+                stop(run_dir, grace=5.0)
+            raise
+    return bootstrap
+
+
 def _wait_ready(
     proc: subprocess.Popen[bytes],
     run_dir: Path,
@@ -615,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also open SSL, SASL_PLAINTEXT, SASL_SSL and mutual-TLS listeners (see secure.json)",
     )
+    p_resume = sub.add_parser(
+        "resume", help="start the stopped broker of --dir again, same ports and data"
+    )
+    p_resume.add_argument("--dir", type=Path, required=True)
+    p_resume.add_argument("--watch-pid", type=int, default=None)
     p_stop = sub.add_parser("stop", help="stop the broker started in --dir")
     p_stop.add_argument("--dir", type=Path, required=True)
     p_status = sub.add_parser("status", help="exit 0 when the broker in --dir answers")
@@ -638,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"broker: {exc} while starting; nothing left running", file=sys.stderr)
             return 128 + exc.signum
         print(bootstrap)
+    elif args.cmd == "resume":
+        print(resume(args.dir.resolve(), watch_pid=args.watch_pid))
     elif args.cmd == "stop":
         stop(args.dir.resolve())
     elif args.cmd == "status":
