@@ -7,12 +7,13 @@ on a real socket, and `python -m consumer run` child processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.consumer import AIOKafkaConsumer
 
+from consumer.observe import Health, Metrics
+from consumer.pipeline import Pipeline
+from consumer.prepare import Preparer
+from consumer.ratelimit import RateLimiter
+from consumer.resend import ResendClient
+from consumer.retry import RetryPolicy, ServiceGate
 from consumer.settings import FIELDS, Secret, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +110,30 @@ def service_env(settings: Settings) -> dict[str, str]:
         env[f.env] = text
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@contextlib.asynccontextmanager
+async def running_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
+    """An in-process Pipeline (for tests that look inside it), running until the block ends."""
+    limiter = RateLimiter(rate=settings.rate_limit)
+    gate = ServiceGate(probe_initial=0.2, probe_max=1.0)
+    stop = asyncio.Event()
+    async with ResendClient.from_settings(settings, limiter=limiter) as client:
+        pipeline = Pipeline(
+            settings=settings,
+            preparer=Preparer.from_settings(settings),
+            client=client,
+            gate=gate,
+            policy=RetryPolicy.from_settings(settings),
+            metrics=Metrics(),
+            health=Health(liveness_window=60.0),
+        )
+        task = asyncio.create_task(pipeline.run(stop))
+        try:
+            yield pipeline
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
 
 
 class ServiceProcess:

@@ -16,12 +16,8 @@ from typing import Any
 import orjson
 import pytest
 
-from consumer.observe import Health, Metrics
-from consumer.pipeline import Pipeline, run_service
+from consumer.pipeline import run_service
 from consumer.prepare import Preparer
-from consumer.ratelimit import RateLimiter
-from consumer.resend import ResendClient
-from consumer.retry import RetryPolicy, ServiceGate
 from consumer.sandbox import Faults, Sandbox, SandboxConfig
 from consumer.settings import Settings
 from tests.conftest import NewTopicFactory, Produce
@@ -35,6 +31,7 @@ from tests.pipeline_support import (
     order_records,
     pipeline_settings,
     read_all,
+    running_pipeline,
     wait_committed,
     wait_for,
 )
@@ -346,34 +343,15 @@ async def test_backlog_pauses_partitions_and_pending_stays_bounded(
         max_pending_per_partition=60,
         max_in_flight=8,
     )
-    limiter = RateLimiter(rate=settings.rate_limit)
-    gate = ServiceGate(probe_initial=0.2, probe_max=1.0)
     samples: list[int] = []
     per_partition: list[int] = []
     paused_seen = 0
-    stop = asyncio.Event()
-    async with ResendClient.from_settings(settings, limiter=limiter) as client:
-        pipeline = Pipeline(
-            settings=settings,
-            preparer=Preparer.from_settings(settings),
-            client=client,
-            gate=gate,
-            policy=RetryPolicy.from_settings(settings),
-            metrics=Metrics(),
-            health=Health(liveness_window=60.0),
-        )
-        task = asyncio.create_task(pipeline.run(stop))
-        try:
-            for _ in range(60):
-                await asyncio.sleep(0.05)
-                samples.append(pipeline.ledger.total_pending())
-                per_partition.extend(
-                    pipeline.ledger.pending(tp) for tp in pipeline.ledger.assigned()
-                )
-                paused_seen = max(paused_seen, len(pipeline._paused))
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 60)
+    async with running_pipeline(settings) as pipeline:
+        for _ in range(60):
+            await asyncio.sleep(0.05)
+            samples.append(pipeline.ledger.total_pending())
+            per_partition.extend(pipeline.ledger.pending(tp) for tp in pipeline.ledger.assigned())
+            paused_seen = max(paused_seen, len(pipeline._paused))
     # a single fetch may land on top of the bound once; never more than that
     assert max(samples) <= 100 + 60
     assert max(per_partition) <= 60 + 60
@@ -644,24 +622,11 @@ async def test_revoke_drains_in_flight_then_commits_the_finished_prefix(
         max_in_flight=4,
         commit_interval=3600.0,  # only the revoke commits
     )
-    limiter = RateLimiter(rate=settings.rate_limit)
-    gate = ServiceGate(probe_initial=0.2, probe_max=1.0)
-    stop = asyncio.Event()
-    async with ResendClient.from_settings(settings, limiter=limiter) as client:
-        pipeline = Pipeline(
-            settings=settings,
-            preparer=Preparer.from_settings(settings),
-            client=client,
-            gate=gate,
-            policy=RetryPolicy.from_settings(settings),
-            metrics=Metrics(),
-            health=Health(liveness_window=60.0),
-        )
-        task = asyncio.create_task(pipeline.run(stop))
+    async with running_pipeline(settings) as pipeline:
+        real = pipeline._consumer
         try:
             await wait_for(lambda: pipeline.in_flight == 4, 30, "four requests on the wire")
             tp = next(iter(pipeline.ledger.assigned()))
-            real = pipeline._consumer
             # first a revoke whose commit fails: no crash, nothing committed
             failing = _FailingCommits(real)
             pipeline._consumer = failing  # type: ignore[assignment]
@@ -671,8 +636,6 @@ async def test_revoke_drains_in_flight_then_commits_the_finished_prefix(
             in_flight_at_revoke = len(fast_sandbox.deliveries())
         finally:
             pipeline._consumer = real
-            stop.set()
-            await asyncio.wait_for(task, 60)
     # the four requests on the wire finished (the drain waited for them)...
     assert in_flight_at_revoke == 4
     # ...and nothing queued behind them was started after the revoke
@@ -694,28 +657,11 @@ async def test_revoke_commits_exactly_the_finished_prefix(
         max_in_flight=8,
         commit_interval=3600.0,
     )
-    limiter = RateLimiter(rate=settings.rate_limit)
-    gate = ServiceGate(probe_initial=0.2, probe_max=1.0)
-    stop = asyncio.Event()
-    async with ResendClient.from_settings(settings, limiter=limiter) as client:
-        pipeline = Pipeline(
-            settings=settings,
-            preparer=Preparer.from_settings(settings),
-            client=client,
-            gate=gate,
-            policy=RetryPolicy.from_settings(settings),
-            metrics=Metrics(),
-            health=Health(liveness_window=60.0),
-        )
-        task = asyncio.create_task(pipeline.run(stop))
-        try:
-            await wait_for(lambda: len(fast_sandbox.deliveries()) >= 10, 30, "ten deliveries")
-            tp = next(iter(pipeline.ledger.assigned()))
-            await pipeline.on_revoked({tp})  # type: ignore[arg-type]
-            position = (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 60)
+    async with running_pipeline(settings) as pipeline:
+        await wait_for(lambda: len(fast_sandbox.deliveries()) >= 10, 30, "ten deliveries")
+        tp = next(iter(pipeline.ledger.assigned()))
+        await pipeline.on_revoked({tp})  # type: ignore[arg-type]
+        position = (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0)
     delivered = {d.idempotency_key for d in fast_sandbox.deliveries()}
     assert position is not None
     # every offset below the committed position was delivered...
