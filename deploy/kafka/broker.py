@@ -327,7 +327,13 @@ def start(
     """
     guard = _SignalGuard()
     with guard.installed():
-        return _start(run_dir, guard, watch_pid=watch_pid, timeout=timeout, secure=secure)
+        try:
+            return _start(run_dir, guard, watch_pid=watch_pid, timeout=timeout, secure=secure)
+        except DiedWhileStarting as first:
+            # Seen rarely on a busy machine (a free port taken between choosing it and
+            # the JVM binding it): one more try on fresh ports and fresh storage.
+            sys.stderr.write(f"{first}\nbroker: retrying once on new ports\n")
+            return _start(run_dir, guard, watch_pid=watch_pid, timeout=timeout, secure=secure)
 
 
 def _start(
@@ -379,33 +385,16 @@ def _start(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    began = time.monotonic()
     bootstrap = f"127.0.0.1:{port}"
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        # Signals wait until the pid is on disk and the watchdog runs: from then
-        # on both this process and the watchdog can find and stop the JVM.
-        with guard.held():
-            with (run_dir / "broker.out").open("wb") as out:
-                proc = subprocess.Popen(  # noqa: S603 - fixed argv
-                    [*_jvm(run_dir), "kafka.Kafka", str(props)],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            (run_dir / "broker.pid").write_text(str(proc.pid))
-            if watch_pid is not None:
-                _spawn_watchdog(run_dir, watch_pid)
-        (run_dir / "bootstrap").write_text(bootstrap)
-        _wait_ready(proc, run_dir, port, listeners, began=began, timeout=timeout)
-    except BaseException:
-        # Hold signals for good: a second SIGTERM must not cut the clean-up short,
-        # and the exception on its way out already ends `start`.
-        guard.holding = True
-        if proc is not None:
-            stop(run_dir, grace=5.0)
-        raise
+    began = _launch(
+        run_dir,
+        guard,
+        port=port,
+        listeners=listeners,
+        watch_pid=watch_pid,
+        timeout=timeout,
+        append=False,
+    )
     (run_dir / "started_in").write_text(f"{time.monotonic() - began:.2f}")
     if secure:
         # written last: its presence means every secure listener answered
@@ -430,28 +419,64 @@ def resume(run_dir: Path, *, watch_pid: int | None = None, timeout: float = 90.0
     port = int(bootstrap.rsplit(":", 1)[1])
     guard = _SignalGuard()
     with guard.installed():
-        began = time.monotonic()
-        proc: subprocess.Popen[bytes] | None = None
-        try:
-            with guard.held():
-                with (run_dir / "broker.out").open("ab") as out:
-                    proc = subprocess.Popen(  # noqa: S603 - fixed argv
-                        [*_jvm(run_dir), "kafka.Kafka", str(props)],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
-                (run_dir / "broker.pid").write_text(str(proc.pid))
-                if watch_pid is not None:
-                    _spawn_watchdog(run_dir, watch_pid)
-            _wait_ready(proc, run_dir, port, {}, began=began, timeout=timeout)
-        except BaseException:
-            guard.holding = True
-            if proc is not None:
-                stop(run_dir, grace=5.0)
-            raise
+        _launch(
+            run_dir,
+            guard,
+            port=port,
+            listeners={},
+            watch_pid=watch_pid,
+            timeout=timeout,
+            append=True,
+        )
     return bootstrap
+
+
+def _launch(
+    run_dir: Path,
+    guard: _SignalGuard,
+    *,
+    port: int,
+    listeners: dict[str, int],
+    watch_pid: int | None,
+    timeout: float,
+    append: bool,
+) -> float:
+    """Launch `kafka.Kafka` on run_dir's server.properties and wait until it answers.
+
+    On any failure, a signal included, the JVM is stopped again before the
+    exception goes on. Returns when the launch began (monotonic seconds).
+    """
+    began = time.monotonic()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        # Signals wait until the pid is on disk and the watchdog runs: from then
+        # on both this process and the watchdog can find and stop the JVM.
+        with guard.held():
+            with (run_dir / "broker.out").open("ab" if append else "wb") as out:
+                proc = subprocess.Popen(  # noqa: S603 - fixed argv
+                    [*_jvm(run_dir), "kafka.Kafka", str(run_dir / "server.properties")],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            (run_dir / "broker.pid").write_text(str(proc.pid))
+            if watch_pid is not None:
+                _spawn_watchdog(run_dir, watch_pid)
+        (run_dir / "bootstrap").write_text(f"127.0.0.1:{port}")
+        _wait_ready(proc, run_dir, port, listeners, began=began, timeout=timeout)
+    except BaseException:
+        # Hold signals for good: a second SIGTERM must not cut the clean-up short,
+        # and the exception on its way out already ends the command.
+        guard.holding = True
+        if proc is not None:
+            stop(run_dir, grace=5.0)
+        raise
+    return began
+
+
+class DiedWhileStarting(SystemExit):
+    """The JVM exited before it answered (a port bind failure, bad storage, ...)."""
 
 
 def _wait_ready(
@@ -473,7 +498,9 @@ def _wait_ready(
     while not ready():
         if proc.poll() is not None:
             tail = (run_dir / "broker.out").read_text(errors="replace")[-2000:]
-            raise SystemExit(f"broker: exited with {proc.returncode} while starting:\n{tail}")
+            raise DiedWhileStarting(
+                f"broker: exited with {proc.returncode} while starting:\n{tail}"
+            )
         if time.monotonic() - began > timeout:
             # the caller stops the broker on the way out
             raise SystemExit(f"broker: not ready after {timeout:.0f}s; see {run_dir}/server.log")
