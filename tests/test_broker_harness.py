@@ -209,3 +209,11 @@ def test_stop_kills_a_broker_that_ignores_sigterm(
     assert not Path(f"/proc/{stubborn.pid}").exists()
     assert not (run_dir / "broker.pid").exists()
     assert broker.stop(run_dir, grace=1.0) is False
+
+
+def test_cluster_ids_never_start_with_a_dash() -> None:
+    """The storage tool would read a leading '-' as an option: ids must never start with one."""
+    ids = [broker._cluster_id() for _ in range(5000)]
+    assert not [cid for cid in ids if cid.startswith("-")]
+    assert all(len(cid) == 22 for cid in ids)
+    assert len(set(ids)) == len(ids)

@@ -327,13 +327,7 @@ def start(
     """
     guard = _SignalGuard()
     with guard.installed():
-        try:
-            return _start(run_dir, guard, watch_pid=watch_pid, timeout=timeout, secure=secure)
-        except DiedWhileStarting as first:
-            # Seen rarely on a busy machine (a free port taken between choosing it and
-            # the JVM binding it): one more try on fresh ports and fresh storage.
-            sys.stderr.write(f"{first}\nbroker: retrying once on new ports\n")
-            return _start(run_dir, guard, watch_pid=watch_pid, timeout=timeout, secure=secure)
+        return _start(run_dir, guard, watch_pid=watch_pid, timeout=timeout, secure=secure)
 
 
 def _start(
@@ -475,10 +469,6 @@ def _launch(
     return began
 
 
-class DiedWhileStarting(SystemExit):
-    """The JVM exited before it answered (a port bind failure, bad storage, ...)."""
-
-
 def _wait_ready(
     proc: subprocess.Popen[bytes],
     run_dir: Path,
@@ -498,9 +488,7 @@ def _wait_ready(
     while not ready():
         if proc.poll() is not None:
             tail = (run_dir / "broker.out").read_text(errors="replace")[-2000:]
-            raise DiedWhileStarting(
-                f"broker: exited with {proc.returncode} while starting:\n{tail}"
-            )
+            raise SystemExit(f"broker: exited with {proc.returncode} while starting:\n{tail}")
         if time.monotonic() - began > timeout:
             # the caller stops the broker on the way out
             raise SystemExit(f"broker: not ready after {timeout:.0f}s; see {run_dir}/server.log")
@@ -620,10 +608,17 @@ def _listener_ready(name: str, port: int, run_dir: Path) -> bool:
 
 
 def _cluster_id() -> str:
-    # Kafka wants 16 random bytes, URL-safe base64 without padding (22 chars).
+    """16 random bytes, URL-safe base64 without padding (22 chars), as Kafka wants.
+
+    Never starting with "-": the storage tool would read `-t -xyz...` as an option
+    and fail (about 1 start in 64 did, before this check).
+    """
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _spawn_watchdog(run_dir: Path, watch_pid: int) -> None:
