@@ -89,7 +89,7 @@ def run_async(make: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from consumer.pipeline import run_service
+    from consumer.service import run_service
 
     settings = settings_from(args)
     return run_async(lambda stop: run_service(settings, stop))

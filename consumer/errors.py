@@ -3,7 +3,8 @@
     ConsumerError
     ├── RetriableError          try again later, same key, same bytes
     │   ├── TransportError      timeout, reset, DNS: outcome unknown
-    │   └── ResendRetriable     5xx, 429 rate limit, 409 concurrent/locked
+    │   ├── ResendRetriable     5xx, 429 rate limit, 409 concurrent/locked
+    │   └── CommitFailed        an offset commit was refused or timed out: keep, retry
     ├── PermanentError          this event can never succeed: dead-letter it
     │   ├── InvalidEvent        bad input (reason code from events.Reason)
     │   └── ResendRejected      4xx for this email (validation, from address, ...)
@@ -75,6 +76,15 @@ class ResendRetriable(RetriableError):
     """Resend answered 5xx, 429 rate limit or 409 concurrent/locked: retry later."""
 
     reason = "resend_retriable"
+
+
+class CommitFailed(RetriableError):
+    """An offset commit was refused (rebalance, coordinator move) or timed out.
+
+    Nothing moved: the positions are kept and committed again later.
+    """
+
+    reason = "commit_failed"
 
 
 class ResendRejected(PermanentError):

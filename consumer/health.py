@@ -1,7 +1,9 @@
 """Liveness, readiness and the small HTTP server that exposes them with /metrics.
 
 - `/healthz` (liveness): the fetch loop made progress within the liveness
-  window. A wedged loop is the one thing a restart fixes.
+  window, and no partition is stalled (work that finished nothing for
+  STALL_TIMEOUT while nothing explained it). A wedged loop or a stall is what
+  a restart fixes: idempotency keys make the re-sends replays.
 - `/readyz` (readiness): partitions assigned, broker reachable, no open
   circuit, not stopping. A service-wide condition (bad key, quota) makes the
   pod not ready, never restarts it: restarting cannot fix a quota.
@@ -47,6 +49,7 @@ class Health:
         self._broker_ok = False
         self._open: set[str] = set()
         self._stopping = False
+        self._stalled = 0
 
     def mark_poll(self) -> None:
         """The fetch loop went round once (with or without records)."""
@@ -68,18 +71,23 @@ class Health:
         else:
             self._open.discard(condition)
 
+    def set_stalled(self, n: int) -> None:
+        """How many partitions the pipeline's watchdog found stalled."""
+        self._stalled = n
+
     def set_stopping(self) -> None:
         """Shutdown began: report not ready so no rollout waits on this pod."""
         self._stopping = True
 
     def live(self) -> tuple[bool, dict[str, Any]]:
         since = self._clock() - self._last_poll
-        ok = since <= self.liveness_window
+        ok = since <= self.liveness_window and self._stalled == 0
         return ok, {
             "live": ok,
             "seconds_since_poll": round(since, 3),
             "liveness_window": self.liveness_window,
             "polls": self._polls,
+            "stalled_partitions": self._stalled,
         }
 
     def ready(self) -> tuple[bool, dict[str, Any]]:

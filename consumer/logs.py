@@ -71,6 +71,9 @@ class LogEvent(StrEnum):
     LATE_COMPLETION = "completion.after_revoke"
     DLQ_UNAVAILABLE = "dlq.unavailable"
     DLQ_AVAILABLE = "dlq.available"
+    #: a partition with work finished nothing for STALL_TIMEOUT and nothing explains it
+    PARTITION_STALLED = "partition.stalled"
+    PARTITION_RECOVERED = "partition.recovered"
     HEALTH_SERVER = "health.listening"
     STARTED = "service.started"
     STOPPING = "service.stopping"

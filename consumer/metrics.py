@@ -46,6 +46,7 @@ RATELIMIT_RATE: Final = _P + "ratelimit_rate"
 CIRCUIT_OPEN: Final = _P + "circuit_open"
 DEAD_LETTERS: Final = _P + "dead_letters"
 ASSIGNED_PARTITIONS: Final = _P + "assigned_partitions"
+STALLED_PARTITIONS: Final = _P + "stalled_partitions"
 BUILD_INFO: Final = _P + "build_info"
 
 #: every family as exposed on /metrics (README's list and the tests use this)
@@ -57,6 +58,7 @@ METRIC_NAMES: Final = (
     IN_FLIGHT,
     PAUSED_PARTITIONS,
     ASSIGNED_PARTITIONS,
+    STALLED_PARTITIONS,
     LAG,
     COMMITTED_OFFSET,
     RATELIMIT_WAIT,
@@ -113,6 +115,11 @@ class Metrics:
         )
         self.assigned_partitions = Gauge(
             ASSIGNED_PARTITIONS, "Partitions assigned to this member.", registry=r
+        )
+        self.stalled_partitions = Gauge(
+            STALLED_PARTITIONS,
+            "Partitions with work that finished nothing for STALL_TIMEOUT, unexplained.",
+            registry=r,
         )
         self.lag = Gauge(
             LAG, "Records behind the partition's end offset.", ["topic", "partition"], registry=r

@@ -1,4 +1,4 @@
-"""The engine: intake, dispatch, deliver, dead-letter, commit, rebalance, drain.
+"""The Kafka driver: intake, lanes, back-pressure, rebalance, commit, watchdog, drain.
 
 One fetch loop keeps calling `getmany()` whatever Resend does, so the member
 never leaves the group for being slow (invariant 5). Each fetched record is
@@ -7,62 +7,53 @@ inline, and handed to an ordering lane; lanes run deliveries concurrently,
 bounded by a global in-flight semaphore held only during HTTP attempts.
 
 An offset becomes committable only when its record's outcome is final: Resend
-acknowledged it, the dead-letter write was acknowledged by Kafka, or a policy
-skipped it (invariant 1). The committer commits the ledger's contiguous done
-prefix on a timer, on revoke and on shutdown.
+acknowledged it, or a policy skipped it, or it is a dead letter that the
+committer writes in the same step as the commit that covers it (invariants 1
+and 10). The committer commits the ledger's contiguous done prefix on a timer,
+on revoke and on shutdown.
 
 Back-pressure pauses partitions (never stops polling) once fetched-but-
-unfinished records reach their bound, and resumes them below a low-water mark
-(invariant 4). Service-wide conditions pause every partition and keep offsets
-(invariant 3).
+unfinished records reach their count or byte bound, and resumes them below a
+low-water mark (invariant 4). Service-wide conditions pause every partition
+and keep offsets (invariant 3) -- but only while a delivery waits at the gate,
+so that after a rebalance new records arrive and probe it (nothing else would).
 
-    Kafka -> _intake -> _admit -> Lane -> _process -> deliver() -> outcome
-                                                   \\-> DeadLetterWriter
-          <- _commit <- OffsetLedger.done() <--------------------------/
+A watchdog checks invariant 8: a partition with work (pending records,
+unwritten dead letters or lag) that finishes nothing for `STALL_TIMEOUT` while
+nothing explains it (a service-wide condition, a delivery of it under way, an
+unreachable broker) is a stall; it is logged once, counted, and fails liveness.
+
+The driver takes its Kafka consumer and committer from outside (`consumer.service`
+builds the real ones; the simulation tests pass fakes):
+
+    Kafka -> _intake -> _admit -> Lane -> _process -> deliver() -> _finish
+          <- Committer.commit(position, dead letters) <- OffsetLedger <--/
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumer import __version__
 from consumer.deadletter import DeadLetter, DeadLetterWriter
-from consumer.errors import DeadLetterUnavailable, KafkaUnavailable
+from consumer.errors import CommitFailed, DeadLetterUnavailable
 from consumer.logs import LogEvent
-from consumer.observe import (
-    Health,
-    HealthServer,
-    Metrics,
-    ProgressReporter,
-    configure_logging,
-    log_outcome,
-)
+from consumer.observe import Health, Metrics, ProgressReporter, log_outcome
 from consumer.offsets import OffsetLedger
 from consumer.prepare import Prepared, Preparer, Rejected, Skipped
-from consumer.ratelimit import RateLimiter
-from consumer.resend import RULES, Answer, ResendClient
-from consumer.retry import (
-    DeliveryResult,
-    GateCondition,
-    GateState,
-    OnChange,
-    RetryPolicy,
-    ServiceGate,
-    deliver,
-)
-from consumer.settings import Settings, SettingsError
+from consumer.retry import DeliveryResult, RetryPolicy, ServiceGate, deliver
+from consumer.settings import Settings
 
 log = structlog.get_logger("consumer.pipeline")
 
@@ -74,15 +65,98 @@ SKIPPED: Final = "skipped"
 #: commit metadata, readable back through the admin client
 COMMIT_METADATA: Final = f"resend-consumer/{__version__}"
 
-TP = TopicPartition
 #: seconds between two broker reachability checks (and their timeout)
 BROKER_CHECK_INTERVAL: Final = 5.0
 #: records admitted between two yields to the event loop
 ADMIT_SLICE: Final = 256
-KNOWN_ERROR_NAMES: Final = frozenset(rule.name for rule in RULES if rule.name is not None)
+#: the dead letter of a record the client could not decode
+UNDECODABLE: Final = "undecodable_record"
 
 
-@dataclass(slots=True)
+# -- the seams --------------------------------------------------------------------
+
+
+class Consumer(Protocol):
+    """What the driver uses of `AIOKafkaConsumer` (the simulation's fake has the same)."""
+
+    def subscribe(self, topics: Sequence[str] = (), pattern: str | None = None, **kw: Any) -> None:
+        """Subscribe with a rebalance listener (keyword `listener`)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Any]]: ...
+    def pause(self, *partitions: TopicPartition) -> None: ...
+    def resume(self, *partitions: TopicPartition) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    def highwater(self, partition: TopicPartition) -> int | None: ...
+    async def committed(self, partition: TopicPartition) -> int | None: ...
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+    async def topics(self) -> set[str]: ...
+
+
+class Committer(Protocol):
+    """Commits a partition's position together with the dead letters it covers.
+
+    `commit` returns only once both are durable, or raises: `DeadLetterUnavailable`
+    when a dead letter could not be written, `CommitFailed` for the offset commit;
+    after a raise nothing of the call may become visible twice on a retry.
+    """
+
+    async def start(self) -> None: ...
+    async def assign(self, partitions: set[TopicPartition]) -> None: ...
+    async def commit(
+        self, tp: TopicPartition, position: int, letters: Sequence[DeadLetter]
+    ) -> None: ...
+    async def revoke(self, partitions: set[TopicPartition]) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class ConsumerCommitter:
+    """Dead letters through an idempotent producer, then the consumer's own offset commit.
+
+    At least once for dead letters: a crash between the two writes a letter again.
+    """
+
+    def __init__(self, *, consumer: Any, writer: DeadLetterWriter, timeout: float) -> None:
+        self._consumer = consumer
+        self._writer = writer
+        self._timeout = timeout
+
+    async def start(self) -> None:
+        return None
+
+    async def assign(self, partitions: set[TopicPartition]) -> None:
+        return None
+
+    async def commit(
+        self, tp: TopicPartition, position: int, letters: Sequence[DeadLetter]
+    ) -> None:
+        for letter in letters:
+            await self._writer.write(letter)
+        try:
+            # aiokafka retries a commit for as long as the coordinator is away; a
+            # revoke or a shutdown must not wait that long behind the commit lock
+            await asyncio.wait_for(
+                self._consumer.commit({tp: (position, COMMIT_METADATA)}), self._timeout
+            )
+        except (KafkaError, TimeoutError) as exc:
+            raise CommitFailed(
+                f"commit of {tp.topic}[{tp.partition}]: {type(exc).__name__}"
+            ) from None
+
+    async def revoke(self, partitions: set[TopicPartition]) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+# -- state ------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
 class Work:
     """One fetched record on its way to a final outcome."""
 
@@ -94,19 +168,42 @@ class Work:
     headers: Sequence[tuple[str, bytes]]
     timestamp_ms: int | None
     fetched_at: float
+    #: bytes held in memory for it (value and rendered body), released when finished
+    size: int = 0
     prepared: Prepared | None = None
     rejected: Rejected | None = None
-    #: an HTTP attempt or a dead-letter write is under way: a drain waits for it
+    #: an HTTP attempt is under way: a drain waits for it
     busy: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Lane:
     """Work that must go one at a time, in offset order."""
 
     queue: deque[Work] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
     current: Work | None = None
+
+    def alive(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+@dataclass(slots=True, eq=False)
+class _Part:
+    """Driver state of one assigned partition within one generation."""
+
+    generation: int
+    #: last time it finished an offset, admitted a record or was explained
+    progress_at: float
+    #: admitted, unfinished work by offset
+    works: dict[int, Work] = field(default_factory=dict)
+    #: finished as dead letters; written by the commit that covers their offset
+    letters: list[DeadLetter] = field(default_factory=list)
+    letter_bytes: int = 0
+    revoking: bool = False
+    dlq_failed: bool = False
+    stalled: bool = False
+    lag: int = 0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -128,11 +225,14 @@ class Pipeline:
         *,
         settings: Settings,
         preparer: Preparer,
-        client: ResendClient,
+        client: Any,
         gate: ServiceGate,
         policy: RetryPolicy,
         metrics: Metrics,
         health: Health,
+        consumer: Consumer,
+        committer: Committer,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings
         self.preparer = preparer
@@ -142,21 +242,22 @@ class Pipeline:
         self.metrics = metrics
         self.health = health
         self.ledger = OffsetLedger()
+        self._consumer = consumer
+        self._committer = committer
+        # the event loop's clock by default (what asyncio's sleeps and timeouts use)
+        self._clock = clock or time.monotonic
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._lanes: dict[tuple[TopicPartition, object], Lane] = {}
         self._key_locks: dict[str, list[Any]] = {}  # key -> [lock, users]
-        self._generations: dict[TopicPartition, int] = {}
-        self._revoking: set[TopicPartition] = set()
+        self._parts: dict[TopicPartition, _Part] = {}
         self._paused: set[TopicPartition] = set()
         self._commit_lock = asyncio.Lock()
         self._dlq_down = False
-        # a commit must fit in what is left of the rebalance timeout after a drain
-        self._commit_timeout = max(
-            1.0, min(10.0, (settings.kafka_rebalance_timeout - settings.drain_timeout) / 2)
-        )
-        self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
-        self._dlq: DeadLetterWriter | None = None
+        self._broker_ok = True
+        #: deliveries inside deliver(): while the gate is open, one of them probes it
+        self._delivering = 0
+        #: bytes of admitted records, rendered bodies and unwritten dead letters
+        self.pending_bytes = 0
         # A concrete logger, bound once: the module's lazy proxy rebuilds one per call,
         # which is a measurable share of the per-event cost of the outcome line.
         self._log = log.bind()
@@ -166,110 +267,90 @@ class Pipeline:
         self.dead_lettered = 0
         self.skipped = 0
         self.in_flight = 0
-        self.retries = 0
+        self.stalled = 0
 
     def __repr__(self) -> str:
         return (
             f"<Pipeline in_flight={self.in_flight} pending={self.ledger.total_pending()} "
             f"done={self.done} dlq={self.dead_lettered} skipped={self.skipped} "
-            f"paused={len(self._paused)} gate={self.gate.state}>"
+            f"paused={len(self._paused)} stalled={self.stalled} gate={self.gate.state}>"
         )
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def _make_consumer(self) -> AIOKafkaConsumer:
-        s = self.settings
-        return AIOKafkaConsumer(
-            group_id=s.kafka_group_id,
-            group_instance_id=s.kafka_group_instance_id,
-            enable_auto_commit=False,
-            auto_offset_reset=s.kafka_auto_offset_reset,
-            session_timeout_ms=int(s.kafka_session_timeout * 1000),
-            heartbeat_interval_ms=int(s.kafka_heartbeat_interval * 1000),
-            rebalance_timeout_ms=int(s.kafka_rebalance_timeout * 1000),
-            max_poll_interval_ms=int(s.kafka_max_poll_interval * 1000),
-            # a transactional producer's aborted events must never become emails
-            isolation_level="read_committed",
-            **s.kafka_client_kwargs(),
-        )
-
-    def _make_producer(self) -> AIOKafkaProducer:
-        return AIOKafkaProducer(
-            enable_idempotence=True,
-            acks="all",
-            request_timeout_ms=15_000,
-            # a dead letter is the original record plus a few hundred bytes of headers
-            max_request_size=max(1_048_576, self.settings.max_event_bytes + 65_536),
-            **self.settings.kafka_client_kwargs(),
-        )
-
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until stop is set, then drain, commit and close everything."""
-        self._producer = self._make_producer()
-        consumer = self._consumer = self._make_consumer()
+        """Consume until stop is set, then drain, commit and close everything.
+
+        The consumer and the committer are started here and stopped at the end;
+        `subscribe` and `start` errors propagate (the caller words them).
+        """
+        consumer = self._consumer
+        await self._committer.start()
         try:
-            await self._producer.start()
             listener = _Listener(self)
             if self.settings.kafka_topic_pattern:
                 consumer.subscribe(pattern=self.settings.kafka_topic_pattern, listener=listener)
             else:
                 consumer.subscribe(topics=list(self.settings.kafka_topics), listener=listener)
             await consumer.start()
-        except KafkaError as exc:
+        except BaseException:
             await consumer.stop()
-            await self._producer.stop()
-            s = self.settings
-            how: str = s.kafka_security_protocol
-            if s.kafka_sasl_mechanism:
-                how += f" {s.kafka_sasl_mechanism} as {s.kafka_sasl_username}"
-            raise KafkaUnavailable(
-                f"cannot start the Kafka clients for {s.kafka_bootstrap_servers} ({how}): "
-                f"{type(exc).__name__}; check the address, TLS files and SASL credentials"
-            ) from None
-        self._dlq = DeadLetterWriter(
-            producer=self._producer,
-            topic_for=self.settings.dlq_topic_for,
-            timeout=30.0,
-            secrets=(self.settings.resend_api_key, self.settings.kafka_sasl_password),
-        )
+            await self._committer.stop()
+            raise
         self.health.set_broker_ok(True)
-        committer = asyncio.create_task(self._commit_loop(stop), name="committer")
-        progress = asyncio.create_task(self._progress_loop(stop), name="progress")
-        watcher = asyncio.create_task(self._watch_broker(consumer, stop), name="broker-watch")
+        background = (
+            asyncio.create_task(self._commit_loop(stop), name="committer"),
+            asyncio.create_task(self._progress_loop(stop), name="progress"),
+            asyncio.create_task(self._watch_broker(stop), name="broker-watch"),
+            asyncio.create_task(self._watchdog(stop), name="watchdog"),
+        )
         try:
-            await self._intake(consumer, stop)
+            await self._intake(stop)
         finally:
-            background = (committer, progress, watcher)
             for task in background:
                 task.cancel()
             for task in background:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await self._shutdown(consumer)
+            await self._shutdown()
 
-    async def _shutdown(self, consumer: AIOKafkaConsumer) -> None:
+    async def _shutdown(self) -> None:
         """Stop fetching, drain in-flight work, commit, then close clients.
 
         `consumer.stop()` does not call the rebalance listener, so the drain and
         the final commit happen here, before it.
         """
+        consumer = self._consumer
         self.health.set_stopping()
-        assigned = set(consumer.assignment())
+        assigned = set(self._parts)
         with contextlib.suppress(KafkaError, AssertionError):
             consumer.pause(*assigned)
         log.info(LogEvent.STOPPING, in_flight=self.in_flight, pending=self.ledger.total_pending())
-        await self._drain(assigned, self.settings.shutdown_timeout)
-        await self._commit(reason="shutdown")
-        for tp in assigned:
-            self.ledger.revoke(tp)
-        await consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
+        try:
+            await self._drain(assigned, self.settings.shutdown_timeout)
+            await self._commit(reason="shutdown")
+        finally:
+            self._forget(assigned)
+            await consumer.stop()
+            await self._committer.stop()
         log.info(LogEvent.STOPPED, done=self.done, dead_lettered=self.dead_lettered)
+
+    # -- ownership --------------------------------------------------------------------
+
+    def _current(self, work: Work) -> _Part | None:
+        """The partition state `work` belongs to, if its generation is still assigned."""
+        part = self._parts.get(work.tp)
+        return part if part is not None and part.generation == work.generation else None
+
+    def _may_start(self, work: Work) -> bool:
+        """New sends start only for partitions owned and not being revoked."""
+        part = self._current(work)
+        return part is not None and not part.revoking
 
     # -- intake ---------------------------------------------------------------------
 
-    async def _intake(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+    async def _intake(self, stop: asyncio.Event) -> None:
+        consumer = self._consumer
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -294,22 +375,22 @@ class Pipeline:
                     continue
                 admitted = 0
                 for tp, records in batch.items():
-                    generation = self._generations.get(tp)
-                    if generation is None or tp in self._revoking:
+                    part = self._parts.get(tp)
+                    if part is None or part.revoking:
                         continue  # fetched just before a revoke: the new owner reads it again
                     for record in records:
-                        if tp in self._revoking or self._generations.get(tp) != generation:
+                        if self._parts.get(tp) is not part or part.revoking:
                             break  # revoked (or reassigned) while this batch was admitted
-                        self._admit(tp, generation, record)
+                        self._admit(tp, part, record)
                         admitted += 1
                         if admitted % ADMIT_SLICE == 0:
                             # preparing costs ~100 us a record: let sends and heartbeats run
                             await asyncio.sleep(0)
-                self._apply_backpressure(consumer)
+                self._apply_backpressure()
         finally:
             stopping.cancel()
 
-    def _admit(self, tp: TopicPartition, generation: int, record: Any) -> None:
+    def _admit(self, tp: TopicPartition, part: _Part, record: Any) -> None:
         """Track a fetched record and route it to its lane; never raises for bad input."""
         try:
             self.ledger.track(tp, record.offset)
@@ -318,15 +399,17 @@ class Pipeline:
             # client handed a record out twice; its first copy is on its way already
             log.warning(LogEvent.DUPLICATE_RECORD, topic=tp.topic, offset=record.offset)
             return
+        now = self._clock()
+        part.progress_at = now
         work = Work(
             tp=tp,
             offset=record.offset,
-            generation=generation,
+            generation=part.generation,
             key=record.key,
             value=record.value,
             headers=tuple(record.headers or ()),
             timestamp_ms=record.timestamp,
-            fetched_at=time.monotonic(),
+            fetched_at=now,
         )
         result = self.preparer.prepare(
             record.value,
@@ -336,23 +419,19 @@ class Pipeline:
             offset=record.offset,
             timestamp_ms=record.timestamp,
         )
+        work.size = len(record.value or b"")
+        if isinstance(result, Prepared):
+            work.size += len(result.body)
+        part.works[record.offset] = work
+        self.pending_bytes += work.size
         if isinstance(result, Skipped):
-            self.ledger.done(tp, record.offset, generation)
             self.skipped += 1
-            self._count_event(result.event_type, SKIPPED)
-            log_outcome(
-                self._log,
-                outcome=SKIPPED,
+            self._finish(
+                work,
+                SKIPPED,
                 reason=result.reason,
                 event_id=result.event_id,
                 event_type=result.event_type,
-                source=None,
-                topic=tp.topic,
-                partition=tp.partition,
-                offset=record.offset,
-                idempotency_key=None,
-                attempts=0,
-                latency=0.0,
             )
             return
         if isinstance(result, Rejected):
@@ -362,6 +441,37 @@ class Pipeline:
             work.prepared = result
             lane_key = self._lane_key(work, result)
         self._enqueue(tp, lane_key, work)
+
+    def admit_undecodable(self, tp: TopicPartition, offset: int, detail: str) -> None:
+        """A record the client could not decode: dead-letter what is known of it."""
+        part = self._parts.get(tp)
+        if part is None or part.revoking:
+            return
+        try:
+            self.ledger.track(tp, offset)
+        except ValueError:
+            return  # already tracked: its first copy is on its way
+        now = self._clock()
+        part.progress_at = now
+        work = Work(
+            tp=tp,
+            offset=offset,
+            generation=part.generation,
+            key=None,
+            value=None,
+            headers=(),
+            timestamp_ms=None,
+            fetched_at=now,
+            rejected=Rejected(
+                reason=UNDECODABLE,
+                message=detail,
+                event_id=None,
+                event_type=None,
+                idempotency_key=None,
+            ),
+        )
+        part.works[offset] = work
+        self._enqueue(tp, ("offset", offset), work)
 
     def _count_event(self, event_type: str | None, outcome: str) -> None:
         key = (self._type_label(event_type), outcome)
@@ -387,29 +497,34 @@ class Pipeline:
         # "key": one lane per Kafka key; unkeyed records fall back to the idempotency key
         return ("k", work.key) if work.key is not None else ("i", prepared.idempotency_key)
 
+    # -- lanes ------------------------------------------------------------------------
+
     def _enqueue(self, tp: TopicPartition, lane_key: object, work: Work) -> None:
         lane = self._lanes.get((tp, lane_key))
         if lane is None:
             lane = self._lanes[(tp, lane_key)] = Lane()
         lane.queue.append(work)
-        if lane.task is None:
+        # A task cancelled before its first step never runs its `finally` (a revoke in
+        # the same loop turn as intake): a finished task is as good as none.
+        if not lane.alive():
             lane.task = asyncio.create_task(self._run_lane(tp, lane_key, lane))
 
     async def _run_lane(self, tp: TopicPartition, lane_key: object, lane: Lane) -> None:
         try:
             while lane.queue:
                 work = lane.queue.popleft()
-                if work.tp in self._revoking or self._generations.get(work.tp) != work.generation:
+                if not self._may_start(work):
                     continue  # revoked: no new sends; the next owner picks it up
                 lane.current = work
                 try:
                     await self._process(work)
                 except Exception as exc:  # a bug must not silently stall the partition
-                    await self._on_bug(work, exc)
+                    self._on_bug(work, exc)
                 finally:
                     lane.current = None
         finally:
-            lane.task = None
+            if lane.task is asyncio.current_task():
+                lane.task = None
             if self._lanes.get((tp, lane_key)) is lane and not lane.queue:
                 del self._lanes[(tp, lane_key)]
 
@@ -417,9 +532,7 @@ class Pipeline:
 
     async def _process(self, work: Work) -> None:
         if work.rejected is not None:
-            await self._dead_letter(
-                work, reason=work.rejected.reason, message=work.rejected.message
-            )
+            self._dead_letter(work, reason=work.rejected.reason, message=work.rejected.message)
             return
         prepared = work.prepared
         assert prepared is not None
@@ -432,53 +545,53 @@ class Pipeline:
         entry[1] += 1
         try:
             async with entry[0]:
-                result = await deliver(
-                    self.client,
-                    endpoint=prepared.endpoint,
-                    body=prepared.body,
-                    idempotency_key=key,
-                    policy=self.policy,
-                    gate=self.gate,
-                    slots=self._slots,
-                    on_attempt=lambda busy: self._on_attempt(work, busy),
-                    pace=self.client.pace,
-                )
+                if not self._may_start(work):
+                    return  # revoked while waiting for the key
+                self._delivering += 1
+                try:
+                    result = await deliver(
+                        self.client,
+                        endpoint=prepared.endpoint,
+                        body=prepared.body,
+                        idempotency_key=key,
+                        policy=self.policy,
+                        gate=self.gate,
+                        slots=self._slots,
+                        on_attempt=lambda busy: self._on_attempt(work, busy),
+                        pace=self.client.pace,
+                        clock=self._clock,
+                    )
+                finally:
+                    self._delivering -= 1
         finally:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._key_locks[key]
-        if result.attempts > 1:
-            self.retries += result.attempts - 1
         if result.outcome == "sent":
+            self.done += 1
             self._finish(work, SENT, result=result)
         else:
             last = result.last
-            await self._dead_letter(
+            self._dead_letter(
                 work,
                 reason=result.reason,
                 message=last.message if last is not None else result.reason,
                 result=result,
             )
 
-    async def _on_bug(self, work: Work, exc: Exception) -> None:
-        """An unexpected exception while processing: log it, then dead-letter the record.
-
-        If even that fails the offset stays pending: the partition's commit holds
-        right before it (visible as lag) and the record is read again after a restart.
-        """
-        log.exception(
+    def _on_bug(self, work: Work, exc: Exception) -> None:
+        """An unexpected exception while processing: log it, then dead-letter the record."""
+        log.error(
             LogEvent.INTERNAL_ERROR,
             error=type(exc).__name__,
             topic=work.tp.topic,
             partition=work.tp.partition,
             offset=work.offset,
+            exc_info=exc,
         )
-        try:
-            await self._dead_letter(
-                work, reason="internal_error", message=f"{type(exc).__name__} while processing"
-            )
-        except Exception as again:
-            log.exception(LogEvent.INTERNAL_ERROR, error=type(again).__name__, stage="dead_letter")
+        self._dead_letter(
+            work, reason="internal_error", message=f"{type(exc).__name__} while processing"
+        )
 
     def _on_attempt(self, work: Work, busy: bool) -> None:
         """An attempt starts (True) or ends (False): `in_flight` counts attempts on the wire."""
@@ -486,7 +599,7 @@ class Pipeline:
         self.in_flight += 1 if busy else -1
         self.metrics.in_flight.set(self.in_flight)
 
-    async def _dead_letter(
+    def _dead_letter(
         self,
         work: Work,
         *,
@@ -494,9 +607,12 @@ class Pipeline:
         message: str,
         result: DeliveryResult | None = None,
     ) -> None:
-        """Write the record to the dead-letter topic; retry until Kafka acknowledges it."""
-        assert self._dlq is not None
+        """Finish `work` as a dead letter, written by the commit that covers its offset."""
+        part = self._current(work)
+        if part is None:
+            return  # revoked and gone: the next owner dead-letters it; nothing was committed
         prepared, rejected = work.prepared, work.rejected
+        payload = prepared or rejected
         last = result.last if result is not None else None
         letter = DeadLetter(
             source_topic=work.tp.topic,
@@ -512,44 +628,13 @@ class Pipeline:
             attempts=result.attempts if result is not None else 0,
             first_attempt_at=result.first_attempt_at if result is not None else None,
             last_attempt_at=result.last_attempt_at if result is not None else None,
-            idempotency_key=(
-                prepared.idempotency_key
-                if prepared is not None
-                else rejected.idempotency_key
-                if rejected is not None
-                else None
-            ),
-            event_type=(
-                prepared.event_type
-                if prepared is not None
-                else rejected.event_type
-                if rejected is not None
-                else None
-            ),
+            idempotency_key=payload.idempotency_key if payload is not None else None,
+            event_type=payload.event_type if payload is not None else None,
         )
-        delay = 0.5
-        while True:
-            if work.tp in self._revoking or self._generations.get(work.tp) != work.generation:
-                return  # let the next owner dead-letter it; nothing was committed
-            work.busy = True
-            try:
-                await self._dlq.write(letter)
-                break
-            except DeadLetterUnavailable as exc:
-                if not self._dlq_down:
-                    self._dlq_down = True
-                    self.health.set_circuit(True, "dlq_unavailable")
-                    log.error(LogEvent.DLQ_UNAVAILABLE, error=str(exc), topic=work.tp.topic)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.probe_max)
-            finally:
-                work.busy = False
-        if self._dlq_down:
-            self._dlq_down = False
-            self.health.set_circuit(False, "dlq_unavailable")
-            log.info(LogEvent.DLQ_AVAILABLE)
-        self.dead_lettered += 1
-        self.metrics.dead_letters.labels(reason=reason).inc()
+        size = len(work.value or b"")
+        part.letters.append(letter)
+        part.letter_bytes += size
+        self.pending_bytes += size
         self._finish(work, DEAD_LETTERED, result=result, reason=reason)
 
     def _finish(
@@ -559,38 +644,32 @@ class Pipeline:
         *,
         result: DeliveryResult | None = None,
         reason: str | None = None,
+        event_id: str | None = None,
+        event_type: str | None = None,
     ) -> None:
+        part = self._current(work)
         accepted = self.ledger.done(work.tp, work.offset, work.generation)
-        if outcome == SENT:
-            self.done += 1
-        prepared = work.prepared
-        event_type = (
-            prepared.event_type
-            if prepared is not None
-            else (work.rejected.event_type if work.rejected else None)
-        )
+        if part is not None and part.works.pop(work.offset, None) is work:
+            self.pending_bytes -= work.size
+            part.progress_at = self._clock()
+        payload = work.prepared or work.rejected
+        if payload is not None:
+            event_id, event_type = payload.event_id, payload.event_type
         self._count_event(event_type, outcome)
+        prepared = work.prepared
         log_outcome(
             self._log,
             outcome=outcome,
             reason=reason or (result.reason if result is not None else None),
-            event_id=(
-                prepared.event_id
-                if prepared
-                else (work.rejected.event_id if work.rejected else None)
-            ),
+            event_id=event_id,
             event_type=event_type,
             source=prepared.source if prepared else None,
             topic=work.tp.topic,
             partition=work.tp.partition,
             offset=work.offset,
-            idempotency_key=(
-                prepared.idempotency_key
-                if prepared
-                else (work.rejected.idempotency_key if work.rejected else None)
-            ),
+            idempotency_key=payload.idempotency_key if payload is not None else None,
             attempts=result.attempts if result else 0,
-            latency=time.monotonic() - work.fetched_at,
+            latency=self._clock() - work.fetched_at,
             email_id=result.email_id if result else None,
         )
         if not accepted:
@@ -598,15 +677,22 @@ class Pipeline:
 
     # -- back-pressure --------------------------------------------------------------
 
-    def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
+    def _apply_backpressure(self) -> None:
         s = self.settings
+        consumer = self._consumer
         total = self.ledger.total_pending()
-        hold_all = self.gate.state != "closed" or self._dlq_down
-        total_over = total >= s.max_pending
-        total_low = total < s.max_pending * s.resume_ratio
+        # An open gate holds intake only while a delivery waits there to probe it:
+        # with none (all cancelled by a revoke) new records must come in and probe.
+        gate_hold = self.gate.state != "closed" and self._delivering > 0
+        hold_all = gate_hold or self._dlq_down
+        total_over = total >= s.max_pending or self.pending_bytes >= s.max_pending_bytes
+        total_low = (
+            total < s.max_pending * s.resume_ratio
+            and self.pending_bytes < s.max_pending_bytes * s.resume_ratio
+        )
         to_pause: list[TopicPartition] = []
         to_resume: list[TopicPartition] = []
-        for tp in self._generations:
+        for tp in self._parts:
             pending = self.ledger.pending(tp)
             if tp in self._paused:
                 below = pending < s.max_pending_per_partition * s.resume_ratio
@@ -621,6 +707,7 @@ class Pipeline:
                 LogEvent.PAUSED,
                 partitions=[f"{tp.topic}-{tp.partition}" for tp in to_pause],
                 pending=total,
+                pending_bytes=self.pending_bytes,
                 reason="service_condition" if hold_all else "backlog",
             )
         if to_resume:
@@ -641,42 +728,90 @@ class Pipeline:
             await self._commit(reason="interval")
 
     async def _commit(self, *, reason: str, only: set[TopicPartition] | None = None) -> None:
-        consumer = self._consumer
-        if consumer is None:
-            return
         async with self._commit_lock:
-            positions = self.ledger.to_commit()
-            if only is not None:
-                positions = {tp: pos for tp, pos in positions.items() if tp in only}
-            if not positions:
-                return
-            try:
-                # aiokafka retries a commit for as long as the coordinator is away; a
-                # revoke or a shutdown must not wait that long behind the commit lock
-                await asyncio.wait_for(
-                    consumer.commit({tp: (pos, COMMIT_METADATA) for tp, pos in positions.items()}),
-                    self._commit_timeout,
-                )
-            except (KafkaError, TimeoutError) as exc:
-                # a rebalance or a coordinator move: keep the positions, try again later
-                log.warning(LogEvent.COMMIT_FAILED, reason=reason, error=type(exc).__name__)
-                return
-            for tp, pos in positions.items():
-                self.ledger.mark_committed(tp, pos)
-                self.metrics.committed_offset.labels(topic=tp.topic, partition=tp.partition).set(
-                    pos
-                )
-            log.debug(LogEvent.COMMITTED, reason=reason, partitions=len(positions))
+            jobs = []
+            for tp, part in self._parts.items():
+                if only is not None and tp not in only:
+                    continue
+                position = self.ledger.position(tp)
+                committed = self.ledger.committed(tp)
+                if position is None or (committed is not None and position <= committed):
+                    continue
+                letters = [letter for letter in part.letters if letter.offset < position]
+                jobs.append(self._commit_one(tp, part, position, letters, reason))
+            if jobs:
+                await asyncio.gather(*jobs)
+            self._refresh_dlq_state()
+
+    async def _commit_one(
+        self,
+        tp: TopicPartition,
+        part: _Part,
+        position: int,
+        letters: list[DeadLetter],
+        reason: str,
+    ) -> None:
+        try:
+            if letters:
+                # What comes before the first letter goes first, so that a dead-letter
+                # topic that is slow or gone holds back only what it must.
+                first = min(letter.offset for letter in letters)
+                committed = self.ledger.committed(tp)
+                if committed is None or first > committed:
+                    await self._committer.commit(tp, first, ())
+                    self._committed(tp, part, first, [])
+            await self._committer.commit(tp, position, letters)
+        except DeadLetterUnavailable as exc:
+            if not part.dlq_failed:
+                part.dlq_failed = True
+                log.error(LogEvent.DLQ_UNAVAILABLE, error=str(exc), topic=tp.topic)
+            return
+        except CommitFailed as exc:
+            # a rebalance or a coordinator move: keep the positions, try again later
+            log.warning(LogEvent.COMMIT_FAILED, reason=reason, error=str(exc))
+            return
+        self._committed(tp, part, position, letters)
+        if letters and part.dlq_failed:
+            part.dlq_failed = False
+        log.debug(LogEvent.COMMITTED, reason=reason, topic=tp.topic, position=position)
+
+    def _committed(
+        self, tp: TopicPartition, part: _Part, position: int, letters: list[DeadLetter]
+    ) -> None:
+        if self._parts.get(tp) is not part:
+            return  # revoked meanwhile: its state is gone
+        self.ledger.mark_committed(tp, position, part.generation)
+        self.metrics.committed_offset.labels(topic=tp.topic, partition=tp.partition).set(position)
+        if not letters:
+            return
+        written = {id(letter) for letter in letters}
+        part.letters = [letter for letter in part.letters if id(letter) not in written]
+        for letter in letters:
+            size = len(letter.value or b"")
+            part.letter_bytes -= size
+            self.pending_bytes -= size
+            self.metrics.dead_letters.labels(reason=letter.reason).inc()
+        self.dead_lettered += len(letters)
+
+    def _refresh_dlq_state(self) -> None:
+        """The dead-letter condition holds while any assigned partition fails to write one."""
+        down = any(part.dlq_failed for part in self._parts.values())
+        if down != self._dlq_down:
+            self._dlq_down = down
+            self.health.set_circuit(down, "dlq_unavailable")
+            if not down:
+                log.info(LogEvent.DLQ_AVAILABLE)
 
     # -- rebalance ------------------------------------------------------------------
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        # fence the previous owners' committers before anything of theirs is read
+        await self._committer.assign(assigned)
+        now = self._clock()
         for tp in assigned:
-            self._generations[tp] = self.ledger.assign(tp)
-            self._revoking.discard(tp)
+            self._parts[tp] = _Part(generation=self.ledger.assign(tp), progress_at=now)
             self._paused.discard(tp)
-        self.health.set_assigned(len(self._generations))
-        self.metrics.assigned_partitions.set(len(self._generations))
+        self._report_assignment()
         log.info(
             LogEvent.ASSIGNED,
             partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
@@ -686,22 +821,41 @@ class Pipeline:
         """Start no new sends for `revoked`, drain what is in flight, commit, let go."""
         if not revoked:
             return
-        self._revoking.update(revoked)
-        started = time.monotonic()
-        await self._drain(revoked, self.settings.drain_timeout)
-        await self._commit(reason="revoke", only=revoked)
-        for tp in revoked:
-            self.ledger.revoke(tp)
-            self._generations.pop(tp, None)
-            self._paused.discard(tp)
-            self.metrics.forget_partition(tp.topic, tp.partition)
-        self.health.set_assigned(len(self._generations))
-        self.metrics.assigned_partitions.set(len(self._generations))
+        started = self._clock()
+        try:
+            await self._drain(revoked, self.settings.drain_timeout)
+            await self._commit(reason="revoke", only=revoked)
+        finally:
+            self._forget(revoked)
+            with contextlib.suppress(KafkaError, CommitFailed, DeadLetterUnavailable):
+                await self._committer.revoke(revoked)
         log.info(
             LogEvent.REVOKED,
             partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in revoked),
-            drained_in_ms=round((time.monotonic() - started) * 1000),
+            drained_in_ms=round((self._clock() - started) * 1000),
         )
+
+    def _forget(self, tps: set[TopicPartition]) -> None:
+        """Drop every trace of `tps`: lanes, works, unwritten letters, ledger, metrics."""
+        for key in [key for key in self._lanes if key[0] in tps]:
+            lane = self._lanes.pop(key)
+            lane.queue.clear()
+            if lane.task is not None and not lane.task.done():
+                lane.task.cancel()
+        for tp in tps:
+            part = self._parts.pop(tp, None)
+            if part is not None:
+                self.pending_bytes -= part.letter_bytes
+                self.pending_bytes -= sum(work.size for work in part.works.values())
+            self.ledger.revoke(tp)
+            self._paused.discard(tp)
+            self.metrics.forget_partition(tp.topic, tp.partition)
+        self._refresh_dlq_state()
+        self._report_assignment()
+
+    def _report_assignment(self) -> None:
+        self.health.set_assigned(len(self._parts))
+        self.metrics.assigned_partitions.set(len(self._parts))
 
     async def _drain(self, tps: set[TopicPartition], limit: float) -> None:
         """Let in-flight work of `tps` finish for up to `limit` seconds, then cancel the rest.
@@ -709,13 +863,17 @@ class Pipeline:
         Queued work that has not started is dropped (its offsets stay uncommitted,
         so the next owner, or the next run, sends it with the same key).
         """
-        self._revoking.update(tps)
+        for tp in tps:
+            part = self._parts.get(tp)
+            if part is not None:
+                part.revoking = True
         lanes = [lane for (tp, _), lane in list(self._lanes.items()) if tp in tps]
         for lane in lanes:
             lane.queue.clear()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         cancelled: list[asyncio.Task[None]] = []
+        waiting: list[asyncio.Task[None]] = []
         while True:
             waiting = []
             for lane in lanes:
@@ -740,22 +898,23 @@ class Pipeline:
         if cancelled:
             await asyncio.wait(cancelled, timeout=5)
 
-    async def _watch_broker(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+    # -- watching -------------------------------------------------------------------
+
+    async def _watch_broker(self, stop: asyncio.Event) -> None:
         """Readiness needs a reachable broker; aiokafka hides fetch errors, so ask it.
 
         A metadata request every BROKER_CHECK_INTERVAL seconds; a change is logged once.
         """
-        reachable = True
         while not stop.is_set():
             await asyncio.sleep(BROKER_CHECK_INTERVAL)
             try:
-                await asyncio.wait_for(consumer.topics(), BROKER_CHECK_INTERVAL)
+                await asyncio.wait_for(self._consumer.topics(), BROKER_CHECK_INTERVAL)
                 ok = True
             except (KafkaError, TimeoutError, OSError):
                 ok = False
             self.health.set_broker_ok(ok)
-            if ok != reachable:
-                reachable = ok
+            if ok != self._broker_ok:
+                self._broker_ok = ok
                 event = LogEvent.BROKER_REACHABLE if ok else LogEvent.BROKER_UNREACHABLE
                 log.log(
                     logging.INFO if ok else logging.WARNING,
@@ -763,137 +922,108 @@ class Pipeline:
                     bootstrap=self.settings.kafka_bootstrap_servers,
                 )
 
-    # -- progress -------------------------------------------------------------------
-
     async def _progress_loop(self, stop: asyncio.Event) -> None:
         reporter = ProgressReporter(metrics=self.metrics, interval=self.settings.progress_interval)
         while not stop.is_set():
             await asyncio.sleep(self.settings.progress_interval)
-            self._update_lag()
             reporter.tick()
 
-    def _update_lag(self) -> int:
+    async def _watchdog(self, stop: asyncio.Event) -> None:
+        """Lag of every assigned partition, and the stall check (invariant 8)."""
+        interval = min(5.0, self.settings.stall_timeout / 4)
+        while not stop.is_set():
+            await asyncio.sleep(interval)
+            with contextlib.suppress(KafkaError, TimeoutError, OSError, AssertionError):
+                await asyncio.wait_for(self._update_lag(), BROKER_CHECK_INTERVAL)
+            self.check_stalls()
+
+    async def _update_lag(self) -> int:
+        """End offset minus committed offset, for every assigned partition."""
         consumer = self._consumer
-        if consumer is None:
-            return 0
+        unknown = []
+        for tp, part in list(self._parts.items()):
+            if self.ledger.committed(tp) is None:
+                committed = await consumer.committed(tp)
+                if committed is not None and self._parts.get(tp) is part:
+                    self.ledger.mark_committed(tp, committed, part.generation)
+            if consumer.highwater(tp) is None:
+                unknown.append(tp)
+        ends = await consumer.end_offsets(unknown) if unknown else {}
         total = 0
-        for tp in list(self._generations):
-            try:
-                high = consumer.highwater(tp)
-            except (KafkaError, AssertionError):
+        for tp, part in self._parts.items():
+            high = consumer.highwater(tp)
+            if high is None:
+                high = ends.get(tp)
+            base = self.ledger.committed(tp)
+            if base is None:
+                base = self.ledger.position(tp)
+            if high is None or base is None:
                 continue
-            position = self.ledger.position(tp)
-            if high is None or position is None:
-                continue
-            lag = max(high - position, 0)
-            total += lag
-            self.metrics.lag.labels(topic=tp.topic, partition=tp.partition).set(lag)
+            part.lag = max(high - base, 0)
+            total += part.lag
+            self.metrics.lag.labels(topic=tp.topic, partition=tp.partition).set(part.lag)
         return total
 
+    def explain(self, tp: TopicPartition) -> str | None:
+        """Why `tp` may rightly finish nothing now; None when nothing explains it."""
+        if self.gate.state != "closed":
+            return f"circuit_open:{self.gate.condition}"
+        if self._dlq_down:
+            return "dlq_unavailable"
+        if not self._broker_ok:
+            return "broker_unreachable"
+        for (lane_tp, _), lane in self._lanes.items():
+            if lane_tp == tp and lane.current is not None and lane.alive():
+                return "delivering"
+        return None
 
-GATE_CONDITIONS: Final = ("auth", "endpoint", "quota_daily", "quota_monthly", "outage")
+    def check_stalls(self) -> int:
+        """Flag partitions with work that nothing explains for STALL_TIMEOUT; returns how many."""
+        now = self._clock()
+        limit = self.settings.stall_timeout
+        stalled = 0
+        for tp, part in self._parts.items():
+            has_work = bool(part.works or part.letters or part.lag > 0)
+            if not has_work or self.explain(tp) is not None:
+                part.progress_at = now
+            if has_work and now - part.progress_at >= limit:
+                stalled += 1
+                if not part.stalled:
+                    part.stalled = True
+                    log.error(
+                        LogEvent.PARTITION_STALLED,
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        position=self.ledger.position(tp),
+                        committed=self.ledger.committed(tp),
+                        pending=len(part.works),
+                        unwritten_dead_letters=len(part.letters),
+                        lag=part.lag,
+                        paused=tp in self._paused,
+                        waiting_for=self._waiting_for(tp, part),
+                        stalled_for_s=round(now - part.progress_at, 1),
+                    )
+            elif part.stalled:
+                part.stalled = False
+                log.info(LogEvent.PARTITION_RECOVERED, topic=tp.topic, partition=tp.partition)
+        self.stalled = stalled
+        self.health.set_stalled(stalled)
+        self.metrics.stalled_partitions.set(stalled)
+        return stalled
 
-
-def gate_observer(health: Health, metrics: Metrics) -> OnChange:
-    """The service gate's on_change: readiness and the circuit metric follow its state.
-
-    Only the gate's own condition is closed again: a dead-letter outage reported
-    beside it stays open until the dead-letter topic is writable.
-    """
-    current: list[str | None] = [None]
-
-    def on_change(old: GateState, new: GateState, condition: GateCondition | None) -> None:
-        previous = current[0]
-        if previous is not None and (new == "closed" or previous != condition):
-            health.set_circuit(False, previous)
-        current[0] = condition if new != "closed" else None
-        if new != "closed":
-            health.set_circuit(True, condition)
-        for name in GATE_CONDITIONS:
-            metrics.circuit_open.labels(condition=name).set(
-                1 if new != "closed" and condition == name else 0
+    def _waiting_for(self, tp: TopicPartition, part: _Part) -> str:
+        position = self.ledger.position(tp)
+        head = part.works.get(position) if position is not None else None
+        if head is not None:
+            lane = next(
+                (ln for (ltp, _), ln in self._lanes.items() if ltp == tp and head in ln.queue),
+                None,
             )
-
-    return on_change
-
-
-def observe_client(client: ResendClient, metrics: Metrics, limiter: RateLimiter) -> None:
-    """Feed the client's answers and rate-limit waits into the metrics."""
-
-    sends: dict[str, Any] = {}
-
-    def on_answer(answer: Answer, seconds: float) -> None:
-        status = str(answer.status) if answer.status is not None else "transport"
-        child = sends.get(status)
-        if child is None:
-            child = sends[status] = metrics.sends.labels(status=status)
-        child.inc()
-        metrics.send_latency.observe(seconds)
-        if answer.verdict == "retry":
-            # only names of the contract's table become labels: servers may invent others
-            name = answer.error_name
-            metrics.retries.labels(reason=name if name in KNOWN_ERROR_NAMES else status).inc()
-        metrics.ratelimit_rate.set(limiter.rate)
-
-    def on_rate_wait(seconds: float) -> None:
-        metrics.ratelimit_wait.observe(seconds)
-
-    client.on_answer = on_answer
-    client.on_rate_wait = on_rate_wait
-
-
-async def run_service(settings: Settings, stop: asyncio.Event) -> int:
-    """`resend-consumer run`: build every part from settings, run until stop, drain, exit 0."""
-    configure_logging(settings)
-    if settings.resend_api_key is None:
-        raise SettingsError(
-            "RESEND_API_KEY (or RESEND_API_KEY_FILE) is not set; for a local run without a "
-            "Resend account use `resend-consumer quickstart` or point RESEND_BASE_URL at "
-            "`resend-consumer sandbox` with any key"
-        )
-    preparer = Preparer.from_settings(settings)
-    metrics = Metrics()
-    health = Health(liveness_window=max(60.0, settings.kafka_max_poll_interval / 2))
-
-    gate = ServiceGate(
-        probe_initial=settings.probe_initial,
-        probe_max=settings.probe_max,
-        on_change=gate_observer(health, metrics),
-    )
-    limiter = RateLimiter(rate=settings.rate_limit)
-    policy = RetryPolicy.from_settings(settings)
-    server = None
-    if settings.health_port:
-        server = HealthServer(
-            health=health, metrics=metrics, host=settings.health_host, port=settings.health_port
-        )
-        await server.start()
-    try:
-        async with ResendClient.from_settings(settings, limiter=limiter) as client:
-            observe_client(client, metrics, limiter)
-            pipeline = Pipeline(
-                settings=settings,
-                preparer=preparer,
-                client=client,
-                gate=gate,
-                policy=policy,
-                metrics=metrics,
-                health=health,
-            )
-            # Everything loaded so far (routes, compiled templates and validators,
-            # clients) lives as long as the process: move it out of the cyclic
-            # collector's scans, which otherwise cost about a tenth of each event.
-            gc.collect()
-            gc.freeze()
-            log.info(
-                LogEvent.STARTED,
-                version=__version__,
-                topics=list(settings.kafka_topics),
-                group=settings.kafka_group_id,
-                resend=settings.resend_base_url,
-            )
-            await pipeline.run(stop)
-    finally:
-        if server is not None:
-            await server.stop()
-    return 0
+            if lane is None:
+                return f"offset {head.offset} is in no lane"
+            return f"offset {head.offset} is queued in a lane without a running task"
+        if part.letters:
+            return "dead letters wait for a commit"
+        if tp in self._paused:
+            return "paused with lag and nothing in flight"
+        return "no record fetched although the partition has lag"

@@ -26,8 +26,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from consumer.pipeline import run_service
 from consumer.sandbox import Sandbox, SandboxConfig
+from consumer.service import run_service
 from consumer.settings import Secret, Settings, SettingsError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -173,10 +173,12 @@ class Settings:
     ordering: Ordering = "key"
     max_pending: int = 10_000
     max_pending_per_partition: int = 2_000
+    max_pending_bytes: int = 256 * 1_048_576
     resume_ratio: float = 0.5
     commit_interval: float = 1.0
     drain_timeout: float = 20.0
     shutdown_timeout: float = 25.0
+    stall_timeout: float = 300.0
     # Operations
     health_port: int = 8080
     health_host: str = "0.0.0.0"  # noqa: S104 - probes come from the kubelet
@@ -196,6 +198,18 @@ class Settings:
             raise SettingsError("RESUME_RATIO must be between 0 and 1")
         if self.max_pending_per_partition > self.max_pending:
             raise SettingsError("MAX_PENDING_PER_PARTITION must not exceed MAX_PENDING")
+        if self.max_pending_bytes < 2 * self.max_event_bytes:
+            raise SettingsError(
+                "MAX_PENDING_BYTES must be at least twice MAX_EVENT_BYTES "
+                f"({self.max_pending_bytes} < 2 x {self.max_event_bytes}): one record "
+                "and its rendered body must fit"
+            )
+        quiet = self.retry_cap + self.resend_total_timeout
+        if self.stall_timeout <= quiet:
+            raise SettingsError(
+                f"STALL_TIMEOUT must exceed RETRY_CAP + RESEND_TOTAL_TIMEOUT ({quiet:g}s): "
+                "a healthy partition may wait that long between two outcomes"
+            )
         if self.kafka_security_protocol.startswith("SASL") and not (
             self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
         ):
@@ -493,6 +507,12 @@ FIELDS: Final[tuple[Field, ...]] = (
         "fetched-but-unfinished records per partition before it pauses",
     ),
     Field(
+        "max_pending_bytes",
+        "MAX_PENDING_BYTES",
+        _positive_int,
+        "bytes of fetched records, rendered bodies and unwritten dead letters before pausing",
+    ),
+    Field(
         "resume_ratio",
         "RESUME_RATIO",
         float,
@@ -510,6 +530,12 @@ FIELDS: Final[tuple[Field, ...]] = (
         "SHUTDOWN_TIMEOUT",
         _positive_duration,
         "on SIGTERM, how long in-flight sends may finish; below the pod grace period",
+    ),
+    Field(
+        "stall_timeout",
+        "STALL_TIMEOUT",
+        _positive_duration,
+        "a partition with work that finishes nothing this long, unexplained, fails /healthz",
     ),
     Field("health_port", "HEALTH_PORT", int, "port of /healthz, /readyz and /metrics (0: off)"),
     Field("health_host", "HEALTH_HOST", str, "address the health server binds"),

@@ -30,6 +30,7 @@ from consumer.prepare import Preparer
 from consumer.ratelimit import RateLimiter
 from consumer.resend import ResendClient
 from consumer.retry import RetryPolicy, ServiceGate
+from consumer.service import run_pipeline
 from consumer.settings import FIELDS, Secret, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,19 +119,25 @@ async def running_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     limiter = RateLimiter(rate=settings.rate_limit)
     gate = ServiceGate(probe_initial=0.2, probe_max=1.0)
     stop = asyncio.Event()
+    made: list[Pipeline] = []
     async with ResendClient.from_settings(settings, limiter=limiter) as client:
-        pipeline = Pipeline(
-            settings=settings,
-            preparer=Preparer.from_settings(settings),
-            client=client,
-            gate=gate,
-            policy=RetryPolicy.from_settings(settings),
-            metrics=Metrics(),
-            health=Health(liveness_window=60.0),
+        task = asyncio.create_task(
+            run_pipeline(
+                settings,
+                stop,
+                preparer=Preparer.from_settings(settings),
+                client=client,
+                gate=gate,
+                policy=RetryPolicy.from_settings(settings),
+                metrics=Metrics(),
+                health=Health(liveness_window=60.0),
+                ready=made.append,
+            )
         )
-        task = asyncio.create_task(pipeline.run(stop))
         try:
-            yield pipeline
+            while not made:
+                await asyncio.sleep(0.01)
+            yield made[0]
         finally:
             stop.set()
             await asyncio.wait_for(task, 60)

@@ -14,8 +14,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from consumer.pipeline import run_service
 from consumer.sandbox import Faults, Sandbox, SandboxConfig
+from consumer.service import run_service
 from tests.pipeline_support import (
     API_KEY,
     ROOT,

@@ -20,8 +20,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 
-from consumer.pipeline import run_service
 from consumer.sandbox import Sandbox, SandboxConfig
+from consumer.service import run_service
 from consumer.settings import SaslMechanism, Secret, SecurityProtocol, Settings, SettingsError
 from tests.conftest import SecureKafka, unique_name
 from tests.pipeline_support import (

@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 import pytest
 
-from consumer.pipeline import run_service
 from consumer.prepare import Preparer
 from consumer.sandbox import Faults, Sandbox, SandboxConfig
+from consumer.service import run_service
 from consumer.settings import Settings
 from tests.conftest import NewTopicFactory, Produce
 from tests.pipeline_support import (
@@ -590,20 +590,20 @@ async def test_same_idempotency_key_under_different_kafka_keys_is_sent_one_at_a_
 
 
 class _FailingCommits:
-    """Wraps a consumer so that commit() fails like it does in a rebalance."""
+    """Wraps a committer so that commit() fails like it does in a rebalance."""
 
-    def __init__(self, consumer: Any) -> None:
-        self._consumer = consumer
+    def __init__(self, committer: Any) -> None:
+        self._committer = committer
         self.failures = 0
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._consumer, name)
+        return getattr(self._committer, name)
 
-    async def commit(self, offsets: Any = None) -> None:
-        from aiokafka.errors import CommitFailedError
+    async def commit(self, tp: Any, position: int, letters: Any) -> None:
+        from consumer.errors import CommitFailed
 
         self.failures += 1
-        raise CommitFailedError("the group began to rebalance")
+        raise CommitFailed("the group began to rebalance")
 
 
 async def test_revoke_drains_in_flight_then_commits_the_finished_prefix(
@@ -623,19 +623,19 @@ async def test_revoke_drains_in_flight_then_commits_the_finished_prefix(
         commit_interval=3600.0,  # only the revoke commits
     )
     async with running_pipeline(settings) as pipeline:
-        real = pipeline._consumer
+        real = pipeline._committer
         try:
             await wait_for(lambda: pipeline.in_flight == 4, 30, "four requests on the wire")
             tp = next(iter(pipeline.ledger.assigned()))
             # first a revoke whose commit fails: no crash, nothing committed
             failing = _FailingCommits(real)
-            pipeline._consumer = failing  # type: ignore[assignment]
+            pipeline._committer = failing  # type: ignore[assignment]
             await pipeline.on_revoked({tp})  # type: ignore[arg-type]
             assert failing.failures == 1
             assert (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) is None
             in_flight_at_revoke = len(fast_sandbox.deliveries())
         finally:
-            pipeline._consumer = real
+            pipeline._committer = real
     # the four requests on the wire finished (the drain waited for them)...
     assert in_flight_at_revoke == 4
     # ...and nothing queued behind them was started after the revoke

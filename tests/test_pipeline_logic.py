@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from consumer.observe import Health, Metrics
-from consumer.pipeline import gate_observer
+from consumer.service import gate_observer
 
 
 def _ready(health: Health) -> tuple[bool, list[str]]:
