@@ -93,6 +93,8 @@ class Consumer(Protocol):
     def highwater(self, partition: TopicPartition) -> int | None: ...
     async def committed(self, partition: TopicPartition) -> int | None: ...
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> bool: ...
     async def topics(self) -> set[str]: ...
 
 
@@ -805,11 +807,29 @@ class Pipeline:
     # -- rebalance ------------------------------------------------------------------
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        # fence the previous owners' committers before anything of theirs is read
+        """Fence the previous owners, then start each partition at its committed offset.
+
+        aiokafka installs the assignment and may fetch before this callback ends;
+        records it hands out before the partition's state exists are dropped by the
+        intake, so each partition is sought back to the committed offset read after
+        the fence (which also keeps a fenced zombie's last commit from being missed).
+        """
         await self._committer.assign(assigned)
+        consumer = self._consumer
+        tps = sorted(assigned)
+        committed = await asyncio.gather(*(consumer.committed(tp) for tp in tps))
         now = self._clock()
-        for tp in assigned:
-            self._parts[tp] = _Part(generation=self.ledger.assign(tp), progress_at=now)
+        still = consumer.assignment()
+        for tp, position in zip(tps, committed, strict=True):
+            if tp not in still:
+                continue  # the consumer is stopping, or a newer assignment replaced this one
+            if position is not None:
+                consumer.seek(tp, position)
+            elif self.settings.kafka_auto_offset_reset == "earliest":
+                await consumer.seek_to_beginning(tp)
+            self._parts[tp] = _Part(
+                generation=self.ledger.assign(tp, committed=position), progress_at=now
+            )
             self._paused.discard(tp)
         self._report_assignment()
         log.info(

@@ -1,0 +1,642 @@
+"""Deterministic simulation of the engine: fake Kafka group, fake Resend, virtual time.
+
+Two real `Pipeline`s (members of one group) run on a `VirtualLoop`, an asyncio
+event loop whose clock jumps to the next timer instead of sleeping, against:
+
+- `FakeGroup`/`FakeConsumer`: partitions with records, a committed offset per
+  partition, eager rebalances (every member's `on_partitions_revoked`, then a new
+  split and `on_partitions_assigned`), started at seeded random moments --
+  including in the same loop turn as a fetch that hands out records;
+- `FakeCommitter`: a dead-letter write and the offset commit as one atomic step
+  (what a Kafka transaction gives), refused for a member that no longer owns the
+  partition, failing or slow at random;
+- `FakeResend`: answers by seeded chance and by phase (healthy, 503 outage, 401
+  auth failure), remembers keys like Resend (first 2xx sends, later ones replay).
+
+After every turn of the loop `Invariants.check` asserts: committed offsets never
+move backwards and never pass an offset without a final outcome; no lane holds
+work without a live task; one idempotency key is never twice on the wire at once.
+After the chaos phase faults stop, and the group must finish: every valid event
+acknowledged, every bad record dead-lettered exactly once, every offset committed.
+Everything random comes from one `random.Random(seed)`, so a seed replays exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import selectors
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError
+
+from consumer.deadletter import DeadLetter
+from consumer.errors import CommitFailed, DeadLetterUnavailable
+from consumer.observe import Health, Metrics
+from consumer.pipeline import Pipeline
+from consumer.prepare import Preparer
+from consumer.resend import Answer, answer_from_response
+from consumer.retry import RetryPolicy, ServiceGate
+from consumer.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "orders"
+
+
+class Deadlock(AssertionError):
+    """Nothing is scheduled and nothing can wake the loop."""
+
+
+class _VirtualSelector(selectors.DefaultSelector):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: VirtualLoop | None = None
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        events = super().select(0)
+        loop = self.loop
+        assert loop is not None
+        if not events:
+            if timeout is None:
+                raise Deadlock("the loop would wait for ever")
+            loop.now += timeout
+        loop.step()
+        return events
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time: waiting costs nothing, order is deterministic."""
+
+    def __init__(self) -> None:
+        selector = _VirtualSelector()
+        super().__init__(selector)
+        selector.loop = self
+        self.now = 0.0
+        self.steps = 0
+        self.on_step: Callable[[], None] | None = None
+
+    def time(self) -> float:
+        return self.now
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step()
+
+
+# -- records ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    timestamp: int
+    #: the idempotency key it must be acknowledged under, None for a bad record
+    expect_key: str | None
+
+
+def order_value(n: int) -> bytes:
+    return orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": f"evt-{n}",
+            "source": "shop/orders",
+            "type": "order.confirmed",
+            "time": _now_rfc3339(),
+            "subject": f"ord-{n}",
+            "data": {
+                "order_id": f"ord-{n}",
+                "order_number": f"A-{n}",
+                "customer": {"name": f"Customer {n}", "email": f"c{n}@example.com"},
+                "currency": "EUR",
+                "items": [{"sku": "S", "name": "W", "quantity": 1, "unit_price_cents": 100}],
+                "total_cents": 100,
+            },
+        }
+    )
+
+
+def _now_rfc3339() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+# -- fake Kafka ---------------------------------------------------------------------
+
+
+class FakeGroup:
+    """Partitions, committed offsets and membership of one consumer group."""
+
+    def __init__(self, rng: random.Random, partitions: Mapping[int, list[Record]]) -> None:
+        self.rng = rng
+        self.records = {TopicPartition(TOPIC, p): recs for p, recs in partitions.items()}
+        self.committed: dict[TopicPartition, int] = {}
+        self.letters: list[DeadLetter] = []
+        self.members: list[FakeConsumer] = []
+        self.generation = 0
+        self.owner: dict[TopicPartition, FakeConsumer] = {}
+        self.rebalancing = False
+        self.rebalances = 0
+
+    def end(self, tp: TopicPartition) -> int:
+        recs = self.records[tp]
+        return recs[-1].offset + 1 if recs else 0
+
+    async def rebalance(self) -> None:
+        """Eager: every member revokes everything, then a new split is assigned."""
+        if self.rebalancing:
+            return
+        self.rebalancing = True
+        try:
+            self.rebalances += 1
+            members = [m for m in self.members if m.started]
+            await asyncio.gather(*(m.revoke_all() for m in members))
+            self.generation += 1
+            self.owner.clear()
+            if not members:
+                return
+            tps = sorted(self.records)
+            self.rng.shuffle(tps)
+            split: dict[FakeConsumer, set[TopicPartition]] = {m: set() for m in members}
+            for i, tp in enumerate(tps):
+                member = members[i % len(members)] if self.rng.random() < 0.8 else (
+                    self.rng.choice(members)
+                )
+                split[member].add(tp)
+                self.owner[tp] = member
+            for member in members:
+                await member.assign(split[member])
+        finally:
+            self.rebalancing = False
+
+
+class FakeConsumer:
+    """The part of AIOKafkaConsumer the driver uses, over a `FakeGroup`."""
+
+    def __init__(self, group: FakeGroup, rng: random.Random, name: str) -> None:
+        self.group = group
+        self.rng = rng
+        self.name = name
+        self.listener: Any = None
+        self.started = False
+        self._assignment: set[TopicPartition] = set()
+        self._paused: set[TopicPartition] = set()
+        self._position: dict[TopicPartition, int] = {}
+        self.fetch_failures = 0.0
+        #: chance that a fetch triggers a rebalance in the same loop turn
+        self.churn = 0.0
+        group.members.append(self)
+
+    def __repr__(self) -> str:
+        return f"<FakeConsumer {self.name} {sorted(tp.partition for tp in self._assignment)}>"
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def subscribe(self, topics: Sequence[str] = (), pattern: str | None = None, **kw: Any) -> None:
+        self.listener = kw["listener"]
+
+    async def start(self) -> None:
+        self.started = True
+        await self.group.rebalance()
+
+    async def stop(self) -> None:
+        self.started = False
+        self._assignment = set()
+
+    async def revoke_all(self) -> None:
+        revoked, self._assignment = set(self._assignment), set()
+        self._paused.clear()
+        await self.listener.on_partitions_revoked(revoked)
+
+    async def assign(self, tps: set[TopicPartition]) -> None:
+        self._assignment = set(tps)
+        for tp in tps:
+            self._position[tp] = self.group.committed.get(tp, 0)
+        await self.listener.on_partitions_assigned(set(tps))
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._assignment)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self._paused.update(tp for tp in tps if tp in self._assignment)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self._paused.difference_update(tps)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.group.end(tp) if tp in self._assignment else None
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        await asyncio.sleep(self.rng.random() * 0.01)
+        return self.group.committed.get(tp)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        assert tp in self._assignment, f"seek of unassigned {tp}"
+        self._position[tp] = offset
+
+    async def seek_to_beginning(self, *tps: TopicPartition) -> bool:
+        for tp in tps:
+            self._position[tp] = 0
+        return True
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.group.end(tp) for tp in tps}
+
+    async def topics(self) -> set[str]:
+        return {TOPIC}
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Record]]:
+        rng = self.rng
+        await asyncio.sleep(rng.choice((0.0, 0.0, 0.001, 0.01)))
+        if rng.random() < self.fetch_failures:
+            raise KafkaConnectionError("simulated fetch failure")
+        out: dict[TopicPartition, list[Record]] = {}
+        budget = max_records or 1 << 30
+        for tp in sorted(self._assignment - self._paused):
+            pos = self._position.get(tp, 0)
+            recs = [r for r in self.group.records[tp] if r.offset >= pos]
+            take = recs[: min(budget, rng.randint(1, 12))]
+            if take:
+                out[tp] = take
+                self._position[tp] = take[-1].offset + 1
+                budget -= len(take)
+            if budget <= 0:
+                break
+        if out and rng.random() < self.churn:
+            # the coordinator starts a rebalance in the very turn these records arrive
+            asyncio.get_running_loop().call_soon(
+                lambda: asyncio.ensure_future(self.group.rebalance())
+            )
+        if not out:
+            await asyncio.sleep(timeout_ms / 1000)
+        return out
+
+
+class FakeCommitter:
+    """Dead letters and the offset commit as one atomic, owner-checked step."""
+
+    def __init__(self, group: FakeGroup, consumer: FakeConsumer, rng: random.Random) -> None:
+        self.group = group
+        self.consumer = consumer
+        self.rng = rng
+        self.commit_failures = 0.0
+        self.dlq_failures = 0.0
+        self.commits = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def assign(self, partitions: set[TopicPartition]) -> None:
+        await asyncio.sleep(self.rng.choice((0.0, 0.002)))
+
+    async def revoke(self, partitions: set[TopicPartition]) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def commit(self, tp: TopicPartition, position: int, letters: Sequence[DeadLetter]) -> None:
+        rng = self.rng
+        await asyncio.sleep(rng.choice((0.0, 0.001, 0.02, 0.2)))
+        if letters and rng.random() < self.dlq_failures:
+            raise DeadLetterUnavailable("simulated dead-letter failure")
+        if rng.random() < self.commit_failures:
+            raise CommitFailed("simulated commit failure")
+        if self.group.owner.get(tp) is not self.consumer or self.group.rebalancing:
+            raise CommitFailed("not the owner (stale generation)")
+        self.group.letters.extend(letters)
+        self.group.committed[tp] = position
+        self.commits += 1
+
+
+# -- fake Resend --------------------------------------------------------------------
+
+
+@dataclass
+class FakeResend:
+    """Answers like Resend: by phase and by seeded chance; remembers keys."""
+
+    rng: random.Random
+    phase: str = "healthy"  # healthy | outage | auth
+    rejected_keys: frozenset[str] = frozenset()
+    acked: dict[str, int] = field(default_factory=dict)
+    on_wire: list[tuple[str, str]] = field(default_factory=list)
+    chaos: bool = True
+    requests: int = 0
+    #: invariant breaches seen inside send (an assert there would be caught as a bug)
+    violations: list[str] = field(default_factory=list)
+
+    #: keys published by more than one record (a duplicate publish)
+    shared_keys: frozenset[str] = frozenset()
+
+    def client(self, member: str) -> MemberClient:
+        return MemberClient(self, member)
+
+    async def send(self, member: str, endpoint: str, key: str) -> Answer:
+        wire = [m for k, m in self.on_wire if k == key]
+        if member in wire:
+            self.violations.append(f"{key} twice on the wire in member {member}")
+        elif wire and key not in self.shared_keys:
+            self.violations.append(f"{key} on the wire in members {member} and {wire[0]} at once")
+        entry = (key, member)
+        self.on_wire.append(entry)
+        self.requests += 1
+        try:
+            await asyncio.sleep(self.rng.choice((0.001, 0.02, 0.08, 0.3)))
+            if len(wire):
+                status, payload, extra = 409, {"name": "concurrent_idempotent_requests"}, {}
+            else:
+                status, payload, extra = self._answer(key)
+            if 200 <= status < 300:
+                self.acked[key] = self.acked.get(key, 0) + 1
+            return answer_from_response(status, extra, orjson.dumps(payload), endpoint=endpoint)
+        finally:
+            self.on_wire.remove(entry)
+
+    def _answer(self, key: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+        if self.phase == "auth":
+            return 401, {"name": "invalid_api_key", "message": "bad key"}, {}
+        if self.phase == "outage":
+            return 503, {"name": "internal_server_error", "message": "down"}, {}
+        if key in self.rejected_keys:
+            return 422, {"name": "validation_error", "message": "refused"}, {}
+        if self.chaos:
+            roll = self.rng.random()
+            if roll < 0.05:
+                return 503, {"name": "internal_server_error", "message": "blip"}, {}
+            if roll < 0.08:
+                return 429, {"name": "rate_limit_exceeded", "message": "slow"}, {
+                    "retry-after": "1"
+                }
+        return 200, {"id": f"email-{key}"}, {}
+
+
+@dataclass
+class MemberClient:
+    """One member's view of `FakeResend` (the Sender and pace the pipeline calls)."""
+
+    resend: FakeResend
+    member: str
+
+    async def pace(self) -> None:
+        await asyncio.sleep(self.resend.rng.choice((0.0, 0.0, 0.01)))
+
+    async def send(
+        self,
+        *,
+        endpoint: str,
+        body: bytes,
+        idempotency_key: str | None,
+        headers: Mapping[str, str] | None = None,
+        paced: bool = False,
+    ) -> Answer:
+        assert idempotency_key is not None
+        return await self.resend.send(self.member, endpoint, idempotency_key)
+
+
+# -- the world ----------------------------------------------------------------------
+
+
+_PREPARER: Preparer | None = None
+
+
+def _preparer(settings: Settings) -> Preparer:
+    global _PREPARER
+    if _PREPARER is None:
+        _PREPARER = Preparer.from_settings(settings)
+    return _PREPARER
+
+
+def build_records(rng: random.Random, partitions: int, per_partition: int) -> dict[int, list[Record]]:
+    out: dict[int, list[Record]] = {}
+    n = 0
+    for p in range(partitions):
+        recs = []
+        for offset in range(per_partition):
+            roll = rng.random()
+            if roll < 0.1:
+                recs.append(Record(offset, b"bad", b"not json", (), 0, None))
+                continue
+            if roll < 0.15 and n > 0:
+                m = rng.randrange(n)  # a duplicate publish of an earlier event
+            else:
+                m = n
+                n += 1
+            key = f"k{m % 7}".encode() if rng.random() < 0.7 else None
+            recs.append(
+                Record(offset, key, order_value(m), (), 0, f"order-confirmation:ord-{m}")
+            )
+        out[p] = recs
+    return out
+
+
+class Invariants:
+    """Checked after every loop turn; raise AssertionError with what broke."""
+
+    def __init__(self, group: FakeGroup, pipelines: list[Pipeline], resend: FakeResend) -> None:
+        self.group = group
+        self.pipelines = pipelines
+        self.resend = resend
+        self.last: dict[TopicPartition, int] = {}
+
+    def check(self) -> None:
+        group = self.group
+        assert not self.resend.violations, self.resend.violations[0]
+        for tp, pos in group.committed.items():
+            before = self.last.get(tp, 0)
+            assert pos >= before, f"{tp} committed went backwards: {before} -> {pos}"
+            if pos != before:
+                self._finished(tp, before, pos)
+                self.last[tp] = pos
+        for pipeline in self.pipelines:
+            for key, lane in pipeline._lanes.items():
+                assert not lane.queue or lane.alive(), f"lane {key} holds work without a task"
+
+    def _finished(self, tp: TopicPartition, first: int, last: int) -> None:
+        lettered = {(ltr.partition, ltr.offset) for ltr in self.group.letters}
+        for rec in self.group.records[tp]:
+            if not first <= rec.offset < last:
+                continue
+            if rec.expect_key is not None and rec.expect_key not in self.resend.rejected_keys:
+                assert rec.expect_key in self.resend.acked, (
+                    f"{tp}@{rec.offset} committed before {rec.expect_key} was acknowledged"
+                )
+            else:
+                assert (tp.partition, rec.offset) in lettered, (
+                    f"{tp}@{rec.offset} committed before its dead letter was written"
+                )
+
+
+@dataclass
+class Outcome:
+    seed: int
+    virtual_seconds: float
+    steps: int
+    rebalances: int
+    requests: int
+
+
+def _settings() -> Settings:
+    return Settings(
+        kafka_topics=(TOPIC,),
+        routes_file=ROOT / "schemas" / "routes.yaml",
+        max_in_flight=4,
+        max_pending=20,
+        max_pending_per_partition=8,
+        max_pending_bytes=4 * 1_048_576,
+        commit_interval=0.5,
+        drain_timeout=2.0,
+        shutdown_timeout=2.0,
+        kafka_rebalance_timeout=10.0,
+        retry_base=0.05,
+        retry_cap=1.0,
+        retry_max_attempts=6,
+        retry_max_elapsed=30.0,
+        probe_initial=0.2,
+        probe_max=2.0,
+        resend_total_timeout=5.0,
+        stall_timeout=60.0,
+        progress_interval=3600.0,
+        health_port=0,
+    )
+
+
+def run_seed(seed: int, *, partitions: int = 3, per_partition: int = 12) -> Outcome:
+    """One seeded world: chaos, then calm; raises AssertionError naming the seed."""
+    loop = VirtualLoop()
+    try:
+        return loop.run_until_complete(_world(loop, seed, partitions, per_partition))
+    except AssertionError as exc:
+        raise AssertionError(f"seed {seed}: {exc} (replay: tests/sim.py run_seed({seed}))") from exc
+    finally:
+        loop.close()
+
+
+async def _world(loop: VirtualLoop, seed: int, partitions: int, per_partition: int) -> Outcome:
+    rng = random.Random(seed)
+    settings = _settings()
+    group = FakeGroup(rng, build_records(rng, partitions, per_partition))
+    expected = {r.expect_key for recs in group.records.values() for r in recs if r.expect_key}
+    rejected = frozenset(k for k in sorted(expected) if rng.random() < 0.05)
+    keys = [r.expect_key for recs in group.records.values() for r in recs if r.expect_key]
+    shared = frozenset(k for k in keys if keys.count(k) > 1)
+    resend = FakeResend(rng=rng, rejected_keys=rejected, shared_keys=shared)
+    members = []
+    for name in ("a", "b"):
+        consumer = FakeConsumer(group, rng, name)
+        committer = FakeCommitter(group, consumer, rng)
+        gate = ServiceGate(
+            probe_initial=settings.probe_initial,
+            probe_max=settings.probe_max,
+            clock=loop.time,
+            random=rng.random,
+        )
+        pipeline = Pipeline(
+            settings=settings,
+            preparer=_preparer(settings),
+            client=resend.client(name),
+            gate=gate,
+            policy=RetryPolicy(
+                base=settings.retry_base,
+                cap=settings.retry_cap,
+                max_attempts=settings.retry_max_attempts,
+                max_elapsed=settings.retry_max_elapsed,
+                random=rng.random,
+            ),
+            metrics=Metrics(),
+            health=Health(clock=loop.time),
+            consumer=consumer,
+            committer=committer,
+            clock=loop.time,
+        )
+        members.append((consumer, committer, pipeline, asyncio.Event()))
+    invariants = Invariants(group, [m[2] for m in members], resend)
+    loop.on_step = invariants.check
+
+    tasks = [asyncio.create_task(p.run(stop)) for _, _, p, stop in members[:1]]
+    # chaos: the second member joins and leaves, rebalances in the middle of fetches,
+    # outages and auth failures open the gate, commits and dead-letter writes fail
+    chaos_until = loop.time() + rng.uniform(5.0, 40.0)
+    for consumer, committer, _, _ in members:
+        consumer.churn = rng.choice((0.0, 0.05, 0.3))
+        consumer.fetch_failures = rng.choice((0.0, 0.05))
+        committer.commit_failures = rng.choice((0.0, 0.1, 0.3))
+        committer.dlq_failures = rng.choice((0.0, 0.2, 0.6))
+    second: asyncio.Task[None] | None = None
+    while loop.time() < chaos_until:
+        await asyncio.sleep(rng.uniform(0.0, 3.0))
+        roll = rng.random()
+        if roll < 0.25:
+            if second is None or second.done():
+                consumer, _, pipeline, stop = members[1]
+                stop.clear()
+                second = asyncio.create_task(pipeline.run(stop))
+            else:
+                consumer, _, pipeline, stop = members[1]
+                stop.set()
+                await second
+                await group.rebalance()
+        elif roll < 0.4:
+            asyncio.ensure_future(group.rebalance())
+        elif roll < 0.5:
+            resend.phase = rng.choice(("outage", "auth"))
+        elif roll < 0.6:
+            resend.phase = "healthy"
+    # calm: no more faults; the group must finish by itself
+    resend.phase = "healthy"
+    resend.chaos = False
+    for consumer, committer, _, _ in members:
+        consumer.churn = 0.0
+        consumer.fetch_failures = 0.0
+        committer.commit_failures = 0.0
+        committer.dlq_failures = 0.0
+    deadline = loop.time() + 600.0
+    while loop.time() < deadline:
+        if all(group.committed.get(tp, 0) == group.end(tp) for tp in group.records):
+            break
+        await asyncio.sleep(1.0)
+    unfinished = {
+        tp.partition: (group.committed.get(tp, 0), group.end(tp))
+        for tp in group.records
+        if group.committed.get(tp, 0) != group.end(tp)
+    }
+    details = [repr(p) for _, _, p, _ in members]
+    assert not unfinished, f"stalled: committed/end {unfinished}; {details}"
+    for _, _, _, stop in members:
+        stop.set()
+    await asyncio.gather(*tasks, *([second] if second is not None else []))
+    # exactly once in effect
+    missing = expected - set(resend.acked) - rejected
+    assert not missing, f"never acknowledged: {sorted(missing)[:5]}"
+    letters: dict[tuple[int, int], int] = {}
+    for letter in group.letters:
+        at = (letter.partition, letter.offset)
+        letters[at] = letters.get(at, 0) + 1
+    twice = {at: n for at, n in letters.items() if n > 1}
+    assert not twice, f"dead letters written twice: {twice}"
+    bad = {
+        (tp.partition, r.offset)
+        for tp, recs in group.records.items()
+        for r in recs
+        if r.expect_key is None or r.expect_key in rejected
+    }
+    assert set(letters) == bad, f"dead letters {sorted(set(letters) ^ bad)[:5]} differ"
+    return Outcome(
+        seed=seed,
+        virtual_seconds=loop.time(),
+        steps=loop.steps,
+        rebalances=group.rebalances,
+        requests=resend.requests,
+    )
