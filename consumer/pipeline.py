@@ -93,6 +93,9 @@ class Consumer(Protocol):
     def highwater(self, partition: TopicPartition) -> int | None: ...
     async def committed(self, partition: TopicPartition) -> int | None: ...
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+    async def beginning_offsets(
+        self, partitions: list[TopicPartition]
+    ) -> dict[TopicPartition, int]: ...
     def seek(self, partition: TopicPartition, offset: int) -> None: ...
     async def seek_to_beginning(self, *partitions: TopicPartition) -> bool: ...
     async def topics(self) -> set[str]: ...
@@ -958,17 +961,20 @@ class Pipeline:
             self.check_stalls()
 
     async def _update_lag(self) -> int:
-        """End offset minus committed offset, for every assigned partition."""
+        """End offset minus committed offset, for every assigned partition.
+
+        A partition without a commit counts from its first tracked offset, or else
+        from the log's beginning: held before its first fetch, it still shows its lag.
+        """
         consumer = self._consumer
-        unknown = []
-        for tp, part in list(self._parts.items()):
-            if self.ledger.committed(tp) is None:
-                committed = await consumer.committed(tp)
-                if committed is not None and self._parts.get(tp) is part:
-                    self.ledger.mark_committed(tp, committed, part.generation)
+        no_end, no_base = [], []
+        for tp in self._parts:
             if consumer.highwater(tp) is None:
-                unknown.append(tp)
-        ends = await consumer.end_offsets(unknown) if unknown else {}
+                no_end.append(tp)
+            if self.ledger.committed(tp) is None and self.ledger.position(tp) is None:
+                no_base.append(tp)
+        ends = await consumer.end_offsets(no_end) if no_end else {}
+        starts = await consumer.beginning_offsets(no_base) if no_base else {}
         total = 0
         for tp, part in self._parts.items():
             high = consumer.highwater(tp)
@@ -977,6 +983,8 @@ class Pipeline:
             base = self.ledger.committed(tp)
             if base is None:
                 base = self.ledger.position(tp)
+            if base is None:
+                base = starts.get(tp)
             if high is None or base is None:
                 continue
             part.lag = max(high - base, 0)

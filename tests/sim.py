@@ -145,6 +145,7 @@ class FakeGroup:
         self.generation = 0
         self.owner: dict[TopicPartition, FakeConsumer] = {}
         self.rebalancing = False
+        self.again = False
         self.rebalances = 0
 
     def end(self, tp: TopicPartition) -> int:
@@ -152,31 +153,42 @@ class FakeGroup:
         return recs[-1].offset + 1 if recs else 0
 
     async def rebalance(self) -> None:
-        """Eager: every member revokes everything, then a new split is assigned."""
+        """Eager: every member revokes everything, then a new split is assigned.
+
+        A rebalance asked for while one runs (a member joins or leaves) runs next.
+        """
         if self.rebalancing:
+            self.again = True
             return
         self.rebalancing = True
         try:
-            self.rebalances += 1
-            members = [m for m in self.members if m.started]
-            await asyncio.gather(*(m.revoke_all() for m in members))
-            self.generation += 1
-            self.owner.clear()
-            if not members:
-                return
-            tps = sorted(self.records)
-            self.rng.shuffle(tps)
-            split: dict[FakeConsumer, set[TopicPartition]] = {m: set() for m in members}
-            for i, tp in enumerate(tps):
-                member = members[i % len(members)] if self.rng.random() < 0.8 else (
-                    self.rng.choice(members)
-                )
-                split[member].add(tp)
-                self.owner[tp] = member
-            for member in members:
-                await member.assign(split[member])
+            self.again = True
+            while self.again:
+                self.again = False
+                await self._rebalance_once()
         finally:
             self.rebalancing = False
+
+    async def _rebalance_once(self) -> None:
+        self.rebalances += 1
+        members = [m for m in self.members if m.started]
+        await asyncio.gather(*(m.revoke_all() for m in members))
+        self.generation += 1
+        self.owner.clear()
+        members = [m for m in members if m.started]
+        if not members:
+            return
+        tps = sorted(self.records)
+        self.rng.shuffle(tps)
+        split: dict[FakeConsumer, set[TopicPartition]] = {m: set() for m in members}
+        for i, tp in enumerate(tps):
+            member = (
+                members[i % len(members)] if self.rng.random() < 0.8 else (self.rng.choice(members))
+            )
+            split[member].add(tp)
+            self.owner[tp] = member
+        for member in members:
+            await member.assign(split[member])
 
 
 class FakeConsumer:
@@ -191,6 +203,7 @@ class FakeConsumer:
         self._assignment: set[TopicPartition] = set()
         self._paused: set[TopicPartition] = set()
         self._position: dict[TopicPartition, int] = {}
+        self._fetched: set[TopicPartition] = set()
         self.fetch_failures = 0.0
         #: chance that a fetch triggers a rebalance in the same loop turn
         self.churn = 0.0
@@ -210,8 +223,10 @@ class FakeConsumer:
         await self.group.rebalance()
 
     async def stop(self) -> None:
+        # leaving the group makes the coordinator rebalance the others
         self.started = False
         self._assignment = set()
+        asyncio.ensure_future(self.group.rebalance())
 
     async def revoke_all(self) -> None:
         revoked, self._assignment = set(self._assignment), set()
@@ -219,6 +234,8 @@ class FakeConsumer:
         await self.listener.on_partitions_revoked(revoked)
 
     async def assign(self, tps: set[TopicPartition]) -> None:
+        if not self.started:
+            return
         self._assignment = set(tps)
         for tp in tps:
             self._position[tp] = self.group.committed.get(tp, 0)
@@ -234,7 +251,8 @@ class FakeConsumer:
         self._paused.difference_update(tps)
 
     def highwater(self, tp: TopicPartition) -> int | None:
-        return self.group.end(tp) if tp in self._assignment else None
+        # like aiokafka: known only once a fetch answered for the partition
+        return self.group.end(tp) if tp in self._fetched else None
 
     async def committed(self, tp: TopicPartition) -> int | None:
         await asyncio.sleep(self.rng.random() * 0.01)
@@ -248,6 +266,9 @@ class FakeConsumer:
         for tp in tps:
             self._position[tp] = 0
         return True
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
 
     async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: self.group.end(tp) for tp in tps}
@@ -268,6 +289,7 @@ class FakeConsumer:
             pos = self._position.get(tp, 0)
             recs = [r for r in self.group.records[tp] if r.offset >= pos]
             take = recs[: min(budget, rng.randint(1, 12))]
+            self._fetched.add(tp)
             if take:
                 out[tp] = take
                 self._position[tp] = take[-1].offset + 1
@@ -307,7 +329,9 @@ class FakeCommitter:
     async def stop(self) -> None:
         return None
 
-    async def commit(self, tp: TopicPartition, position: int, letters: Sequence[DeadLetter]) -> None:
+    async def commit(
+        self, tp: TopicPartition, position: int, letters: Sequence[DeadLetter]
+    ) -> None:
         rng = self.rng
         await asyncio.sleep(rng.choice((0.0, 0.001, 0.02, 0.2)))
         if letters and rng.random() < self.dlq_failures:
@@ -377,9 +401,7 @@ class FakeResend:
             if roll < 0.05:
                 return 503, {"name": "internal_server_error", "message": "blip"}, {}
             if roll < 0.08:
-                return 429, {"name": "rate_limit_exceeded", "message": "slow"}, {
-                    "retry-after": "1"
-                }
+                return 429, {"name": "rate_limit_exceeded", "message": "slow"}, {"retry-after": "1"}
         return 200, {"id": f"email-{key}"}, {}
 
 
@@ -419,7 +441,9 @@ def _preparer(settings: Settings) -> Preparer:
     return _PREPARER
 
 
-def build_records(rng: random.Random, partitions: int, per_partition: int) -> dict[int, list[Record]]:
+def build_records(
+    rng: random.Random, partitions: int, per_partition: int
+) -> dict[int, list[Record]]:
     out: dict[int, list[Record]] = {}
     n = 0
     for p in range(partitions):
@@ -435,9 +459,7 @@ def build_records(rng: random.Random, partitions: int, per_partition: int) -> di
                 m = n
                 n += 1
             key = f"k{m % 7}".encode() if rng.random() < 0.7 else None
-            recs.append(
-                Record(offset, key, order_value(m), (), 0, f"order-confirmation:ord-{m}")
-            )
+            recs.append(Record(offset, key, order_value(m), (), 0, f"order-confirmation:ord-{m}"))
         out[p] = recs
     return out
 
@@ -488,55 +510,82 @@ class Outcome:
     requests: int
 
 
-def _settings() -> Settings:
-    return Settings(
-        kafka_topics=(TOPIC,),
-        routes_file=ROOT / "schemas" / "routes.yaml",
-        max_in_flight=4,
-        max_pending=20,
-        max_pending_per_partition=8,
-        max_pending_bytes=4 * 1_048_576,
-        commit_interval=0.5,
-        drain_timeout=2.0,
-        shutdown_timeout=2.0,
-        kafka_rebalance_timeout=10.0,
-        retry_base=0.05,
-        retry_cap=1.0,
-        retry_max_attempts=6,
-        retry_max_elapsed=30.0,
-        probe_initial=0.2,
-        probe_max=2.0,
-        resend_total_timeout=5.0,
-        stall_timeout=60.0,
-        progress_interval=3600.0,
-        health_port=0,
-    )
+def sim_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "kafka_topics": (TOPIC,),
+        "routes_file": ROOT / "schemas" / "routes.yaml",
+        "max_in_flight": 4,
+        "max_pending": 20,
+        "max_pending_per_partition": 8,
+        "max_pending_bytes": 4 * 1_048_576,
+        "commit_interval": 0.5,
+        "drain_timeout": 2.0,
+        "shutdown_timeout": 2.0,
+        "kafka_rebalance_timeout": 10.0,
+        "retry_base": 0.05,
+        "retry_cap": 1.0,
+        "retry_max_attempts": 6,
+        "retry_max_elapsed": 30.0,
+        "probe_initial": 0.2,
+        "probe_max": 2.0,
+        "resend_total_timeout": 5.0,
+        "stall_timeout": 60.0,
+        "progress_interval": 3600.0,
+        "health_port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)
 
 
-def run_seed(seed: int, *, partitions: int = 3, per_partition: int = 12) -> Outcome:
-    """One seeded world: chaos, then calm; raises AssertionError naming the seed."""
-    loop = VirtualLoop()
-    try:
-        return loop.run_until_complete(_world(loop, seed, partitions, per_partition))
-    except AssertionError as exc:
-        raise AssertionError(f"seed {seed}: {exc} (replay: tests/sim.py run_seed({seed}))") from exc
-    finally:
-        loop.close()
+@dataclass
+class Member:
+    consumer: FakeConsumer
+    committer: FakeCommitter
+    pipeline: Pipeline
+    stop: asyncio.Event
+    task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.task is None or self.task.done():
+            self.stop.clear()
+            self.task = asyncio.create_task(self.pipeline.run(self.stop))
+
+    async def leave(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.stop.set()
+            await self.task
 
 
-async def _world(loop: VirtualLoop, seed: int, partitions: int, per_partition: int) -> Outcome:
-    rng = random.Random(seed)
-    settings = _settings()
-    group = FakeGroup(rng, build_records(rng, partitions, per_partition))
-    expected = {r.expect_key for recs in group.records.values() for r in recs if r.expect_key}
-    rejected = frozenset(k for k in sorted(expected) if rng.random() < 0.05)
-    keys = [r.expect_key for recs in group.records.values() for r in recs if r.expect_key]
-    shared = frozenset(k for k in keys if keys.count(k) > 1)
-    resend = FakeResend(rng=rng, rejected_keys=rejected, shared_keys=shared)
-    members = []
-    for name in ("a", "b"):
-        consumer = FakeConsumer(group, rng, name)
-        committer = FakeCommitter(group, consumer, rng)
+class World:
+    """A group of two members over fake Kafka and fake Resend, on a `VirtualLoop`."""
+
+    def __init__(
+        self,
+        loop: VirtualLoop,
+        seed: int,
+        *,
+        partitions: int = 3,
+        per_partition: int = 12,
+        settings: Settings | None = None,
+    ) -> None:
+        self.loop = loop
+        self.seed = seed
+        rng = self.rng = random.Random(seed)
+        self.settings = settings or sim_settings()
+        group = self.group = FakeGroup(rng, build_records(rng, partitions, per_partition))
+        keys = [r.expect_key for recs in group.records.values() for r in recs if r.expect_key]
+        self.expected = set(keys)
+        self.rejected = frozenset(k for k in sorted(self.expected) if rng.random() < 0.05)
+        shared = frozenset(k for k in keys if keys.count(k) > 1)
+        self.resend = FakeResend(rng=rng, rejected_keys=self.rejected, shared_keys=shared)
+        self.members = [self._member(name) for name in ("a", "b")]
+        self.invariants = Invariants(group, [m.pipeline for m in self.members], self.resend)
+        loop.on_step = self.invariants.check
+
+    def _member(self, name: str) -> Member:
+        loop, rng, settings = self.loop, self.rng, self.settings
+        consumer = FakeConsumer(self.group, rng, name)
+        committer = FakeCommitter(self.group, consumer, rng)
         gate = ServiceGate(
             probe_initial=settings.probe_initial,
             probe_max=settings.probe_max,
@@ -546,7 +595,7 @@ async def _world(loop: VirtualLoop, seed: int, partitions: int, per_partition: i
         pipeline = Pipeline(
             settings=settings,
             preparer=_preparer(settings),
-            client=resend.client(name),
+            client=self.resend.client(name),
             gate=gate,
             policy=RetryPolicy(
                 base=settings.retry_base,
@@ -561,82 +610,156 @@ async def _world(loop: VirtualLoop, seed: int, partitions: int, per_partition: i
             committer=committer,
             clock=loop.time,
         )
-        members.append((consumer, committer, pipeline, asyncio.Event()))
-    invariants = Invariants(group, [m[2] for m in members], resend)
-    loop.on_step = invariants.check
+        return Member(consumer, committer, pipeline, asyncio.Event())
 
-    tasks = [asyncio.create_task(p.run(stop)) for _, _, p, stop in members[:1]]
+    def calm(self) -> None:
+        """No more faults from here on."""
+        self.resend.phase = "healthy"
+        self.resend.chaos = False
+        for m in self.members:
+            m.consumer.churn = 0.0
+            m.consumer.fetch_failures = 0.0
+            m.committer.commit_failures = 0.0
+            m.committer.dlq_failures = 0.0
+
+    def finished(self) -> bool:
+        group = self.group
+        return all(group.committed.get(tp, 0) == group.end(tp) for tp in group.records)
+
+    async def settle(self, limit: float = 600.0) -> None:
+        """Wait (virtual time) until every offset is committed; assert it happens."""
+        deadline = self.loop.time() + limit
+        while self.loop.time() < deadline and not self.finished():
+            await asyncio.sleep(1.0)
+        group = self.group
+        unfinished = {
+            tp.partition: (group.committed.get(tp, 0), group.end(tp))
+            for tp in group.records
+            if group.committed.get(tp, 0) != group.end(tp)
+        }
+        details = [repr(m.pipeline) for m in self.members]
+        assert not unfinished, f"stalled: committed/end {unfinished}; {details}"
+
+    async def close(self) -> None:
+        for m in self.members:
+            await m.leave()
+
+    def check_exactly_once(self) -> None:
+        resend, group = self.resend, self.group
+        missing = self.expected - set(resend.acked) - self.rejected
+        assert not missing, f"never acknowledged: {sorted(missing)[:5]}"
+        letters: dict[tuple[int, int], int] = {}
+        for letter in group.letters:
+            at = (letter.partition, letter.offset)
+            letters[at] = letters.get(at, 0) + 1
+        twice = {at: n for at, n in letters.items() if n > 1}
+        assert not twice, f"dead letters written twice: {twice}"
+        bad = {
+            (tp.partition, r.offset)
+            for tp, recs in group.records.items()
+            for r in recs
+            if r.expect_key is None or r.expect_key in self.rejected
+        }
+        assert set(letters) == bad, f"dead letters {sorted(set(letters) ^ bad)[:5]} differ"
+
+    def outcome(self) -> Outcome:
+        return Outcome(
+            seed=self.seed,
+            virtual_seconds=self.loop.time(),
+            steps=self.loop.steps,
+            rebalances=self.group.rebalances,
+            requests=self.resend.requests,
+        )
+
+
+def run(scenario: Callable[[World], Any], seed: int = 0, **kw: Any) -> Any:
+    """Run `scenario(world)` (a coroutine function) on a fresh virtual loop."""
+    loop = VirtualLoop()
+    try:
+        world = World(loop, seed, **kw)
+        return loop.run_until_complete(scenario(world))
+    finally:
+        loop.on_step = None
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        loop.run_until_complete(_gather(left))
+        loop.close()
+
+
+async def _gather(tasks: set[asyncio.Task[Any]]) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_seed(seed: int, *, partitions: int = 3, per_partition: int = 12) -> Outcome:
+    """One seeded world: chaos, then calm; raises AssertionError naming the seed."""
+    try:
+        return run(_chaos, seed, partitions=partitions, per_partition=per_partition)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"seed {seed}: {exc} (replay: PYTHONHASHSEED=0 .venv/bin/python -m tests.sim {seed})"
+        ) from exc
+
+
+async def _chaos(world: World) -> Outcome:
+    loop, rng, group, resend = world.loop, world.rng, world.group, world.resend
+    first, second = world.members
+    first.start()
     # chaos: the second member joins and leaves, rebalances in the middle of fetches,
     # outages and auth failures open the gate, commits and dead-letter writes fail
     chaos_until = loop.time() + rng.uniform(5.0, 40.0)
-    for consumer, committer, _, _ in members:
-        consumer.churn = rng.choice((0.0, 0.05, 0.3))
-        consumer.fetch_failures = rng.choice((0.0, 0.05))
-        committer.commit_failures = rng.choice((0.0, 0.1, 0.3))
-        committer.dlq_failures = rng.choice((0.0, 0.2, 0.6))
-    second: asyncio.Task[None] | None = None
+    for m in world.members:
+        m.consumer.churn = rng.choice((0.0, 0.05, 0.3))
+        m.consumer.fetch_failures = rng.choice((0.0, 0.05))
+        m.committer.commit_failures = rng.choice((0.0, 0.1, 0.3))
+        m.committer.dlq_failures = rng.choice((0.0, 0.2, 0.6))
     while loop.time() < chaos_until:
         await asyncio.sleep(rng.uniform(0.0, 3.0))
         roll = rng.random()
         if roll < 0.25:
-            if second is None or second.done():
-                consumer, _, pipeline, stop = members[1]
-                stop.clear()
-                second = asyncio.create_task(pipeline.run(stop))
+            if second.task is None or second.task.done():
+                second.start()
             else:
-                consumer, _, pipeline, stop = members[1]
-                stop.set()
-                await second
-                await group.rebalance()
+                await second.leave()
         elif roll < 0.4:
             asyncio.ensure_future(group.rebalance())
         elif roll < 0.5:
             resend.phase = rng.choice(("outage", "auth"))
         elif roll < 0.6:
             resend.phase = "healthy"
-    # calm: no more faults; the group must finish by itself
-    resend.phase = "healthy"
-    resend.chaos = False
-    for consumer, committer, _, _ in members:
-        consumer.churn = 0.0
-        consumer.fetch_failures = 0.0
-        committer.commit_failures = 0.0
-        committer.dlq_failures = 0.0
-    deadline = loop.time() + 600.0
-    while loop.time() < deadline:
-        if all(group.committed.get(tp, 0) == group.end(tp) for tp in group.records):
-            break
-        await asyncio.sleep(1.0)
-    unfinished = {
-        tp.partition: (group.committed.get(tp, 0), group.end(tp))
-        for tp in group.records
-        if group.committed.get(tp, 0) != group.end(tp)
-    }
-    details = [repr(p) for _, _, p, _ in members]
-    assert not unfinished, f"stalled: committed/end {unfinished}; {details}"
-    for _, _, _, stop in members:
-        stop.set()
-    await asyncio.gather(*tasks, *([second] if second is not None else []))
-    # exactly once in effect
-    missing = expected - set(resend.acked) - rejected
-    assert not missing, f"never acknowledged: {sorted(missing)[:5]}"
-    letters: dict[tuple[int, int], int] = {}
-    for letter in group.letters:
-        at = (letter.partition, letter.offset)
-        letters[at] = letters.get(at, 0) + 1
-    twice = {at: n for at, n in letters.items() if n > 1}
-    assert not twice, f"dead letters written twice: {twice}"
-    bad = {
-        (tp.partition, r.offset)
-        for tp, recs in group.records.items()
-        for r in recs
-        if r.expect_key is None or r.expect_key in rejected
-    }
-    assert set(letters) == bad, f"dead letters {sorted(set(letters) ^ bad)[:5]} differ"
-    return Outcome(
-        seed=seed,
-        virtual_seconds=loop.time(),
-        steps=loop.steps,
-        rebalances=group.rebalances,
-        requests=resend.requests,
-    )
+    world.calm()
+    await world.settle()
+    await world.close()
+    world.check_exactly_once()
+    return world.outcome()
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m tests.sim SEED` replays one seed; `A:B` runs seeds A..B-1."""
+    import logging
+    import sys
+    import time
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    text = argv[0] if argv else "0:200"
+    first, _, last = text.partition(":")
+    seeds = range(int(first), int(last)) if last else range(int(first), int(first) + 1)
+    started = time.perf_counter()
+    failed = []
+    for seed in seeds:
+        try:
+            run_seed(seed)
+        except AssertionError as exc:
+            failed.append(seed)
+            print(exc, file=sys.stderr)
+    took = time.perf_counter() - started
+    print(f"{len(seeds)} seeds in {took:.1f}s ({len(seeds) / took:.0f}/s), {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
