@@ -337,7 +337,8 @@ async def deliver(
     `on_attempt(True)` / `on_attempt(False)` bracket each HTTP attempt, so a
     revoke can tell a request on the wire from one waiting for a slot or a backoff.
     `pace` (the client's rate-limit wait) is awaited before a slot is taken, so a
-    delivery waiting for a rate-limit token holds no in-flight slot either.
+    delivery waiting for a rate-limit token holds no in-flight slot either. Only
+    the attempts and the backoffs between them spend `policy.max_elapsed`.
     """
     attempts = 0  # every HTTP attempt
     budgeted = 0  # attempts that spend the retry budget
@@ -347,13 +348,15 @@ async def deliver(
     healthy_mark: int | None = None
     while True:
         ticket = await gate.admit()
-        started = clock()
         try:
             if pace is not None:
                 await pace()
             async with slots:
                 if on_attempt is not None:
                     on_attempt(True)
+                # Only the attempt itself (and the backoff after it) spends the time
+                # budget: waits for the gate, a rate-limit token or a slot do not.
+                started = clock()
                 try:
                     last_at = time.time()
                     first_at = first_at or last_at

@@ -241,6 +241,7 @@ class Scripted:
         body: bytes,
         idempotency_key: str | None,
         headers: Mapping[str, str] | None = None,
+        paced: bool = False,
     ) -> Answer:
         self.calls.append(time.monotonic())
         if self.delay:
@@ -538,3 +539,54 @@ async def test_waiting_for_a_rate_limit_token_holds_no_slot() -> None:
     result = await asyncio.wait_for(waiting, 5)
     assert result.outcome == "sent"
     assert paced == [True], "the client is told the token was already taken"
+
+
+# -- deliver: only attempts and backoffs spend the time budget --------------------------
+
+
+class FakeTime:
+    """A monotonic clock and sleep that only move when told (or when slept on)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def test_rate_limit_queueing_does_not_spend_the_time_budget() -> None:
+    """Hours queued for rate-limit tokens (others sending meanwhile) leave max_elapsed intact."""
+    clock = FakeTime()
+    gate = ServiceGate(probe_initial=0.01, probe_max=0.05)
+
+    async def pace() -> None:
+        # a backlog at the team limit: this delivery waits far longer than max_elapsed
+        # while other deliveries are being sent (Resend is up)
+        clock.now += 10_000.0
+        gate.record(closed_ticket(), OK)
+
+    # the second 503 follows successes elsewhere: only the budget keeps it alive
+    sender = Scripted([DOWN, DOWN, OK])
+    policy = fast_policy(base=1.0, cap=1.0, max_attempts=10, max_elapsed=60.0)
+    result = await run(sender, policy=policy, gate=gate, pace=pace, sleep=clock.sleep, clock=clock)
+    assert (result.outcome, result.attempts) == ("sent", 3)
+
+
+async def test_waiting_for_a_slot_does_not_spend_the_time_budget() -> None:
+    """Time spent waiting for an in-flight slot is not an attempt: it does not count either."""
+    clock = FakeTime()
+    slots = asyncio.Semaphore(1)
+    policy = fast_policy(base=1.0, cap=1.0, max_attempts=10, max_elapsed=60.0)
+    await slots.acquire()
+    task = asyncio.create_task(
+        run(Scripted([LOCKED, OK]), policy=policy, slots=slots, sleep=clock.sleep, clock=clock)
+    )
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    clock.now += 10_000.0  # the slot stays busy for a long time
+    slots.release()
+    result = await asyncio.wait_for(task, 5)
+    assert (result.outcome, result.attempts) == ("sent", 2)
