@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -39,7 +39,13 @@ CLOCK_SKEW: Final = 300.0
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """A request ready to send: same event, same key, same bytes."""
+    """A request ready to send: same event, same key, same bytes.
+
+    It also carries what freshness needs after admission: `event_time` (epoch
+    seconds the age is measured from, None when unknown), the route's
+    `max_age` and the `stale_policy` in force ("send" when age is not enforced).
+    The defaults never call an event stale.
+    """
 
     event_id: str
     event_type: str
@@ -49,7 +55,26 @@ class Prepared:
     body: bytes
     recipients: tuple[str, ...]
     event_time: float | None
+    #: already older than max_age at admission, and sent anyway (STALE_POLICY=send)
     stale: bool
+    max_age: float = float("inf")
+    stale_policy: StalePolicy = "send"
+
+    def stale_reason(self, now: float) -> str | None:
+        """The reason code if this event must not be sent at `now` (epoch seconds), else None.
+
+        The admission rule, applied again right before each attempt: a gate
+        pause or 429 waits can outlast the key window Resend remembers.
+        STALE_POLICY=send never refuses.
+        """
+        if self.stale_policy == "send" or over_age(self.event_time, now, self.max_age) is None:
+            return None
+        return Reason.STALE_EVENT.value
+
+    @property
+    def stale_outcome(self) -> Literal["dead_letter", "skipped"]:
+        """What a refusal by `stale_reason` ends in: "skipped" under STALE_POLICY=skip."""
+        return "skipped" if self.stale_policy == "skip" else "dead_letter"
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,20 +179,21 @@ class Preparer:
             event_time = event_time_for_age(
                 event.event_time, timestamp_ms, now=clock, check_future=enforce_age
             )
+            max_age = route.max_event_age or self._max_age
+            policy: StalePolicy = (
+                (route.stale_policy or self._stale_policy) if enforce_age else "send"
+            )
+            age = over_age(event_time, clock, max_age) if enforce_age else None
             stale = False
-            if enforce_age and event_time is not None:
-                max_age = route.max_event_age or self._max_age
-                age = clock - event_time
-                if age > max_age:
-                    # Resend may have forgotten the key: follow the policy, never send blindly.
-                    policy = route.stale_policy or self._stale_policy
-                    if policy == "skip":
-                        self._counts["skipped"] += 1
-                        return Skipped(Reason.STALE_EVENT.value, event_id, event_type)
-                    if policy == "dead-letter":
-                        message = f"event is {age:.0f}s old, above the {max_age:.0f}s limit"
-                        raise invalid(Reason.STALE_EVENT, message)
-                    stale = True
+            if age is not None:
+                # Resend may have forgotten the key: follow the policy, never send blindly.
+                if policy == "skip":
+                    self._counts["skipped"] += 1
+                    return Skipped(Reason.STALE_EVENT.value, event_id, event_type)
+                if policy == "dead-letter":
+                    message = f"event is {age:.0f}s old, above the {max_age:.0f}s limit"
+                    raise invalid(Reason.STALE_EVENT, message)
+                stale = True
             body = route.body(event)
             data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
         except InvalidEvent as exc:
@@ -192,6 +218,8 @@ class Preparer:
             recipients=route.recipients(body),
             event_time=event_time,
             stale=stale,
+            max_age=max_age,
+            stale_policy=policy,
         )
 
     def _unknown(self, event_id: str, event_type: str) -> Rejected | Skipped:
@@ -225,6 +253,18 @@ class Preparer:
 
 
 # -- freshness ------------------------------------------------------------------
+
+
+def over_age(event_time: float | None, now: float, max_age: float) -> float | None:
+    """The event's age at `now` when it is above `max_age`, else None.
+
+    The one freshness rule, used at admission and before every attempt. An
+    unknown time (None) counts as fresh (see `Preparer.prepare`).
+    """
+    if event_time is None:
+        return None
+    age = now - event_time
+    return age if age > max_age else None
 
 
 def event_time_for_age(

@@ -10,7 +10,10 @@ How answers are classified is data: `RULES` below is the contract's table
 (../shared/resend/CONTRACT.md), one row per (statuses, error name), looked up
 by `classify`. Names Resend has not documented fall back to a per-status row
 (name None) and then to the status class: 2xx ok, 3xx wrong base URL, other
-4xx reject, 5xx and anything stranger retry.
+4xx reject, 5xx and anything stranger retry. A 400, 403 or 407 whose body is
+not a JSON object did not come from Resend (a WAF, a corporate proxy, a block
+page): it would refuse every email alike, so it is the service-wide `endpoint`
+condition (rows marked `foreign`), never a per-email rejection.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class Rule:
     condition: Condition | None = None
     #: reason code for dead letters and metrics; defaults to the name
     reason: str | None = None
+    #: matches only answers whose body is not a JSON object (not Resend's); tried first
+    foreign: bool = False
 
 
 _AUTH_NAMES = (
@@ -118,15 +123,28 @@ RULES: Final[tuple[Rule, ...]] = (
     Rule((408,), None, "retry", reason="request_timeout"),
     # A 429 we cannot name is most likely rate limiting: slow down and retry.
     Rule((429,), None, "retry", reason="too_many_requests"),
+    # Not Resend at all: a WAF, proxy or block page between us and the API refuses
+    # every email alike, so dead-lettering them one by one would empty the topic.
+    Rule((400, 403, 407), None, "fatal", "endpoint", reason="block_page", foreign=True),
 )
 
 _BY_STATUS_NAME: Final[dict[tuple[int, str | None], Rule]] = {
-    (status, rule.name): rule for rule in RULES for status in rule.statuses
+    (status, rule.name): rule for rule in RULES if not rule.foreign for status in rule.statuses
+}
+_FOREIGN_BY_STATUS: Final[dict[int, Rule]] = {
+    status: rule for rule in RULES if rule.foreign for status in rule.statuses
 }
 
 
-def classify(status: int, name: str | None) -> Rule:
-    """The table row for an HTTP status and Resend error name (None if unnamed)."""
+def classify(status: int, name: str | None, *, resend_body: bool = True) -> Rule:
+    """The table row for an HTTP status and Resend error name (None if unnamed).
+
+    `resend_body=False`: the body was not a JSON object, so not an answer of Resend's.
+    """
+    if not resend_body:
+        foreign = _FOREIGN_BY_STATUS.get(status)
+        if foreign is not None:
+            return foreign
     rule = _BY_STATUS_NAME.get((status, name)) or _BY_STATUS_NAME.get((status, None))
     if rule is not None:
         return rule
@@ -232,7 +250,8 @@ def answer_from_response(
 
     name: str | None = None
     message = ""
-    if isinstance(data, dict):
+    resend_body = isinstance(data, dict)
+    if resend_body:
         raw_name = data.get("name")
         name = raw_name if isinstance(raw_name, str) and raw_name else None
         raw_message = data.get("message")
@@ -240,7 +259,7 @@ def answer_from_response(
     else:
         kind = headers.get("Content-Type", "no content type").split(";")[0]
         message = f"HTTP {status} with a non-JSON body ({kind}, {len(raw)} bytes)"
-    rule = classify(status, name)
+    rule = classify(status, name, resend_body=resend_body)
     return Answer(
         status=status,
         verdict=rule.verdict,

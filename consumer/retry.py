@@ -9,9 +9,10 @@
   interval that doubles (with jitter) up to `probe_max`. The first success
   closes it and everyone resumes. Each change of state is logged once.
 * `deliver`: holds an in-flight slot only during an HTTP attempt, waits on the
-  gate while it is open, and ends only in "sent" or "dead_letter". Service-wide
-  trouble never dead-letters: waits on the gate and probe attempts do not spend
-  the retry budget, and neither do 429 rate-limit answers (the limiter's job).
+  gate while it is open, and ends in "sent" or "dead_letter" (or "skipped", when
+  its `check` refuses a send the caller's policy drops). Service-wide trouble
+  never dead-letters: waits on the gate and probe attempts do not spend the
+  retry budget, and neither do 429 rate-limit answers (the limiter's job).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ log = structlog.get_logger("consumer.retry")
 
 GateState = Literal["closed", "open"]
 GateCondition = Condition | Literal["outage"]
-Outcome = Literal["sent", "dead_letter"]
+Outcome = Literal["sent", "dead_letter", "skipped"]
+#: what a delivery refused by its `check` ends in
+Refusal = Literal["dead_letter", "skipped"]
 
 REASON_SENT: Final = "sent"
 REASON_EXHAUSTED: Final = "retries_exhausted"
@@ -177,6 +180,30 @@ class ServiceGate:
         while self._state == "open":
             await self._changed.wait()
 
+    def probe_due(self) -> bool:
+        """True while open, a probe is due, and no delivery holds the probe turn.
+
+        Lets the owner of the gate probe by itself when no delivery waits (all
+        cancelled by a revoke, every partition paused): take the turn with
+        `try_probe()`, then `record` the answer or `abandon` the ticket.
+        """
+        return self._state == "open" and not self._probe_busy and self._clock() >= self._next_probe
+
+    @property
+    def probe_in(self) -> float | None:
+        """Seconds until the next probe is due (0 if due now), None while closed."""
+        if self._state == "closed":
+            return None
+        return max(0.0, self._next_probe - self._clock())
+
+    def try_probe(self) -> Ticket | None:
+        """Take the probe turn at once if `probe_due()`, else None; never waits."""
+        if not self.probe_due():
+            return None
+        self._probe_busy = True
+        self.probes += 1
+        return Ticket(probe=True, epoch=self._epoch)
+
     async def admit(self) -> Ticket:
         """Wait for permission to attempt: at once while closed, else a probe turn."""
         while True:
@@ -184,12 +211,10 @@ class ServiceGate:
                 return Ticket(probe=False, epoch=self._epoch)
             timeout: float | None = None
             if not self._probe_busy:
-                now = self._clock()
-                if now >= self._next_probe:
-                    self._probe_busy = True
-                    self.probes += 1
-                    return Ticket(probe=True, epoch=self._epoch)
-                timeout = self._next_probe - now
+                ticket = self.try_probe()
+                if ticket is not None:
+                    return ticket
+                timeout = self._next_probe - self._clock()
             changed = self._changed
             try:
                 async with asyncio.timeout(timeout):
@@ -198,7 +223,9 @@ class ServiceGate:
                 pass
 
     def abandon(self, ticket: Ticket) -> None:
-        """The attempt of `ticket` ended without an answer (cancelled): free the probe turn."""
+        """The attempt of `ticket` ended without an answer (cancelled, or never sent):
+        free the probe turn, so the next waiter probes at once.
+        """
         if ticket.probe and ticket.epoch == self._epoch and self._probe_busy:
             self._probe_busy = False
             self._notify()
@@ -329,6 +356,8 @@ async def deliver(
     clock: Callable[[], float] = time.monotonic,
     on_attempt: Callable[[bool], None] | None = None,
     pace: Callable[[], Awaitable[None]] | None = None,
+    check: Callable[[], str | None] | None = None,
+    refused_as: Refusal = "dead_letter",
 ) -> DeliveryResult:
     """Send one prepared request until it is sent or must be dead-lettered.
 
@@ -337,7 +366,15 @@ async def deliver(
     `on_attempt(True)` / `on_attempt(False)` bracket each HTTP attempt, so a
     revoke can tell a request on the wire from one waiting for a slot or a backoff.
     `pace` (the client's rate-limit wait) is awaited before a slot is taken, so a
-    delivery waiting for a rate-limit token holds no in-flight slot either.
+    delivery waiting for a rate-limit token holds no in-flight slot either. Only
+    the attempts and the backoffs between them spend `policy.max_elapsed`.
+
+    `check()` is asked before each attempt whether the request may still be sent
+    (an event's freshness: gate pauses and 429 waits are unbounded). It runs once
+    the gate ticket is held, before the rate-limit wait (a refused event spends no
+    token) and again with the slot held, the last moment before the request goes
+    out. A reason string ends the delivery at once, nothing sent, in outcome
+    `refused_as` with that reason; the gate's probe turn, if held, is handed on.
     """
     attempts = 0  # every HTTP attempt
     budgeted = 0  # attempts that spend the retry budget
@@ -345,15 +382,26 @@ async def deliver(
     first_at = last_at = 0.0
     # gate.healthy when this delivery's current run of 5xx/transport failures began
     healthy_mark: int | None = None
+    last: Answer | None = None
     while True:
         ticket = await gate.admit()
-        started = clock()
         try:
+            refused = check() if check is not None else None
+            if refused is not None:
+                gate.abandon(ticket)
+                return _refused(refused_as, refused, last, attempts, first_at, last_at)
             if pace is not None:
                 await pace()
             async with slots:
+                refused = check() if check is not None else None
+                if refused is not None:
+                    gate.abandon(ticket)
+                    return _refused(refused_as, refused, last, attempts, first_at, last_at)
                 if on_attempt is not None:
                     on_attempt(True)
+                # Only the attempt itself (and the backoff after it) spends the time
+                # budget: waits for the gate, a rate-limit token or a slot do not.
+                started = clock()
                 try:
                     last_at = time.time()
                     first_at = first_at or last_at
@@ -380,6 +428,7 @@ async def deliver(
             gate.abandon(ticket)
             raise
         gate.record(ticket, answer)
+        last = answer
         if answer.verdict == "ok":
             return DeliveryResult(
                 outcome="sent",
@@ -415,6 +464,25 @@ async def deliver(
         if counts:
             spent += delay
         await sleep(delay)
+
+
+def _refused(
+    outcome: Refusal,
+    reason: str,
+    answer: Answer | None,
+    attempts: int,
+    first: float,
+    last: float,
+) -> DeliveryResult:
+    return DeliveryResult(
+        outcome=outcome,
+        email_id=None,
+        attempts=attempts,
+        first_attempt_at=first,
+        last_attempt_at=last,
+        last=answer,
+        reason=reason,
+    )
 
 
 def _dead(answer: Answer, reason: str, attempts: int, first: float, last: float) -> DeliveryResult:

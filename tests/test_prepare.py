@@ -561,6 +561,52 @@ def test_kafka_timestamp_used_when_event_has_no_time(preparer: Preparer) -> None
     assert no_time.event_time is None
 
 
+@pytest.mark.parametrize("policy", ["dead-letter", "skip", "send"])
+@pytest.mark.parametrize(
+    ("example", "event_time"),
+    [
+        ("order.confirmed.json", ORDER_TIME),  # settings: 23 h
+        ("password_reset.requested.json", parse_time("2026-11-29T10:30:00Z")),  # route: 1 h
+        (
+            "magic_link.requested.json",
+            parse_time("2026-11-29T10:45:30.250Z"),
+        ),  # route: skip, 15 min
+    ],
+)
+def test_stale_reason_is_the_admission_rule_applied_later(
+    policy: StalePolicy, example: str, event_time: float
+) -> None:
+    """Prepared.stale_reason(t) refuses exactly when admission at t would have refused, alike."""
+    p = with_policy(policy)
+    value, headers = example_records()[example]
+    prepared = prepare(p, value, headers, now=event_time + 1)
+    assert isinstance(prepared, Prepared)
+    for later in (60.0, 899.0, 901.0, 3599.0, 3601.0, 23 * 3600 - 1, 23 * 3600 + 1, 3 * 86400):
+        now = event_time + later
+        admitted = prepare(p, value, headers, now=now)
+        refused = isinstance(admitted, Rejected | Skipped)
+        if refused:
+            assert admitted.reason == Reason.STALE_EVENT
+            expected = "skipped" if isinstance(admitted, Skipped) else "dead_letter"
+            assert prepared.stale_outcome == expected
+        assert prepared.stale_reason(now) == (Reason.STALE_EVENT.value if refused else None), later
+
+
+def test_stale_reason_never_refuses_unknown_ages_send_or_dry_runs(preparer: Preparer) -> None:
+    """No usable time, STALE_POLICY=send, or enforce_age=False: never stale later either."""
+    far = ORDER_TIME + 10 * 86400
+    no_time = prepare(preparer, order(drop("time")), ts=-1)
+    sent = prepare(with_policy("send"), order())
+    dry = prepare(preparer, order(), enforce_age=False)
+    defaults = prepare(preparer, order())
+    for prepared in (no_time, sent, dry):
+        assert isinstance(prepared, Prepared)
+        assert prepared.stale_reason(far) is None
+    assert isinstance(defaults, Prepared)
+    assert defaults.stale_reason(far) == Reason.STALE_EVENT.value
+    assert (defaults.max_age, defaults.stale_policy) == (23 * 3600.0, "dead-letter")
+
+
 NOW = ORDER_TIME + 60
 FUTURE = "2099-01-01T00:00:00Z"
 FUTURE_MS = int(parse_time(FUTURE) * 1000)

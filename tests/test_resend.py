@@ -30,6 +30,7 @@ from consumer.resend import (
     parse_seconds,
     transport_answer,
 )
+from consumer.retry import RetryPolicy, ServiceGate, deliver
 from consumer.sandbox import Faults, Sandbox, SandboxConfig
 from consumer.settings import Secret, Settings, SettingsError
 
@@ -106,8 +107,10 @@ def test_rules_hold_exactly_the_contract_rows_plus_status_defaults() -> None:
     """RULES has no named row the contract lacks, and lacks none it has."""
     named = {(s, r.name) for r in RULES if r.name is not None for s in r.statuses}
     assert named == {(s, n) for s, n, _, _ in CONTRACT_ROWS}
-    unnamed = {s for r in RULES if r.name is None for s in r.statuses}
+    unnamed = {s for r in RULES if r.name is None and not r.foreign for s in r.statuses}
     assert unnamed == {401, 404, 405, 408, 429}
+    foreign = {s for r in RULES if r.foreign for s in r.statuses}
+    assert foreign == {400, 403, 407}
 
 
 @pytest.mark.parametrize(("status", "name", "verdict", "condition"), FALLBACK_ROWS)
@@ -117,6 +120,84 @@ def test_unknown_names_and_statuses(
     """Unknown names fall back per status, unknown statuses per class (5xx retry, 4xx reject)."""
     rule = classify(status, name)
     assert (rule.verdict, rule.condition) == (verdict, condition)
+
+
+# (status, content type, body) -> (verdict, condition, reason): whether a body is
+# Resend's JSON matters only for 400, 403 and 407 (a WAF, proxy or block page).
+BODY_ROWS: list[tuple[int, str, bytes, str, str | None, str]] = [
+    (400, "text/html", b"<html>Request blocked</html>", "fatal", "endpoint", "block_page"),
+    (403, "text/html", b"<html><h1>Access denied</h1></html>", "fatal", "endpoint", "block_page"),
+    (
+        407,
+        "text/html",
+        b"<html>Proxy Authentication Required</html>",
+        "fatal",
+        "endpoint",
+        "block_page",
+    ),
+    (403, "text/plain", b"Forbidden", "fatal", "endpoint", "block_page"),
+    (403, "text/plain", b"", "fatal", "endpoint", "block_page"),
+    (400, "application/json", b"[1, 2]", "fatal", "endpoint", "block_page"),
+    # Resend's own JSON answers stay as they are
+    (
+        400,
+        "application/json",
+        b'{"name":"validation_error","message":"bad"}',
+        "reject",
+        None,
+        "validation_error",
+    ),
+    (
+        403,
+        "application/json",
+        b'{"name":"validation_error","message":"bad"}',
+        "reject",
+        None,
+        "validation_error",
+    ),
+    (
+        403,
+        "application/json",
+        b'{"name":"invalid_from_address"}',
+        "reject",
+        None,
+        "invalid_from_address",
+    ),
+    (403, "application/json", b'{"name":"invalid_api_key"}', "fatal", "auth", "invalid_api_key"),
+    (
+        400,
+        "application/json",
+        b'{"name":"brand_new","message":"?"}',
+        "reject",
+        None,
+        "resend_rejected",
+    ),
+    (
+        407,
+        "application/json",
+        b'{"name":"brand_new","message":"?"}',
+        "reject",
+        None,
+        "resend_rejected",
+    ),
+    # other statuses are classified by status alone, JSON or not
+    (401, "text/html", b"<html>401</html>", "fatal", "auth", "unauthorized"),
+    (404, "text/html", b"<html>404</html>", "fatal", "endpoint", "not_found"),
+    (422, "text/html", b"<html>422</html>", "reject", None, "resend_rejected"),
+    (503, "text/html", b"<html>503</html>", "retry", None, "http_503"),
+]
+
+
+@pytest.mark.parametrize(("status", "kind", "raw", "verdict", "condition", "reason"), BODY_ROWS)
+def test_block_pages_are_service_wide_not_per_email(
+    status: int, kind: str, raw: bytes, verdict: str, condition: str | None, reason: str
+) -> None:
+    """A non-JSON 400/403/407 is a block page (fatal endpoint); Resend's JSON answers are not."""
+    answer = answer_from_response(status, {"Content-Type": kind}, raw, endpoint="/emails")
+    assert (answer.verdict, answer.condition, answer.reason) == (verdict, condition, reason)
+    if verdict == "fatal" and condition == "endpoint":
+        assert isinstance(answer.error(), EndpointError)
+        assert "non-JSON" in answer.message
 
 
 def test_html_error_page_is_classified_by_status() -> None:
@@ -480,3 +561,43 @@ async def test_key_file_is_reread_after_an_auth_failure(recorder: Recorder, tmp_
         "Bearer re_new",
     ]
     assert "re_new" not in repr(c)
+
+
+async def test_a_block_page_pauses_the_service_and_dead_letters_nothing(
+    recorder: Recorder,
+) -> None:
+    """An HTML 403 from a WAF over a real socket opens the gate as endpoint; all send after."""
+    recorder.answer = lambda: web.Response(
+        status=403,
+        text="<html><h1>Access denied</h1>by the firewall</html>",
+        content_type="text/html",
+    )
+    changes: list[tuple[str, str, str | None]] = []
+    gate = ServiceGate(
+        probe_initial=0.05, probe_max=0.1, on_change=lambda *change: changes.append(change)
+    )
+    policy = RetryPolicy(base=0.01, cap=0.02, max_attempts=2, max_elapsed=5.0)
+    slots = asyncio.Semaphore(4)
+    async with ResendClient(base_url=recorder.url, api_key=Secret(KEY)) as c:
+        tasks = [
+            asyncio.create_task(
+                deliver(
+                    c,
+                    endpoint="/emails",
+                    body=EMAIL,
+                    idempotency_key=f"blocked:{i}",
+                    policy=policy,
+                    gate=gate,
+                    slots=slots,
+                )
+            )
+            for i in range(4)
+        ]
+        await asyncio.sleep(0.5)
+        assert (gate.state, gate.condition) == ("open", "endpoint")
+        assert not any(t.done() for t in tasks), "a block page must never dead-letter"
+        assert len(recorder.requests) <= 4 + 10  # the first wave, then one probe at a time
+        recorder.answer = lambda: web.json_response({"id": "e-1"})
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert {r.outcome for r in results} == {"sent"}
+    assert changes == [("closed", "open", "endpoint"), ("open", "closed", None)]

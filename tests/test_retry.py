@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from consumer.prepare import Prepared
 from consumer.resend import Answer, ResendClient
 from consumer.retry import (
     DeliveryResult,
@@ -21,7 +22,7 @@ from consumer.retry import (
     deliver,
 )
 from consumer.sandbox import Faults, Sandbox, SandboxConfig
-from consumer.settings import Secret, Settings
+from consumer.settings import Secret, Settings, StalePolicy
 
 KEY = "re_test"
 EMAIL = b'{"from":"a@example.com","to":"b@example.com","subject":"Hi %d","text":"hello"}'
@@ -241,6 +242,7 @@ class Scripted:
         body: bytes,
         idempotency_key: str | None,
         headers: Mapping[str, str] | None = None,
+        paced: bool = False,
     ) -> Answer:
         self.calls.append(time.monotonic())
         if self.delay:
@@ -538,3 +540,232 @@ async def test_waiting_for_a_rate_limit_token_holds_no_slot() -> None:
     result = await asyncio.wait_for(waiting, 5)
     assert result.outcome == "sent"
     assert paced == [True], "the client is told the token was already taken"
+
+
+# -- deliver: only attempts and backoffs spend the time budget --------------------------
+
+
+class FakeTime:
+    """A monotonic clock and sleep that only move when told (or when slept on)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def test_rate_limit_queueing_does_not_spend_the_time_budget() -> None:
+    """Hours queued for rate-limit tokens (others sending meanwhile) leave max_elapsed intact."""
+    clock = FakeTime()
+    gate = ServiceGate(probe_initial=0.01, probe_max=0.05)
+
+    async def pace() -> None:
+        # a backlog at the team limit: this delivery waits far longer than max_elapsed
+        # while other deliveries are being sent (Resend is up)
+        clock.now += 10_000.0
+        gate.record(closed_ticket(), OK)
+
+    # the second 503 follows successes elsewhere: only the budget keeps it alive
+    sender = Scripted([DOWN, DOWN, OK])
+    policy = fast_policy(base=1.0, cap=1.0, max_attempts=10, max_elapsed=60.0)
+    result = await run(sender, policy=policy, gate=gate, pace=pace, sleep=clock.sleep, clock=clock)
+    assert (result.outcome, result.attempts) == ("sent", 3)
+
+
+async def test_waiting_for_a_slot_does_not_spend_the_time_budget() -> None:
+    """Time spent waiting for an in-flight slot is not an attempt: it does not count either."""
+    clock = FakeTime()
+    slots = asyncio.Semaphore(1)
+    policy = fast_policy(base=1.0, cap=1.0, max_attempts=10, max_elapsed=60.0)
+    await slots.acquire()
+    task = asyncio.create_task(
+        run(Scripted([LOCKED, OK]), policy=policy, slots=slots, sleep=clock.sleep, clock=clock)
+    )
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    clock.now += 10_000.0  # the slot stays busy for a long time
+    slots.release()
+    result = await asyncio.wait_for(task, 5)
+    assert (result.outcome, result.attempts) == ("sent", 2)
+
+
+# -- the gate can be probed by its owner -------------------------------------------------
+
+
+async def test_probe_due_lets_the_owner_probe_when_nobody_waits() -> None:
+    """With every waiter cancelled, probe_due() turns True by itself; try_probe takes the turn."""
+    clock = FakeTime()
+    gate = ServiceGate(probe_initial=1.0, probe_max=4.0, clock=clock, random=lambda: 1.0)
+    assert (gate.probe_due(), gate.probe_in, gate.try_probe()) == (False, None, None)
+    gate.record(closed_ticket(), AUTH)
+    assert not gate.probe_due()
+    assert gate.probe_in == 1.0
+    waiter = asyncio.create_task(gate.admit())  # a delivery, then cancelled by a revoke
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    clock.now = 1.0
+    assert gate.probe_due()
+    assert gate.probe_in == 0.0
+    ticket = gate.try_probe()
+    assert ticket is not None
+    assert ticket.probe
+    # the owner holds the turn: nobody else probes, and a waiter is not let through
+    assert not gate.probe_due()
+    assert gate.try_probe() is None
+    late = asyncio.create_task(gate.admit())
+    await asyncio.sleep(0.01)
+    assert not late.done()
+    gate.record(ticket, AUTH)  # still failing: the next probe is due later
+    assert (gate.state, gate.probe_due(), gate.probe_in) == ("open", False, 2.0)
+    clock.now = 3.0
+    assert gate.probe_due()  # due, and the waiter has not taken it yet
+    again = gate.try_probe()
+    assert again is not None
+    gate.abandon(again)  # e.g. the owner's probe was cancelled: the turn is free at once
+    assert gate.probe_due()
+    probe = await asyncio.wait_for(late, 5)
+    assert probe.probe
+    gate.record(probe, OK)
+    assert (gate.state, gate.probe_due(), gate.probe_in) == ("closed", False, None)
+
+
+# -- deliver: freshness before every attempt ---------------------------------------------
+
+MAX_AGE = 3600.0
+EVENT_TIME = 1_800_000_000.0
+
+
+def prepared_at(policy: StalePolicy) -> Prepared:
+    """A Prepared whose route allows an hour, under `policy`."""
+    return Prepared(
+        event_id="ev-1",
+        event_type="order.confirmed",
+        source="test",
+        idempotency_key="fresh:1",
+        endpoint="/emails",
+        body=body(1),
+        recipients=("b@example.com",),
+        event_time=EVENT_TIME,
+        stale=False,
+        max_age=MAX_AGE,
+        stale_policy=policy,
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "outcome", "reason", "calls"),
+    [
+        ("dead-letter", "dead_letter", "stale_event", 0),
+        ("skip", "skipped", "stale_event", 0),
+        ("send", "sent", "sent", 1),
+    ],
+)
+async def test_an_event_that_aged_behind_an_open_gate_is_not_sent(
+    policy: StalePolicy, outcome: str, reason: str, calls: int
+) -> None:
+    """Gate open longer than the max age: once it closes the event is refused (unless "send")."""
+    wall = FakeTime()
+    wall.now = EVENT_TIME + 60
+    gate_clock = FakeTime()
+    gate = ServiceGate(probe_initial=1.0, probe_max=60.0, clock=gate_clock)
+    gate.record(closed_ticket(), AUTH)
+    gate_clock.now = 10.0
+    probe = await gate.admit()  # another delivery probes; this one waits at the gate
+    prepared = prepared_at(policy)
+    sender = Scripted([OK])
+    task = asyncio.create_task(
+        run(
+            sender,
+            gate=gate,
+            check=lambda: prepared.stale_reason(wall.now),
+            refused_as=prepared.stale_outcome,
+        )
+    )
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    wall.now += 2 * MAX_AGE  # the outage outlasts the route's max age
+    gate_clock.now += 2 * MAX_AGE
+    gate.record(probe, OK)
+    result = await asyncio.wait_for(task, 5)
+    assert (result.outcome, result.reason) == (outcome, reason)
+    assert len(sender.calls) == calls
+    assert gate.ready
+
+
+async def test_the_age_is_checked_again_after_a_backoff() -> None:
+    """A 429 wait that outlasts the max age ends the delivery before the next attempt."""
+    wall = FakeTime()
+    wall.now = EVENT_TIME + 60
+    prepared = prepared_at("dead-letter")
+    long_limit = Answer(status=429, verdict="retry", reason="rate_limit_exceeded", retry_after=7200)
+
+    async def sleep(seconds: float) -> None:
+        wall.now += seconds
+
+    sender = Scripted([long_limit, OK])
+    result = await run(sender, sleep=sleep, check=lambda: prepared.stale_reason(wall.now))
+    assert (result.outcome, result.reason, result.attempts) == ("dead_letter", "stale_event", 1)
+    assert result.last == long_limit
+    assert len(sender.calls) == 1
+
+
+async def test_a_refused_event_spends_no_rate_limit_token() -> None:
+    """An event already stale when admitted by the gate does not wait for (or take) a token."""
+    paced: list[float] = []
+
+    async def pace() -> None:
+        paced.append(time.monotonic())
+
+    prepared = prepared_at("dead-letter")
+    sender = Scripted([OK])
+    later = EVENT_TIME + 2 * MAX_AGE
+    result = await run(sender, pace=pace, check=lambda: prepared.stale_reason(later))
+    assert (result.outcome, result.reason, result.attempts, result.last) == (
+        "dead_letter",
+        "stale_event",
+        0,
+        None,
+    )
+    assert (paced, sender.calls) == ([], [])
+
+
+async def test_a_probe_refused_by_its_check_hands_the_turn_on() -> None:
+    """A probe gone stale while waiting for its token frees the turn: the next waiter probes."""
+    wall = FakeTime()
+    wall.now = EVENT_TIME + 60
+    gate = ServiceGate(probe_initial=0.01, probe_max=0.02)
+    gate.record(closed_ticket(), AUTH)
+    token = asyncio.Event()
+
+    async def pace() -> None:
+        await token.wait()
+
+    prepared = prepared_at("dead-letter")
+    stale_sender = Scripted([OK])
+    first = asyncio.create_task(
+        run(stale_sender, gate=gate, pace=pace, check=lambda: prepared.stale_reason(wall.now))
+    )
+    await asyncio.sleep(0.1)  # `first` took the probe turn and waits for its token
+    assert gate._probe_busy
+    fresh_sender = Scripted([OK])
+    second = asyncio.create_task(run(fresh_sender, gate=gate, key="other"))
+    await asyncio.sleep(0.1)
+    assert not second.done()  # one probe at a time
+    wall.now += 2 * MAX_AGE
+    token.set()
+    refused = await asyncio.wait_for(first, 5)
+    sent = await asyncio.wait_for(second, 5)
+    assert (refused.outcome, refused.reason, stale_sender.calls) == (
+        "dead_letter",
+        "stale_event",
+        [],
+    )
+    assert (sent.outcome, len(fresh_sender.calls)) == ("sent", 1)
+    assert gate.ready
+    assert gate.probes == 2
