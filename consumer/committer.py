@@ -58,6 +58,9 @@ DEFAULT_PREFIX: Final = "resend-consumer."
 #: the producer's default batch size; lowered to a topic's limit when that is smaller
 MAX_BATCH_BYTES: Final = 16_384
 
+#: backoff of the transactional producers' retries (aiokafka's default is 100 ms)
+RETRY_BACKOFF_MS: Final = 20
+
 State = Literal["ready", "broken", "fenced"]
 
 
@@ -304,6 +307,10 @@ class PartitionCommitter:
             # A batch of several small letters must fit the topic as well.
             max_batch_size=max(1, min(MAX_BATCH_BYTES, limit)),
             acks="all",
+            # A transaction begun right after the previous one can meet its markers
+            # still being written (CONCURRENT_TRANSACTIONS); aiokafka then waits one
+            # backoff, 100 ms by default, before adding the offsets.
+            retry_backoff_ms=RETRY_BACKOFF_MS,
         )
         try:
             await asyncio.wait_for(producer.start(), self._init_timeout)
@@ -362,6 +369,7 @@ class PartitionCommitter:
         if txn.state in (TransactionState.IN_TRANSACTION, TransactionState.ABORTABLE_ERROR):
             with contextlib.suppress(*self._failures):
                 await asyncio.wait_for(producer.abort_transaction(), self._timeout)
+        _take_failures(producer)
         await _close_producer(producer, self._timeout)
 
     def _abandon_later(self, slot: _Slot) -> None:
@@ -376,6 +384,24 @@ class PartitionCommitter:
 
     def _where(self, tp: TopicPartition) -> str:
         return f"{tp.topic}[{tp.partition}]"
+
+
+def _take_failures(producer: AIOKafkaProducer) -> None:
+    """Retrieve the exceptions a fatal error leaves in aiokafka's internal futures.
+
+    When its sender dies (fenced), aiokafka fails the transaction's future and each
+    pending batch's drain waiter, which nothing awaits; left alone, asyncio reports
+    each one as "never retrieved" when it is collected.
+    """
+    futures = [producer._txn_manager.wait_for_transaction_end()]
+    accumulator = producer._message_accumulator
+    for batch in [b for q in accumulator._batches.values() for b in q]:
+        futures.append(batch._drain_waiter)
+    for batch in accumulator._pending_batches:
+        futures.append(batch._drain_waiter)
+    for future in futures:
+        if future is not None and future.done() and not future.cancelled():
+            future.exception()
 
 
 async def _close_producer(producer: AIOKafkaProducer, limit: float) -> None:
