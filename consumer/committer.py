@@ -172,8 +172,13 @@ class PartitionCommitter:
 
     async def revoke(self, tps: Iterable[TopicPartition]) -> None:
         """Close the producers of `tps`; commit what must be committed before this."""
-        slots = [(tp, self._slots.pop(tp)) for tp in set(tps) if tp in self._slots]
-        await asyncio.gather(*(self._close(slot) for _, slot in slots))
+        slots = [self._slots.pop(tp) for tp in set(tps) if tp in self._slots]
+
+        async def close(slot: _Slot) -> None:
+            async with slot.lock:  # a commit under way finishes (or aborts) first
+                await self._close(slot)
+
+        await asyncio.gather(*(close(slot) for slot in slots))
 
     async def stop(self) -> None:
         """Close every producer (nothing is committed here) and finish cleanups."""
