@@ -2,10 +2,21 @@
 
 A dead letter is the original record (key, value and headers, byte for byte)
 followed by `dlq.*` headers that say why it failed and where it came from.
+A dead letter is always writable: it always has a key (the source coordinates
+`topic/partition/offset` when the record had none, so repeats are easy to spot),
+and `build_record` sizes it against the dead-letter topic's real limit
+(`max.message.bytes`, read once per topic by `TopicLimits`) before anything is
+sent, leaving the value out when it would not fit. Never sending an oversized
+record matters: after a broker-side size failure an idempotent producer answers
+every later write with `OutOfOrderSequenceNumber`, and a transactional one
+aborts its transaction.
+
 `DeadLetterWriter.write` returns only once the broker acknowledged the record
 (the pipeline's producer uses acks=all and idempotence), because the source
 offset is committed right after; any failure raises `DeadLetterUnavailable`,
 a fatal error, so the service pauses instead of skipping the event.
+`consumer.committer` writes dead letters and the source offset in one Kafka
+transaction instead, so readers of a dead-letter topic use read_committed.
 
 `resend-consumer dlq replay` reads a dead-letter topic from its beginning up to
 the end offsets seen at start, filters, and republishes each record's key,
@@ -57,6 +68,10 @@ H_DEAD_LETTERED_AT: Final = "dlq.dead_lettered_at"
 #: set when the original record was too large for the dead-letter topic: its value
 #: (and its original headers) were left out; the header holds the value's size in bytes
 H_VALUE_OMITTED: Final = "dlq.value_omitted"
+#: set when the dead letter's key is not the original key (the record had none, or it
+#: was too large): the key is the source coordinates; the header holds the original
+#: key's size in bytes, or "none"
+H_KEY_REPLACED: Final = "dlq.key_replaced"
 
 #: every dlq.* header, in the order they are written
 DLQ_HEADERS: Final[tuple[str, ...]] = (
@@ -79,6 +94,10 @@ DLQ_HEADERS: Final[tuple[str, ...]] = (
 #: CloudEvents binary-mode headers read by replay when dlq.* ones are missing
 CE_TYPE: Final = "ce_type"
 CE_TIME: Final = "ce_time"
+
+#: the broker's default `message.max.bytes` (1 MiB + 12), used when a topic's own
+#: `max.message.bytes` cannot be read
+DEFAULT_MAX_MESSAGE_BYTES: Final = 1_048_588
 
 #: Resend remembers an idempotency key for 24 hours
 IDEMPOTENCY_WINDOW: Final = 24 * 3600.0
@@ -191,11 +210,133 @@ def _time_or_none(ts: float | None) -> str | None:
     return None if ts is None else rfc3339(ts)
 
 
+class DeadLetterRecord(NamedTuple):
+    """What is sent to the dead-letter topic: never without a key, never over the limit."""
+
+    key: bytes
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    #: the original value was left out to fit the topic's limit
+    value_omitted: bool
+
+
+def coordinates_key(letter: DeadLetter) -> bytes:
+    """`topic/partition/offset` of the source record: the key of a keyless dead letter."""
+    return f"{letter.source_topic}/{letter.partition}/{letter.offset}".encode()
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
+    """Upper bound of the record batch holding only this record, as the broker counts it."""
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+    return size
+
+
+def build_record(
+    letter: DeadLetter,
+    *,
+    limit: int,
+    dead_lettered_at: float,
+    secrets: Iterable[str] = (),
+    omit_value: bool = False,
+) -> DeadLetterRecord:
+    """The dead letter for `letter`, sized to fit `limit` bytes (the topic's and producer's).
+
+    The original key, value and headers are kept when they fit. A record without a
+    key gets its source coordinates as key (aiokafka refuses a record with neither
+    key nor value, and the key makes a repeat recognisable). When the whole would not
+    fit (or `omit_value` is set), the value and the original headers are left out
+    (`dlq.value_omitted`), and then a key too large on its own is replaced by the
+    coordinates too.
+    """
+    secrets = tuple(secrets)
+    headers = dead_letter_headers(letter, dead_lettered_at=dead_lettered_at, secrets=secrets)
+    key = letter.key
+    if key is None:
+        key = coordinates_key(letter)
+        headers.append((H_KEY_REPLACED, b"none"))
+    if not omit_value and record_size(key, letter.value, headers) <= limit:
+        return DeadLetterRecord(key, letter.value, headers, value_omitted=False)
+    slim = replace(letter, value=None, headers=())
+    headers = dead_letter_headers(slim, dead_lettered_at=dead_lettered_at, secrets=secrets)
+    headers.append((H_VALUE_OMITTED, str(len(letter.value or b"")).encode()))
+    key = letter.key
+    if key is None or record_size(key, None, headers) > limit:
+        headers.append((H_KEY_REPLACED, b"none" if key is None else str(len(key)).encode()))
+        key = coordinates_key(letter)
+    return DeadLetterRecord(key, None, headers, value_omitted=True)
+
+
+class TopicLimits:
+    """The largest record each dead-letter topic accepts, read once per topic.
+
+    The limit is the topic's `max.message.bytes` (its override, else the broker's
+    `message.max.bytes`, as the broker reports it), capped by the producer's
+    `max_request_size`. When the config cannot be read (no DescribeConfigs ACL, a
+    broker away) the broker default is assumed and not cached, so a later call reads
+    it again.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: dict[str, Any],
+        max_request_size: int = 1_048_576,
+        default: int = DEFAULT_MAX_MESSAGE_BYTES,
+        timeout: float = 10.0,
+    ) -> None:
+        self._client = client
+        self._max_request_size = max_request_size
+        self._default = default
+        self._timeout = timeout
+        self._known: dict[str, int] = {}
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<TopicLimits known={len(self._known)}>"
+
+    async def get(self, topic: str) -> int:
+        """Largest record, in bytes as `record_size` counts them, that `topic` accepts."""
+        if topic not in self._known:
+            async with self._lock:
+                if topic not in self._known:
+                    found = await self._read(topic)
+                    if found is None:
+                        return min(self._default, self._max_request_size)
+                    self._known[topic] = found
+        return min(self._known[topic], self._max_request_size)
+
+    async def _read(self, topic: str) -> int | None:
+        from aiokafka.admin import AIOKafkaAdminClient
+        from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+        from aiokafka.errors import KafkaError
+
+        admin = AIOKafkaAdminClient(**self._client, request_timeout_ms=int(self._timeout * 1000))
+        try:
+            await asyncio.wait_for(admin.start(), self._timeout)
+            wanted = ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})
+            answers = await asyncio.wait_for(admin.describe_configs([wanted]), self._timeout)
+        except (KafkaError, TimeoutError, OSError):
+            return None
+        finally:
+            await admin.close()
+        for answer in answers:
+            for error_code, _, _, name, entries in answer.resources:
+                if name != topic or error_code != 0:
+                    continue
+                for entry in entries:
+                    if entry[0] == "max.message.bytes" and str(entry[1]).isdigit():
+                        return int(entry[1])
+        return None
+
+
 class DeadLetterWriter:
     """Writes dead letters and waits for the broker's acknowledgement.
 
     The producer belongs to the caller (created with enable_idempotence=True and
-    acks="all", started and stopped by the pipeline).
+    acks="all", started and stopped by the pipeline). Each letter is sized with
+    `build_record` against `limits` (the broker default when none is given).
     """
 
     def __init__(
@@ -206,12 +347,14 @@ class DeadLetterWriter:
         timeout: float = 60.0,
         secrets: Iterable[Secret | None] = (),
         clock: Callable[[], float] = time.time,
+        limits: TopicLimits | None = None,
     ) -> None:
         self._producer = producer
         self._topic_for = topic_for
         self._timeout = timeout
         self._secrets = tuple(s.get() for s in secrets if s)
         self._clock = clock
+        self._limits = limits
         from aiokafka.errors import KafkaError
 
         # What a broken or unreachable Kafka raises; anything else is a bug and propagates.
@@ -225,39 +368,56 @@ class DeadLetterWriter:
     async def write(self, letter: DeadLetter) -> Written:
         """Write `letter` and wait for the ack; DeadLetterUnavailable on any failure."""
         topic = self._topic_for(letter.source_topic)
-        headers = dead_letter_headers(letter, dead_lettered_at=self._clock(), secrets=self._secrets)
         try:
+            limit = await self._limit(topic)
+            record = build_record(
+                letter, limit=limit, dead_lettered_at=self._clock(), secrets=self._secrets
+            )
             try:
-                meta = await asyncio.wait_for(self._send(topic, letter, headers), self._timeout)
+                meta = await asyncio.wait_for(self._send(topic, record), self._timeout)
             except MessageSizeTooLargeError:
-                # Too large for the producer or the topic: retrying can never help, and
-                # pausing would stop the service for good. Keep the record's identity
-                # (key, source position, reason) and say what was left out.
-                size = len(letter.value or b"")
-                slim = replace(letter, value=None, headers=())
-                headers = dead_letter_headers(
-                    slim, dead_lettered_at=self._clock(), secrets=self._secrets
+                # The limit was wrong (the topic's config changed since it was read):
+                # write the letter without its value rather than pause for good.
+                record = build_record(
+                    letter,
+                    limit=limit,
+                    dead_lettered_at=self._clock(),
+                    secrets=self._secrets,
+                    omit_value=True,
                 )
-                headers.append((H_VALUE_OMITTED, str(size).encode()))
-                meta = await asyncio.wait_for(self._send(topic, slim, headers), self._timeout)
+                meta = await asyncio.wait_for(self._send(topic, record), self._timeout)
         except self._failures as exc:
             self.failed += 1
-            # Kafka client errors carry no credentials, but scrub anyway: this text is
-            # logged and may end up in a readiness report.
-            if isinstance(exc, TimeoutError):
-                name, detail = "TimeoutError", f"no acknowledgement within {self._timeout:g}s"
-            else:
-                name, detail = type(exc).__name__, scrub(str(exc), self._secrets)
-            raise DeadLetterUnavailable(
-                f"dead-letter topic {topic!r} not written for {letter.source_topic}"
-                f"[{letter.partition}]@{letter.offset}: {name}" + (f": {detail}" if detail else "")
-            ) from None
+            raise unavailable(topic, letter, exc, self._timeout, self._secrets) from None
         self.written += 1
         return Written(meta.topic, meta.partition, meta.offset)
 
-    async def _send(self, topic: str, letter: DeadLetter, headers: list[tuple[str, bytes]]) -> Any:
-        ack = await self._producer.send(topic, value=letter.value, key=letter.key, headers=headers)
+    async def _limit(self, topic: str) -> int:
+        if self._limits is None:
+            return min(DEFAULT_MAX_MESSAGE_BYTES, 1_048_576)
+        return await self._limits.get(topic)
+
+    async def _send(self, topic: str, record: DeadLetterRecord) -> Any:
+        ack = await self._producer.send(
+            topic, value=record.value, key=record.key, headers=record.headers
+        )
         return await ack
+
+
+def unavailable(
+    topic: str, letter: DeadLetter, exc: BaseException, timeout: float, secrets: Iterable[str]
+) -> DeadLetterUnavailable:
+    """The DeadLetterUnavailable for a failed write of `letter`, its text scrubbed."""
+    # Kafka client errors carry no credentials, but scrub anyway: this text is
+    # logged and may end up in a readiness report.
+    if isinstance(exc, TimeoutError):
+        name, detail = "TimeoutError", f"no acknowledgement within {timeout:g}s"
+    else:
+        name, detail = type(exc).__name__, scrub(str(exc), secrets)
+    return DeadLetterUnavailable(
+        f"dead-letter topic {topic!r} not written for {letter.source_topic}"
+        f"[{letter.partition}]@{letter.offset}: {name}" + (f": {detail}" if detail else "")
+    )
 
 
 # -- reading ------------------------------------------------------------------------
@@ -389,6 +549,7 @@ class ReplaySummary:
     skipped: int = 0
     warned: int = 0
     unroutable: int = 0
+    incomplete: int = 0
 
     def line(self, *, dry_run: bool) -> str:
         verb = "would replay" if dry_run else "replayed"
@@ -398,6 +559,8 @@ class ReplaySummary:
         )
         if self.unroutable:
             text += f", {self.unroutable} without a source topic (not replayed)"
+        if self.incomplete:
+            text += f", {self.incomplete} without their original record (not replayed)"
         return text
 
 
@@ -581,6 +744,22 @@ async def _settle(acks: list[asyncio.Future[Any]]) -> None:
         await ack
 
 
+def _original_key(
+    meta: dict[str, str], key: bytes | None, value: bytes | None
+) -> tuple[bytes | None, str | None]:
+    """The source record's key, or why the source record cannot be rebuilt."""
+    if H_VALUE_OMITTED in meta:
+        return None, "its value was too large and was left out when it was dead-lettered"
+    replaced = meta.get(H_KEY_REPLACED)
+    if replaced is None:
+        return key, None
+    if replaced != "none":
+        return None, "its key was too large and was left out when it was dead-lettered"
+    if value is None:
+        return None, "the source record had neither key nor value"
+    return None, None
+
+
 async def _replay_one(
     record: Any,
     args: argparse.Namespace,
@@ -607,6 +786,11 @@ async def _replay_one(
         summary.unroutable += 1
         print(f"dlq replay: {where}: no {H_SOURCE_TOPIC} header and no --to-topic", file=err)
         return False
+    key, missing = _original_key(meta, record.key, record.value)
+    if missing:
+        summary.incomplete += 1
+        print(f"dlq replay: {where}: {missing}: not replayed", file=err)
+        return False
     warnings = _warnings(meta, headers, record.value, written_at, settings, now)
     if warnings:
         summary.warned += 1
@@ -621,7 +805,7 @@ async def _replay_one(
     else:
         acks.append(
             await producer.send(
-                target, key=record.key, value=record.value, headers=original_headers(headers)
+                target, key=key, value=record.value, headers=original_headers(headers)
             )
         )
     summary.replayed += 1

@@ -4,17 +4,19 @@
     ├── RetriableError          try again later, same key, same bytes
     │   ├── TransportError      timeout, reset, DNS: outcome unknown
     │   ├── ResendRetriable     5xx, 429 rate limit, 409 concurrent/locked
-    │   └── CommitFailed        an offset commit was refused or timed out: keep, retry
+    │   └── CommitFailed        an offset commit (or its transaction) did not happen: again
     ├── PermanentError          this event can never succeed: dead-letter it
     │   ├── InvalidEvent        bad input (reason code from events.Reason)
     │   └── ResendRejected      4xx for this email (validation, from address, ...)
-    └── FatalError              service-wide: pause everything, keep offsets, probe
-        ├── AuthError           missing/invalid/restricted/suspended API key
-        ├── EndpointError       404/405: wrong base URL
-        ├── QuotaExceeded       daily or monthly quota
-        ├── ResendUnavailable   Resend down for long (a run of 5xx/transport failures)
-        ├── DeadLetterUnavailable   the dead-letter topic cannot be written
-        └── KafkaUnavailable        Kafka unreachable or refusing us at start-up
+    ├── FatalError              service-wide: pause everything, keep offsets, probe
+    │   ├── AuthError           missing/invalid/restricted/suspended API key
+    │   ├── EndpointError       404/405: wrong base URL
+    │   ├── QuotaExceeded       daily or monthly quota
+    │   ├── ResendUnavailable   Resend down for long (a run of 5xx/transport failures)
+    │   ├── DeadLetterUnavailable   the dead-letter topic cannot be written
+    │   └── KafkaUnavailable        Kafka unreachable or refusing us at start-up
+    └── PartitionFenced         none of the three: a newer owner has the partition;
+                                drop its work, commit nothing more for it
 
 Every class says what the pipeline does with it through `retriable`,
 `permanent` and `fatal`. Messages never contain secrets: build them from
@@ -79,9 +81,10 @@ class ResendRetriable(RetriableError):
 
 
 class CommitFailed(RetriableError):
-    """An offset commit was refused (rebalance, coordinator move) or timed out.
+    """An offset commit (or the transaction carrying it) was refused, aborted or timed out.
 
-    Nothing moved: the positions are kept and committed again later.
+    Nothing of it is visible: the positions and dead letters are kept and the same
+    commit is tried again later.
     """
 
     reason = "commit_failed"
@@ -115,6 +118,17 @@ class ResendUnavailable(FatalError):
     """Resend failed for a run of attempts across the process: pause and probe."""
 
     reason = "outage"
+
+
+class PartitionFenced(ConsumerError):
+    """A newer owner of the partition fenced our producer: its work here is over.
+
+    Neither retriable (this process can no longer commit for the partition), nor
+    permanent (the events are fine), nor fatal (other partitions go on): drop the
+    partition's pending work and wait for the rebalance that takes it away.
+    """
+
+    reason = "partition_fenced"
 
 
 class DeadLetterUnavailable(FatalError):

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from consumer import __version__
 from consumer.deadletter import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     DLQ_HEADERS,
     H_ATTEMPTS,
     H_DEAD_LETTERED_AT,
@@ -24,6 +25,7 @@ from consumer.deadletter import (
     H_FIRST_ATTEMPT_AT,
     H_HTTP_STATUS,
     H_IDEMPOTENCY_KEY,
+    H_KEY_REPLACED,
     H_LAST_ATTEMPT_AT,
     H_MESSAGE,
     H_REASON,
@@ -31,11 +33,16 @@ from consumer.deadletter import (
     H_SOURCE_OFFSET,
     H_SOURCE_PARTITION,
     H_SOURCE_TOPIC,
+    H_VALUE_OMITTED,
     MAX_MESSAGE_CHARS,
     DeadLetter,
     DeadLetterWriter,
+    TopicLimits,
     add_arguments,
+    build_record,
+    coordinates_key,
     dead_letter_headers,
+    record_size,
     replay_command,
     rfc3339,
     scrub,
@@ -88,8 +95,14 @@ async def producer(kafka_bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
         await prod.stop()
 
 
-async def read_all(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of `topic` up to its current end, in (partition, offset) order."""
+async def read_all(
+    bootstrap: str, topic: str, *, isolation_level: str = "read_committed"
+) -> list[Any]:
+    """Every record of `topic` up to its current end, in (partition, offset) order.
+
+    read_committed, as every reader of a dead-letter topic: letters of an aborted
+    or still open transaction are not returned.
+    """
     partitions = await topic_partitions({"bootstrap_servers": bootstrap}, topic)
     assert partitions, f"topic {topic} does not exist"
     consumer = AIOKafkaConsumer(
@@ -98,6 +111,7 @@ async def read_all(bootstrap: str, topic: str) -> list[Any]:
         enable_auto_commit=False,
         # "latest" would race seek_to_beginning on a fresh assignment
         auto_offset_reset="earliest",
+        isolation_level=isolation_level,
     )
     await consumer.start()
     try:
@@ -147,6 +161,54 @@ def test_unknown_values_are_left_out_and_originals_come_first() -> None:
     for absent in (H_ERROR_NAME, H_HTTP_STATUS, H_FIRST_ATTEMPT_AT, H_LAST_ATTEMPT_AT):
         assert absent not in names
     assert names[2:] == [h for h in DLQ_HEADERS if h in names]
+
+
+def test_record_that_fits_is_kept_byte_for_byte() -> None:
+    """A keyed letter under the limit keeps its key, value and original headers."""
+    sent = letter()
+    record = build_record(sent, limit=DEFAULT_MAX_MESSAGE_BYTES, dead_lettered_at=NOW)
+    assert (record.key, record.value, record.value_omitted) == (sent.key, sent.value, False)
+    assert record.headers[:2] == list(sent.headers)
+    assert H_KEY_REPLACED not in dict(record.headers)
+
+
+def test_keyless_record_gets_its_source_coordinates_as_key() -> None:
+    """No key (even with no value): the key is topic/partition/offset, marked dlq.key_replaced."""
+    sent = letter(key=None, value=None, headers=[])
+    record = build_record(sent, limit=DEFAULT_MAX_MESSAGE_BYTES, dead_lettered_at=NOW)
+    assert record.key == coordinates_key(sent) == b"orders/2/41"
+    assert record.value is None
+    assert dict(record.headers)[H_KEY_REPLACED] == b"none"
+
+
+def test_record_over_the_limit_leaves_its_value_out_before_sending() -> None:
+    """Value plus headers over the limit: value and original headers left out, under the limit."""
+    limit = 10_000
+    sent = letter(value=b"x" * limit)
+    record = build_record(sent, limit=limit, dead_lettered_at=NOW)
+    assert record.value is None
+    assert record.value_omitted
+    assert record.key == sent.key
+    assert dict(record.headers)[H_VALUE_OMITTED] == str(limit).encode()
+    assert ("trace", b"\x00\xff") not in record.headers
+    assert record_size(record.key, record.value, record.headers) <= limit
+    # A value that leaves room for the headers (and a few bytes of varints) is kept whole.
+    room = limit - record_size(sent.key, b"", dead_letter_headers(sent, dead_lettered_at=NOW))
+    assert not build_record(
+        letter(value=b"x" * (room - 8)), limit=limit, dead_lettered_at=NOW
+    ).value_omitted
+    assert build_record(
+        letter(value=b"x" * (room + 1)), limit=limit, dead_lettered_at=NOW
+    ).value_omitted
+
+
+def test_key_too_large_on_its_own_is_replaced_by_the_coordinates() -> None:
+    """A key that alone passes the limit is replaced too, with its size in dlq.key_replaced."""
+    sent = letter(key=b"k" * 5000, value=b"v")
+    record = build_record(sent, limit=4000, dead_lettered_at=NOW)
+    assert record.key == coordinates_key(sent)
+    assert dict(record.headers)[H_KEY_REPLACED] == b"5000"
+    assert record_size(record.key, record.value, record.headers) <= 4000
 
 
 # -- writing (real broker) --------------------------------------------------------
@@ -259,6 +321,56 @@ async def test_record_too_large_for_the_topic_is_written_without_its_value(
     assert headers["dlq.source_offset"] == str(big.offset).encode()
 
 
+async def test_null_key_and_value_and_keyless_big_value_are_written_and_writer_stays_healthy(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, producer: AIOKafkaProducer
+) -> None:
+    """Records any producer can write are dead-lettered; the idempotent producer keeps working."""
+    source = await new_topic(prefix="src")
+    dlq = await new_topic(name=f"{source}.dlq")  # default max.message.bytes
+    limits = TopicLimits(client={"bootstrap_servers": kafka_bootstrap})
+    writer = DeadLetterWriter(producer=producer, topic_for=lambda t: f"{t}.dlq", limits=limits)
+    empty = letter(source_topic=source, offset=1, key=None, value=None, headers=[])
+    big = letter(source_topic=source, offset=2, key=None, value=b"x" * (1024 * 1024 - 200))
+    await writer.write(empty)
+    await writer.write(big)
+    await writer.write(letter(source_topic=source, offset=3))
+    assert writer.failed == 0
+
+    first, second, third = await read_all(kafka_bootstrap, dlq)
+    assert (first.key, first.value) == (coordinates_key(empty), None)
+    assert (second.key, second.value) == (coordinates_key(big), None)
+    assert dict(second.headers)[H_VALUE_OMITTED] == str(1024 * 1024 - 200).encode()
+    assert (third.key, third.value) == (b"order-1", b'{"id":"e1"}')
+
+
+async def test_topic_limits_read_the_topics_own_max_message_bytes(
+    kafka_bootstrap: str, unused_tcp_port: int
+) -> None:
+    """A topic's max.message.bytes override is read (and capped by max_request_size)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    topic = f"limits-{NOW:.0f}-{id(kafka_bootstrap)}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": "200000"})]
+        )
+        limits = TopicLimits(client={"bootstrap_servers": kafka_bootstrap})
+        assert await limits.get(topic) == 200_000
+        capped = TopicLimits(
+            client={"bootstrap_servers": kafka_bootstrap}, max_request_size=100_000
+        )
+        assert await capped.get(topic) == 100_000
+        assert "known=1" in repr(limits)
+    finally:
+        await admin.delete_topics([topic])
+        await admin.close()
+    away = TopicLimits(client={"bootstrap_servers": f"127.0.0.1:{unused_tcp_port}"}, timeout=1.0)
+    assert await away.get("any") == 1_048_576
+    assert "known=0" in repr(away)
+
+
 # -- replay (real broker) ---------------------------------------------------------
 
 
@@ -360,6 +472,52 @@ async def test_replay_republishes_originals_unchanged_and_warns_past_24h(
     assert by_value[b"v3"].key is None
     assert list(by_value[b"v3"].headers) == []
     assert all(not name.startswith("dlq.") for r in replayed for name, _ in r.headers)
+
+
+async def test_replay_reads_committed_letters_only(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, producer: AIOKafkaProducer
+) -> None:
+    """A dead letter of an aborted transaction is never replayed."""
+    source = await new_topic(prefix="src")
+    dlq = await new_topic(name=f"{source}.dlq")
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, kafka_topics=(source,))
+    writer = DeadLetterWriter(producer=producer, topic_for=settings.dlq_topic_for)
+    await writer.write(letter(source_topic=source, key=b"kept", value=b"v1"))
+    txn = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"abort-{dlq}")
+    await txn.start()
+    try:
+        await txn.begin_transaction()
+        headers = [(H_REASON, b"x"), (H_SOURCE_TOPIC, source.encode())]
+        await (await txn.send(dlq, key=b"aborted", value=b"v2", headers=headers))
+        await txn.abort_transaction()
+    finally:
+        await txn.stop()
+    assert len(await read_all(kafka_bootstrap, dlq, isolation_level="read_uncommitted")) == 2
+
+    run = await replay(settings)
+    assert run.code == 0, run.err
+    assert run.out.startswith("replayed 1,")
+    assert [r.key for r in await read_all(kafka_bootstrap, source)] == [b"kept"]
+
+
+async def test_replay_skips_letters_whose_original_was_left_out(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, producer: AIOKafkaProducer
+) -> None:
+    """Value left out, or neither key nor value: reported, not replayed; others go back keyless."""
+    source = await new_topic(prefix="src")
+    await new_topic(name=f"{source}.dlq")
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, kafka_topics=(source,))
+    writer = DeadLetterWriter(producer=producer, topic_for=settings.dlq_topic_for)
+    await writer.write(letter(source_topic=source, offset=1, value=b"x" * 1_100_000))
+    await writer.write(letter(source_topic=source, offset=2, key=None, value=None))
+    await writer.write(letter(source_topic=source, offset=3, key=None, value=b"keyless"))
+    run = await replay(settings)
+    assert run.code == 0, run.err
+    assert "2 without their original record (not replayed)" in run.out
+    assert "its value was too large" in run.err
+    assert "neither key nor value" in run.err
+    [back] = await read_all(kafka_bootstrap, source)
+    assert (back.key, back.value) == (None, b"keyless")
 
 
 async def test_replay_filters_by_reason_type_and_time(
