@@ -74,6 +74,10 @@ class LogEvent(StrEnum):
     #: a partition with work finished nothing for STALL_TIMEOUT and nothing explains it
     PARTITION_STALLED = "partition.stalled"
     PARTITION_RECOVERED = "partition.recovered"
+    #: a newer owner fenced this member's committer for the partition
+    PARTITION_FENCED = "partition.fenced"
+    #: the committer could not fence the previous owners of newly assigned partitions
+    ASSIGN_FAILED = "partitions.assign_failed"
     HEALTH_SERVER = "health.listening"
     STARTED = "service.started"
     STOPPING = "service.stopping"

@@ -37,17 +37,18 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
 
 from consumer import __version__
 from consumer.deadletter import DeadLetter, DeadLetterWriter
-from consumer.errors import CommitFailed, DeadLetterUnavailable
+from consumer.errors import CommitFailed, DeadLetterUnavailable, PartitionFenced
 from consumer.logs import LogEvent
 from consumer.observe import Health, Metrics, ProgressReporter, log_outcome
 from consumer.offsets import OffsetLedger
@@ -104,24 +105,29 @@ class Consumer(Protocol):
 class Committer(Protocol):
     """Commits a partition's position together with the dead letters it covers.
 
-    `commit` returns only once both are durable, or raises: `DeadLetterUnavailable`
-    when a dead letter could not be written, `CommitFailed` for the offset commit;
-    after a raise nothing of the call may become visible twice on a retry.
+    `assign` fences earlier owners of the partitions and returns their committed
+    offsets read after the fence (`OffsetAndMetadata`, or None when nothing is
+    committed). `commit` returns only once letters and position are durable, or
+    raises: `DeadLetterUnavailable` when a letter could not be written,
+    `CommitFailed` when nothing happened (commit the same again), `PartitionFenced`
+    when a newer owner has the partition. Nothing of a failed call becomes visible.
     """
 
-    async def start(self) -> None: ...
-    async def assign(self, partitions: set[TopicPartition]) -> None: ...
+    async def assign(
+        self, partitions: Iterable[TopicPartition]
+    ) -> Mapping[TopicPartition, OffsetAndMetadata | None]: ...
     async def commit(
-        self, tp: TopicPartition, position: int, letters: Sequence[DeadLetter]
+        self, tp: TopicPartition, position: int, metadata: str, letters: Sequence[DeadLetter]
     ) -> None: ...
-    async def revoke(self, partitions: set[TopicPartition]) -> None: ...
+    async def revoke(self, partitions: Iterable[TopicPartition]) -> None: ...
     async def stop(self) -> None: ...
 
 
 class ConsumerCommitter:
     """Dead letters through an idempotent producer, then the consumer's own offset commit.
 
-    At least once for dead letters: a crash between the two writes a letter again.
+    For brokers where transactions are not allowed (KAFKA_TRANSACTIONS=false): at
+    least once for dead letters, since a crash between the two writes a letter again.
     """
 
     def __init__(self, *, consumer: Any, writer: DeadLetterWriter, timeout: float) -> None:
@@ -129,29 +135,35 @@ class ConsumerCommitter:
         self._writer = writer
         self._timeout = timeout
 
-    async def start(self) -> None:
-        return None
-
-    async def assign(self, partitions: set[TopicPartition]) -> None:
-        return None
+    async def assign(
+        self, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, OffsetAndMetadata | None]:
+        tps = sorted(partitions)
+        try:
+            found = await asyncio.wait_for(
+                asyncio.gather(*(self._consumer.committed(tp) for tp in tps)), self._timeout
+            )
+        except (KafkaError, TimeoutError) as exc:
+            raise CommitFailed(f"committed offsets not read: {type(exc).__name__}") from None
+        return {
+            tp: None if offset is None else OffsetAndMetadata(offset, "")
+            for tp, offset in zip(tps, found, strict=True)
+        }
 
     async def commit(
-        self, tp: TopicPartition, position: int, letters: Sequence[DeadLetter]
+        self, tp: TopicPartition, position: int, metadata: str, letters: Sequence[DeadLetter]
     ) -> None:
         for letter in letters:
             await self._writer.write(letter)
         try:
             # aiokafka retries a commit for as long as the coordinator is away; a
             # revoke or a shutdown must not wait that long behind the commit lock
-            await asyncio.wait_for(
-                self._consumer.commit({tp: (position, COMMIT_METADATA)}), self._timeout
-            )
+            await asyncio.wait_for(self._consumer.commit({tp: (position, metadata)}), self._timeout)
         except (KafkaError, TimeoutError) as exc:
-            raise CommitFailed(
-                f"commit of {tp.topic}[{tp.partition}]: {type(exc).__name__}"
-            ) from None
+            where = f"{tp.topic}[{tp.partition}]"
+            raise CommitFailed(f"commit of {where}: {type(exc).__name__}") from None
 
-    async def revoke(self, partitions: set[TopicPartition]) -> None:
+    async def revoke(self, partitions: Iterable[TopicPartition]) -> None:
         return None
 
     async def stop(self) -> None:
@@ -256,6 +268,11 @@ class Pipeline:
         self._key_locks: dict[str, list[Any]] = {}  # key -> [lock, users]
         self._parts: dict[TopicPartition, _Part] = {}
         self._paused: set[TopicPartition] = set()
+        #: assigned but not fenced and sought yet (the committer could not reach Kafka)
+        self._unready: set[TopicPartition] = set()
+        self._unready_since: float | None = None
+        self._ready_lock = asyncio.Lock()
+        self._unready_reported = False
         self._commit_lock = asyncio.Lock()
         self._dlq_down = False
         self._broker_ok = True
@@ -290,7 +307,6 @@ class Pipeline:
         `subscribe` and `start` errors propagate (the caller words them).
         """
         consumer = self._consumer
-        await self._committer.start()
         try:
             listener = _Listener(self)
             if self.settings.kafka_topic_pattern:
@@ -730,7 +746,12 @@ class Pipeline:
     async def _commit_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(self.settings.commit_interval)
-            await self._commit(reason="interval")
+            try:
+                await self._commit(reason="interval")
+            except Exception as exc:  # a bug here must not end commits for good
+                log.error(
+                    LogEvent.INTERNAL_ERROR, stage="commit", error=type(exc).__name__, exc_info=exc
+                )
 
     async def _commit(self, *, reason: str, only: set[TopicPartition] | None = None) -> None:
         async with self._commit_lock:
@@ -763,9 +784,9 @@ class Pipeline:
                 first = min(letter.offset for letter in letters)
                 committed = self.ledger.committed(tp)
                 if committed is None or first > committed:
-                    await self._committer.commit(tp, first, ())
+                    await self._committer.commit(tp, first, COMMIT_METADATA, ())
                     self._committed(tp, part, first, [])
-            await self._committer.commit(tp, position, letters)
+            await self._committer.commit(tp, position, COMMIT_METADATA, letters)
         except DeadLetterUnavailable as exc:
             if not part.dlq_failed:
                 part.dlq_failed = True
@@ -774,6 +795,16 @@ class Pipeline:
         except CommitFailed as exc:
             # a rebalance or a coordinator move: keep the positions, try again later
             log.warning(LogEvent.COMMIT_FAILED, reason=reason, error=str(exc))
+            return
+        except PartitionFenced as exc:
+            # a newer owner has it (we are the zombie): nothing more of ours may land
+            log.warning(
+                LogEvent.PARTITION_FENCED, topic=tp.topic, partition=tp.partition, error=str(exc)
+            )
+            if self._parts.get(tp) is part:
+                with contextlib.suppress(KafkaError, AssertionError):
+                    self._consumer.pause(tp)
+                self._forget({tp})
             return
         self._committed(tp, part, position, letters)
         if letters and part.dlq_failed:
@@ -812,20 +843,54 @@ class Pipeline:
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Fence the previous owners, then start each partition at its committed offset.
 
-        aiokafka installs the assignment and may fetch before this callback ends;
-        records it hands out before the partition's state exists are dropped by the
-        intake, so each partition is sought back to the committed offset read after
-        the fence (which also keeps a fenced zombie's last commit from being missed).
+        aiokafka installs the assignment, and may read committed offsets and fetch,
+        before this callback ends; that read may predate the fence (a zombie's last
+        transaction could land after it). Records handed out before a partition's
+        state exists are dropped by the intake, and each partition is sought to the
+        committed offset the committer read after fencing. If the committer cannot
+        fence (Kafka away), the partitions stay paused and are tried again.
         """
-        await self._committer.assign(assigned)
+        if not assigned:
+            self._report_assignment()
+            return
         consumer = self._consumer
-        tps = sorted(assigned)
-        committed = await asyncio.gather(*(consumer.committed(tp) for tp in tps))
+        with contextlib.suppress(KafkaError, AssertionError):
+            consumer.pause(*assigned)
+        self._unready.update(assigned)
+        if self._unready_since is None:
+            self._unready_since = self._clock()
+        await self._make_ready()
+        log.info(
+            LogEvent.ASSIGNED,
+            partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
+        )
+
+    async def _make_ready(self) -> None:
+        """Fence and seek the partitions still waiting for it (see `on_assigned`)."""
+        async with self._ready_lock:
+            await self._make_ready_locked()
+
+    async def _make_ready_locked(self) -> None:
+        consumer = self._consumer
+        tps = sorted(self._unready & consumer.assignment())
+        self._unready.intersection_update(tps)
+        if not tps:
+            self._unready_since = None
+            self._report_assignment()
+            return
+        try:
+            offsets = await self._committer.assign(tps)
+        except CommitFailed as exc:
+            log.warning(LogEvent.ASSIGN_FAILED, partitions=len(tps), error=str(exc))
+            return
         now = self._clock()
         still = consumer.assignment()
-        for tp, position in zip(tps, committed, strict=True):
-            if tp not in still:
+        ready = []
+        for tp in tps:
+            if tp not in still or tp not in self._unready:
                 continue  # the consumer is stopping, or a newer assignment replaced this one
+            found = offsets.get(tp)
+            position = None if found is None else found.offset
             if position is not None:
                 consumer.seek(tp, position)
             elif self.settings.kafka_auto_offset_reset == "earliest":
@@ -834,11 +899,13 @@ class Pipeline:
                 generation=self.ledger.assign(tp, committed=position), progress_at=now
             )
             self._paused.discard(tp)
+            ready.append(tp)
+        self._unready.difference_update(ready)
+        if not self._unready:
+            self._unready_since = None
+        with contextlib.suppress(KafkaError, AssertionError):
+            consumer.resume(*ready)
         self._report_assignment()
-        log.info(
-            LogEvent.ASSIGNED,
-            partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
-        )
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Start no new sends for `revoked`, drain what is in flight, commit, let go."""
@@ -860,6 +927,9 @@ class Pipeline:
 
     def _forget(self, tps: set[TopicPartition]) -> None:
         """Drop every trace of `tps`: lanes, works, unwritten letters, ledger, metrics."""
+        self._unready.difference_update(tps)
+        if not self._unready:
+            self._unready_since = None
         for key in [key for key in self._lanes if key[0] in tps]:
             lane = self._lanes.pop(key)
             lane.queue.clear()
@@ -956,9 +1026,19 @@ class Pipeline:
         interval = min(5.0, self.settings.stall_timeout / 4)
         while not stop.is_set():
             await asyncio.sleep(interval)
-            with contextlib.suppress(KafkaError, TimeoutError, OSError, AssertionError):
-                await asyncio.wait_for(self._update_lag(), BROKER_CHECK_INTERVAL)
-            self.check_stalls()
+            try:
+                if self._unready:
+                    await self._make_ready()
+                with contextlib.suppress(KafkaError, TimeoutError, OSError, AssertionError):
+                    await asyncio.wait_for(self._update_lag(), BROKER_CHECK_INTERVAL)
+                self.check_stalls()
+            except Exception as exc:  # the watchdog must outlive its own bugs
+                log.error(
+                    LogEvent.INTERNAL_ERROR,
+                    stage="watchdog",
+                    error=type(exc).__name__,
+                    exc_info=exc,
+                )
 
     async def _update_lag(self) -> int:
         """End offset minus committed offset, for every assigned partition.
@@ -1034,6 +1114,20 @@ class Pipeline:
             elif part.stalled:
                 part.stalled = False
                 log.info(LogEvent.PARTITION_RECOVERED, topic=tp.topic, partition=tp.partition)
+        since = self._unready_since
+        if self._unready and since is not None and now - since >= limit:
+            # assigned, but the committer could not fence them all this time
+            if not self._unready_reported:
+                self._unready_reported = True
+                log.error(
+                    LogEvent.PARTITION_STALLED,
+                    partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in self._unready),
+                    waiting_for="the committer to fence the previous owner (Kafka unreachable?)",
+                    stalled_for_s=round(now - since, 1),
+                )
+            stalled += len(self._unready)
+        else:
+            self._unready_reported = False
         self.stalled = stalled
         self.health.set_stalled(stalled)
         self.metrics.stalled_partitions.set(stalled)

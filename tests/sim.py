@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import random
 import selectors
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
+from aiokafka.structs import OffsetAndMetadata
 
 from consumer.deadletter import DeadLetter
 from consumer.errors import CommitFailed, DeadLetterUnavailable
@@ -315,13 +316,20 @@ class FakeCommitter:
         self.rng = rng
         self.commit_failures = 0.0
         self.dlq_failures = 0.0
+        self.assign_failures = 0.0
         self.commits = 0
 
-    async def start(self) -> None:
-        return None
-
-    async def assign(self, partitions: set[TopicPartition]) -> None:
+    async def assign(
+        self, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, OffsetAndMetadata | None]:
         await asyncio.sleep(self.rng.choice((0.0, 0.002)))
+        if self.rng.random() < self.assign_failures:
+            raise CommitFailed("simulated: the committer could not fence")
+        committed = self.group.committed
+        return {
+            tp: OffsetAndMetadata(committed[tp], "") if tp in committed else None
+            for tp in partitions
+        }
 
     async def revoke(self, partitions: set[TopicPartition]) -> None:
         return None
@@ -330,7 +338,7 @@ class FakeCommitter:
         return None
 
     async def commit(
-        self, tp: TopicPartition, position: int, letters: Sequence[DeadLetter]
+        self, tp: TopicPartition, position: int, metadata: str, letters: Sequence[DeadLetter]
     ) -> None:
         rng = self.rng
         await asyncio.sleep(rng.choice((0.0, 0.001, 0.02, 0.2)))
@@ -621,6 +629,7 @@ class World:
             m.consumer.fetch_failures = 0.0
             m.committer.commit_failures = 0.0
             m.committer.dlq_failures = 0.0
+            m.committer.assign_failures = 0.0
 
     def finished(self) -> bool:
         group = self.group
@@ -713,6 +722,7 @@ async def _chaos(world: World) -> Outcome:
         m.consumer.fetch_failures = rng.choice((0.0, 0.05))
         m.committer.commit_failures = rng.choice((0.0, 0.1, 0.3))
         m.committer.dlq_failures = rng.choice((0.0, 0.2, 0.6))
+        m.committer.assign_failures = rng.choice((0.0, 0.0, 0.3))
     while loop.time() < chaos_until:
         await asyncio.sleep(rng.uniform(0.0, 3.0))
         roll = rng.random()

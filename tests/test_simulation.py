@@ -134,9 +134,9 @@ def test_records_handed_out_while_the_committer_fences_are_read_again() -> None:
         member = world.members[0]
         slow = member.committer.assign
 
-        async def slow_assign(partitions: object) -> None:
+        async def slow_assign(partitions: object) -> object:
             await asyncio.sleep(1.0)  # fetches run meanwhile
-            await slow(partitions)  # type: ignore[arg-type]
+            return await slow(partitions)  # type: ignore[arg-type]
 
         member.committer.assign = slow_assign  # type: ignore[method-assign]
         member.start()
