@@ -250,11 +250,35 @@ def compile_schema(schema: Any) -> Validator:
     declared = schema.get("$schema", "http://json-schema.org/draft-07/schema#")
     if "draft-07" not in str(declared):
         raise ValueError(f"$schema must be draft-07, got {declared!r}")
+    _only_local_refs(schema)
     try:
-        validator: Validator = fastjsonschema.compile(schema)
+        # fastjsonschema fetches any other $ref with urlopen (file:, http:, ...):
+        # refuse every scheme urlopen knows, on top of the check above.
+        validator: Validator = fastjsonschema.compile(schema, handlers=_NO_REMOTE)
     except fastjsonschema.JsonSchemaDefinitionException as exc:
         raise ValueError(f"invalid schema: {exc}") from None
     return validator
+
+
+def _refuse_remote(uri: str) -> Any:
+    raise fastjsonschema.JsonSchemaDefinitionException(f"remote $ref {uri} is refused")
+
+
+_NO_REMOTE: Final = dict.fromkeys(("", "file", "http", "https", "ftp", "data"), _refuse_remote)
+
+
+def _only_local_refs(node: Any) -> None:
+    """Refuse `$ref`s that leave the schema: a schema must not read files or URLs."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                raise ValueError(f"$ref {ref!r}: only references inside the schema (#...)")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def parse_time(text: str) -> float:

@@ -41,7 +41,14 @@ from consumer.events import (
 )
 from consumer.keys import DEFAULT_KEY_TEMPLATE, KeyTemplate, KeyTemplateError
 from consumer.settings import SettingsError, StalePolicy, parse_duration
-from consumer.templates import Compiled, environment, render_template
+from consumer.templates import (
+    Compiled,
+    TemplateOutside,
+    TemplateReferenceError,
+    check_references,
+    environment,
+    render_template,
+)
 
 UnknownTypePolicy = Literal["dead-letter", "skip"]
 UNKNOWN_TYPE_POLICIES: Final = ("dead-letter", "skip")
@@ -285,7 +292,9 @@ class _Loader:
         envelope_name = doc.get("envelope", ENVELOPE_SCHEMA)
         if not isinstance(envelope_name, str):
             raise self.fail("must be a file name", field="envelope")
-        envelope = self.schema(schemas_dir / envelope_name, field="envelope")
+        envelope = self.schema(
+            self.inside(schemas_dir, envelope_name, field="envelope"), field="envelope"
+        )
         defaults = doc.get("defaults") or {}
         if not isinstance(defaults, dict):
             raise self.fail("must be a mapping", field="defaults")
@@ -366,7 +375,29 @@ class _Loader:
         value = doc.get(name, default)
         if not isinstance(value, str):
             raise self.fail("must be a folder path", field=name)
-        return (self.base / value).resolve()
+        return self.inside(self.base, value, field=name)
+
+    def inside(self, folder: Path, value: str, *, field: str, route: str | None = None) -> Path:
+        """`folder / value`, resolved, refused unless it stays inside the routes file's folder.
+
+        A routes file (often a less guarded ConfigMap than the Secret) must not
+        reach other files: no absolute path, no `..`, no symlink leading out.
+        """
+        relative = Path(value)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise self.fail(
+                f"{value!r} must be relative to the routes file's folder, without '..'",
+                route=route,
+                field=field,
+            )
+        resolved = (folder / relative).resolve()
+        if not resolved.is_relative_to(self.base):
+            raise self.fail(
+                f"{value!r} resolves outside the routes file's folder ({self.base})",
+                route=route,
+                field=field,
+            )
+        return resolved
 
     def schema(self, path: Path, *, route: str | None = None, field: str) -> Validator:
         try:
@@ -401,7 +432,9 @@ class _RouteLoader:
         schema_name = spec.get("schema", f"{self.route}{SCHEMA_SUFFIX}")
         if not isinstance(schema_name, str):
             raise self.fail("schema", "must be a file name")
-        schema_path = (self.schemas_dir / schema_name).resolve()
+        schema_path = self.loader.inside(
+            self.schemas_dir, schema_name, field="schema", route=self.route
+        )
         validator = self.loader.schema(schema_path, route=self.route, field="schema")
         key_text = spec.get("idempotency_key", DEFAULT_KEY_TEMPLATE)
         try:
@@ -538,17 +571,28 @@ class _RouteLoader:
         if not isinstance(name, str) or not name.endswith(suffix):
             raise self.fail(field, f"must be a template file name ending in {suffix}")
         try:
-            return Compiled(env.get_template(name))
+            template = env.get_template(name)
+            assert env.loader is not None
+            check_references(env, env.loader.get_source(env, name)[0], name=name)
+        except TemplateOutside as exc:
+            raise self.fail(field, str(exc.message)) from None
         except jinja2.TemplateNotFound:
             raise self.fail(field, f"template {name} not found in the templates folder") from None
         except jinja2.TemplateSyntaxError as exc:
             raise self.fail(field, f"{name} line {exc.lineno}: {exc.message}") from None
+        except TemplateReferenceError as exc:
+            raise self.fail(field, str(exc)) from None
+        return Compiled(template)
 
     def compile(self, env: ImmutableSandboxedEnvironment, source: str, field: str) -> Compiled:
         try:
-            return Compiled(env.from_string(source), source=source)
+            template = env.from_string(source)
+            check_references(env, source, name=field)
         except jinja2.TemplateSyntaxError as exc:
             raise self.fail(field, f"template syntax: {exc.message}") from None
+        except TemplateReferenceError as exc:
+            raise self.fail(field, str(exc)) from None
+        return Compiled(template, source=source)
 
     def age(self, value: Any) -> float | None:
         if value is None:

@@ -543,3 +543,170 @@ def test_distinct_prefixes_and_type_keys_load(tmp_path: Path) -> None:
     table = load_routes(two_routes(tmp_path, "{type}:{id}", "{type}:{source}:{id}"))
     assert table.routes["thing.done"].key.prefix("thing.done") == "thing.2edone:"
     load_routes(two_routes(tmp_path, "done:{data.id}", "other:{data.id}"))
+
+
+# -- a routes file cannot read other files (issue 11, item 2) -------------------
+
+
+def write_secret(tmp_path: Path) -> Path:
+    """A file outside the routes folder standing in for /proc/self/environ."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "environ.txt.j2"
+    secret.write_text("RESEND_API_KEY=re_leaked")
+    return secret
+
+
+def routes_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "routes"
+    folder.mkdir()
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("top", "field", "problem"),
+    [
+        ("templates: /\n", "templates", "must be relative"),
+        ("templates: ../outside\n", "templates", "without '..'"),
+        ("schemas: /etc\n", "schemas", "must be relative"),
+        ("examples: ../..\n", "examples", "without '..'"),
+        ("envelope: ../outside/e.json\n", "envelope", "without '..'"),
+        ("envelope: /etc/passwd\n", "envelope", "must be relative"),
+    ],
+)
+def test_folders_and_files_outside_the_routes_folder_are_refused(
+    tmp_path: Path, top: str, field: str, problem: str
+) -> None:
+    """Absolute paths and '..' in folders and file names fail at load, naming the field."""
+    folder = routes_folder(tmp_path)
+    path = write_routes(folder, top + "routes:\n  thing.done:" + BASE_ROUTE)
+    with pytest.raises(RoutesError) as info:
+        load_routes(path)
+    assert f"field {field!r}" in str(info.value)
+    assert problem in str(info.value)
+
+
+def test_route_schema_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    """A route's schema file name cannot climb out of the routes folder."""
+    folder = routes_folder(tmp_path)
+    route = BASE_ROUTE + "    schema: ../outside/x.schema.json\n"
+    with pytest.raises(RoutesError) as info:
+        load_routes(write_routes(folder, "routes:\n  thing.done:" + route))
+    assert "route 'thing.done'" in str(info.value)
+    assert "field 'schema'" in str(info.value)
+
+
+def test_symlinked_folder_leading_out_is_refused(tmp_path: Path) -> None:
+    """A templates folder that is a symlink to somewhere else is refused at load."""
+    secret = write_secret(tmp_path)
+    folder = routes_folder(tmp_path)
+    (folder / "elsewhere").symlink_to(secret.parent, target_is_directory=True)
+    path = write_routes(folder, "templates: elsewhere\nroutes:\n  thing.done:" + BASE_ROUTE)
+    with pytest.raises(RoutesError, match="resolves outside") as info:
+        load_routes(path)
+    assert "field 'templates'" in str(info.value)
+
+
+def test_symlinked_schema_leading_out_is_refused(tmp_path: Path) -> None:
+    """A schema file that is a symlink out of the routes folder is refused at load."""
+    folder = routes_folder(tmp_path)
+    path = write_routes(folder, "routes:\n  thing.done:" + BASE_ROUTE)
+    outside = tmp_path / "outside.schema.json"
+    outside.write_text((folder / "thing.done.schema.json").read_text())
+    (folder / "thing.done.schema.json").unlink()
+    (folder / "thing.done.schema.json").symlink_to(outside)
+    with pytest.raises(RoutesError, match="resolves outside") as info:
+        load_routes(path)
+    assert "field 'schema'" in str(info.value)
+
+
+def test_symlinked_template_file_leading_out_is_refused(tmp_path: Path) -> None:
+    """A template file that is a symlink out of the templates folder is refused at load."""
+    secret = write_secret(tmp_path)
+    folder = routes_folder(tmp_path)
+    path = write_routes(folder, "routes:\n  thing.done:" + BASE_ROUTE)
+    (folder / "templates" / "t.txt.j2").unlink()
+    (folder / "templates" / "t.txt.j2").symlink_to(secret)
+    with pytest.raises(RoutesError, match="outside the templates folder") as info:
+        load_routes(path)
+    assert "field 'template.text'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{% include '/proc/self/environ' %}", "absolute template names"),
+        ("{% include '../outside/environ.txt.j2' %}", "not found"),
+        ("{% include 'leak.txt.j2' %}", "outside the templates folder"),
+        ("{% import 'leak.txt.j2' as x %}", "outside the templates folder"),
+        ("{% extends 'leak.txt.j2' %}", "outside the templates folder"),
+        ("{% include data.name %}", "literally"),
+        ("{% include 'missing.txt.j2' %}", "not found"),
+        ("{% include 'inner.txt.j2' %}", "outside the templates folder"),
+    ],
+)
+def test_include_import_extends_stay_in_the_templates_folder(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    """Template references are literal names inside the templates folder, checked at load."""
+    secret = write_secret(tmp_path)
+    folder = routes_folder(tmp_path)
+    path = write_routes(folder, "routes:\n  thing.done:" + BASE_ROUTE, text=text)
+    (folder / "templates" / "leak.txt.j2").symlink_to(secret)
+    # a template inside the folder that itself includes the symlink: checked recursively
+    (folder / "templates" / "inner.txt.j2").write_text("{% include 'leak.txt.j2' %}")
+    with pytest.raises(RoutesError) as info:
+        load_routes(path)
+    assert "field 'template.text'" in str(info.value)
+    assert problem in str(info.value)
+    assert "re_leaked" not in str(info.value)
+
+
+def test_include_in_a_subject_is_confined_too(tmp_path: Path) -> None:
+    """The subject is a template of its own: its include is checked like a file's."""
+    folder = routes_folder(tmp_path)
+    route = BASE_ROUTE.replace("Hello {{ data.name }}", "{% include '/etc/hostname' %}")
+    with pytest.raises(RoutesError, match="absolute template names") as info:
+        load_routes(write_routes(folder, "routes:\n  thing.done:" + route))
+    assert "field 'subject'" in str(info.value)
+
+
+def test_include_inside_the_folder_still_works(tmp_path: Path) -> None:
+    """A literal include of a template in the templates folder renders as before."""
+    folder = routes_folder(tmp_path)
+    path = write_routes(
+        folder, "routes:\n  thing.done:" + BASE_ROUTE, text="{% include 'part.txt.j2' %}!"
+    )
+    (folder / "templates" / "part.txt.j2").write_text("Hi {{ data.name }}")
+    body = load_routes(path).routes["thing.done"].body(event(GOOD))
+    assert body["text"] == "Hi Jane!"
+
+
+def test_schema_with_a_remote_ref_is_refused(tmp_path: Path) -> None:
+    """A schema $ref to a file or URL is refused at load: schemas cannot read files either."""
+    secret = write_secret(tmp_path)
+    schema = json.dumps(
+        {"$schema": "http://json-schema.org/draft-07/schema#", "$ref": secret.as_uri()}
+    )
+    with pytest.raises(RoutesError, match=r"only references inside the schema") as info:
+        one_route(routes_folder(tmp_path), schema=schema)
+    assert "field 'schema'" in str(info.value)
+
+
+def test_the_issue_attack_is_refused_by_check_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`templates: /` plus an include of proc/self/environ: `check` exits 2 with one line."""
+    from consumer.cli import main
+
+    folder = routes_folder(tmp_path)
+    path = write_routes(
+        folder,
+        "templates: /\nroutes:\n  thing.done:" + BASE_ROUTE,
+        text="{% include 'proc/self/environ' %}",
+    )
+    code = main(["check", "--no-examples", "--routes-file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "field 'templates'" in err
