@@ -80,9 +80,35 @@ _ROUTE_KEYS: Final = frozenset(
     }
 )
 _DEFAULT_KEYS: Final = frozenset({"from", "reply_to", "tags", "headers"})
-_RESERVED_HEADERS: Final = frozenset(
-    {"from", "to", "cc", "bcc", "subject", "reply-to", "sender", "content-type", "date"}
+#: the routes file formats this version understands (an absent `version` means 1)
+ROUTES_VERSIONS: Final = (1,)
+#: headers with a route field of their own
+_FIELD_HEADERS: Final = frozenset({"from", "to", "cc", "bcc", "subject", "reply-to"})
+#: headers Resend or mail servers act on to route, authenticate or frame a message: a custom
+#: value could add a hidden recipient, redirect bounces or receipts, or forge a trace
+REFUSED_HEADERS: Final = frozenset(
+    {
+        "sender",
+        "date",
+        "return-path",
+        "received",
+        "received-spf",
+        "delivered-to",
+        "envelope-to",
+        "x-original-to",
+        "apparently-to",
+        "errors-to",
+        "return-receipt-to",
+        "disposition-notification-to",
+        "dkim-signature",
+        "domainkey-signature",
+        "authentication-results",
+        "message-id",
+        "mime-version",
+    }
 )
+#: header name prefixes refused for the same reasons (Resent-To, Content-Type, ARC-Seal, ...)
+REFUSED_HEADER_PREFIXES: Final = ("resent-", "content-", "arc-", "x-envelope-")
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 #: ASCII addresses only: a local part, then a domain with at least one dot
@@ -286,6 +312,13 @@ class _Loader:
         if not isinstance(doc, dict):
             raise self.fail("the file must hold a mapping with a 'routes' key")
         self.unknown_keys(doc, _TOP_KEYS)
+        version = doc.get("version", 1)
+        if type(version) is not int or version not in ROUTES_VERSIONS:
+            known = ", ".join(str(v) for v in ROUTES_VERSIONS)
+            raise self.fail(
+                f"{version!r} is not a routes file version this release knows ({known})",
+                field="version",
+            )
         schemas_dir = self.folder(doc, "schemas", ".")
         templates_dir = self.folder(doc, "templates", "templates")
         examples = self.folder(doc, "examples", "examples")
@@ -527,8 +560,8 @@ class _RouteLoader:
         for name, item in value.items():
             if not isinstance(name, str) or not name_rule.match(name):
                 raise self.fail(f"{field}.{name}", f"name must match {name_rule.pattern}")
-            if field == "headers" and name.lower() in _RESERVED_HEADERS:
-                raise self.fail(f"{field}.{name}", "set this through its own route field")
+            if field == "headers":
+                self.header_name(name)
             if isinstance(item, int) and not isinstance(item, bool):
                 item = str(item)
             expr = self.interp(f"{field}.{name}", item)
@@ -542,6 +575,17 @@ class _RouteLoader:
                 raise self.fail(f"{field}.{name}", "CR, LF or another control character")
             out.append((name, expr))
         return tuple(out)
+
+    def header_name(self, name: str) -> None:
+        lower = name.lower()
+        if lower in _FIELD_HEADERS:
+            raise self.fail(f"headers.{name}", "set this through its own route field")
+        if lower in REFUSED_HEADERS or lower.startswith(REFUSED_HEADER_PREFIXES):
+            raise self.fail(
+                f"headers.{name}",
+                "refused: Resend or mail servers act on this header to route, "
+                "authenticate or frame the message",
+            )
 
     def template(
         self,

@@ -710,3 +710,68 @@ def test_the_issue_attack_is_refused_by_check_with_exit_2(
     assert code == 2
     assert err.count("\n") == 1
     assert "field 'templates'" in err
+
+
+# -- routes file version and routing headers (issue 11, item 3) ------------------
+
+
+@pytest.mark.parametrize("version", ["2", "0", "'1'", "1.0", "true", "null", "[1]"])
+def test_unknown_routes_file_version_is_refused(tmp_path: Path, version: str) -> None:
+    """Only routes file version 1 loads; anything else names the field 'version'."""
+    path = write_routes(tmp_path, f"version: {version}\nroutes:\n  thing.done:" + BASE_ROUTE)
+    with pytest.raises(RoutesError, match="not a routes file version") as info:
+        load_routes(path)
+    assert "field 'version'" in str(info.value)
+
+
+def test_version_1_and_no_version_load(tmp_path: Path) -> None:
+    """`version: 1` and an absent version (the format before versions were checked) load."""
+    assert load_routes(write_routes(tmp_path, "version: 1\nroutes:\n  thing.done:" + BASE_ROUTE))
+    assert one_route(tmp_path)
+
+
+ROUTING_HEADERS = [
+    "Bcc",
+    "Cc",
+    "To",
+    "From",
+    "Reply-To",
+    "Sender",
+    "Resent-To",
+    "resent-bcc",
+    "Return-Path",
+    "Received",
+    "Delivered-To",
+    "Envelope-To",
+    "DKIM-Signature",
+    "Message-ID",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "MIME-Version",
+    "X-Original-To",
+    "Disposition-Notification-To",
+    "Errors-To",
+    "ARC-Seal",
+    "Date",
+]
+
+
+@pytest.mark.parametrize("name", ROUTING_HEADERS)
+def test_routing_headers_are_refused(tmp_path: Path, name: str) -> None:
+    """Headers mail servers route on cannot be set as custom headers, here or in defaults."""
+    with pytest.raises(RoutesError) as info:
+        one_route(tmp_path, f'    headers: {{{name}: "x@example.com"}}\n')
+    assert f"field 'headers.{name}'" in str(info.value)
+    path = write_routes(
+        tmp_path,
+        f'defaults:\n  headers: {{{name}: "v"}}\nroutes:\n  thing.done:' + BASE_ROUTE,
+    )
+    with pytest.raises(RoutesError, match=f"headers.{name}"):
+        load_routes(path)
+
+
+@pytest.mark.parametrize("name", ["X-Entity-Ref-ID", "List-Unsubscribe", "In-Reply-To"])
+def test_ordinary_custom_headers_still_load(tmp_path: Path, name: str) -> None:
+    """Headers that do not route the message stay allowed."""
+    table = one_route(tmp_path, f'    headers: {{{name}: "{{data.id}}"}}\n')
+    assert table.routes["thing.done"].body(event(GOOD))["headers"] == {name: "1"}
