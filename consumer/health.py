@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -20,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from consumer.metrics import CONTENT_TYPE, Metrics
+from consumer.settings import SettingsError
 
 __all__ = ["HEALTHZ", "METRICS", "READYZ", "Health", "HealthServer"]
 
@@ -137,6 +140,9 @@ class HealthServer:
         site = web.TCPSite(runner, self.host, self._requested_port)
         try:
             await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise _bind_error(exc, self.host, self._requested_port) from None
         except BaseException:
             await runner.cleanup()
             raise
@@ -167,6 +173,16 @@ class HealthServer:
     def __repr__(self) -> str:
         where = f"{self.host}:{self._port}" if self._port is not None else "stopped"
         return f"<HealthServer {where}>"
+
+
+def _bind_error(exc: OSError, host: str, port: int) -> SettingsError:
+    """A start-up bind failure as a configuration error naming the setting at fault."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return SettingsError(f"HEALTH_HOST={host!r}: cannot bind the health server ({reason})")
+    return SettingsError(
+        f"HEALTH_PORT={port} (HEALTH_HOST={host!r}): cannot bind the health server ({reason})"
+    )
 
 
 def _json(ok: bool, body: dict[str, Any]) -> web.Response:

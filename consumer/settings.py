@@ -10,6 +10,8 @@ str never show the secret.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import re
 import ssl
@@ -64,7 +66,14 @@ def parse_duration(text: str) -> float:
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 2s, 5m, 23h)")
-    return float(m.group(1)) * _UNIT[m.group(2)]
+    # a few hundred digits overflow to infinity: as unusable as "inf" itself
+    return _finite(float(m.group(1)) * _UNIT[m.group(2)], text)
+
+
+def _finite(value: float, text: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -101,10 +110,63 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _finite(float(text), text)
     if value <= 0:
         raise ValueError(f"must be positive, got {value}")
     return value
+
+
+def _ratio(text: str) -> float:
+    value = _finite(float(text), text)
+    if not 0 < value < 1:
+        raise ValueError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1-65535; 0 where the setting documents 0 as off."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a port from 1 to 65535 (0: off), got {value}")
+    return value
+
+
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_.-]+\Z")
+
+
+def _is_host(text: str) -> bool:
+    """A host name, an IPv4 address, or an IPv6 address (bracketed or not)."""
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if ":" not in inner:
+        return bool(_HOST_NAME.match(inner))
+    try:
+        ipaddress.IPv6Address(inner)
+    except ValueError:
+        return False
+    return True
+
+
+def _host(text: str) -> str:
+    """A host name or IP address to bind, without scheme, port or path."""
+    if not _is_host(text):
+        raise ValueError("must be a host name or an IP address (no scheme, port or path)")
+    return text
+
+
+def _bootstrap(text: str) -> str:
+    """Comma-separated host[:port] entries, each port 1-65535."""
+    entries = [part.strip() for part in text.split(",")]
+    if not all(entries):
+        raise ValueError("an empty entry between commas")
+    for entry in entries:
+        host, sep, port = entry.rpartition(":")
+        if not sep or (":" in host and not host.startswith("[")):
+            host, port = entry, ""  # a bare host or a bare IPv6 address
+        if not _is_host(host):
+            raise ValueError(f"{entry!r} is not host:port")
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{entry!r}: the port must be from 1 to 65535")
+    return text
 
 
 def _positive_duration(text: str) -> float:
@@ -186,6 +248,7 @@ class Settings:
     progress_interval: float = 10.0
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         if self.drain_timeout >= self.kafka_rebalance_timeout:
             raise SettingsError(
                 "DRAIN_TIMEOUT must stay below KAFKA_REBALANCE_TIMEOUT "
@@ -206,6 +269,21 @@ class Settings:
         if not self.kafka_topics and not self.kafka_topic_pattern:
             raise SettingsError("set KAFKA_TOPICS or KAFKA_TOPIC_PATTERN")
         self._check_kafka_security()
+
+    def _check_numbers(self) -> None:
+        """NaN and infinities are refused however the object is built (flags, code, env).
+
+        `RATE_LIMIT=nan` used to load: every comparison with NaN is false, so
+        the limiter never granted a token and nothing was ever sent.
+        """
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"{f.env}={value}: must be a finite number")
+        if not 0 <= self.health_port <= 65535:
+            raise SettingsError(
+                f"HEALTH_PORT={self.health_port}: must be a port from 1 to 65535 (0: off)"
+            )
 
     def _check_kafka_security(self) -> None:
         """Refuse security settings the chosen protocol would silently ignore.
@@ -330,7 +408,7 @@ FIELDS: Final[tuple[Field, ...]] = (
     Field(
         "kafka_bootstrap_servers",
         "KAFKA_BOOTSTRAP_SERVERS",
-        str,
+        _bootstrap,
         "Kafka bootstrap servers, comma-separated host:port",
     ),
     Field("kafka_topics", "KAFKA_TOPICS", _csv, "topics to consume, comma-separated"),
@@ -495,7 +573,7 @@ FIELDS: Final[tuple[Field, ...]] = (
     Field(
         "resume_ratio",
         "RESUME_RATIO",
-        float,
+        _ratio,
         "a paused partition resumes below this share of its bound",
     ),
     Field("commit_interval", "COMMIT_INTERVAL", _positive_duration, "offset commit interval"),
@@ -511,8 +589,8 @@ FIELDS: Final[tuple[Field, ...]] = (
         _positive_duration,
         "on SIGTERM, how long in-flight sends may finish; below the pod grace period",
     ),
-    Field("health_port", "HEALTH_PORT", int, "port of /healthz, /readyz and /metrics (0: off)"),
-    Field("health_host", "HEALTH_HOST", str, "address the health server binds"),
+    Field("health_port", "HEALTH_PORT", _port, "port of /healthz, /readyz and /metrics (0: off)"),
+    Field("health_host", "HEALTH_HOST", _host, "address the health server binds"),
     Field("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "log level"),
     Field(
         "log_format",

@@ -29,7 +29,7 @@ from consumer.observe import (
     mask_email,
     probe_url,
 )
-from consumer.settings import Secret, Settings
+from consumer.settings import Secret, Settings, SettingsError
 
 FAKE_KEY = "re_FAKEkey_1234567890abcdef"
 ADDRESS = "jane.doe@example.com"
@@ -406,7 +406,7 @@ async def test_server_stop_frees_the_port() -> None:
     await srv.start()
     port = srv.port
     clash = HealthServer(health=Health(), metrics=Metrics(), host="127.0.0.1", port=port)
-    with pytest.raises(OSError):
+    with pytest.raises(SettingsError, match=f"HEALTH_PORT={port}"):
         await clash.start()
     await srv.stop()
     with pytest.raises(aiohttp.ClientConnectionError):
