@@ -15,6 +15,7 @@ import math
 import os
 import re
 import ssl
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,56 @@ def _bootstrap(text: str) -> str:
     return text
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
+
+
+def without_userinfo(url: str) -> str:
+    """A URL with any `user:password@` replaced by `***@`, safe to show."""
+    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", url, count=1)
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why a Resend base URL cannot work (never quoting it), or None when it is usable.
+
+    http(s) only, a host, no credentials (`user:pass@`), a valid port, no query
+    or fragment (the endpoint path is appended to it), no whitespace.
+    """
+    if not url or any(c.isspace() or not c.isprintable() for c in url):
+        return "must be an http(s) URL without whitespace or control characters"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("https", "http"):
+        return "must start with https:// (http:// only for a local sandbox)"
+    if "@" in parts.netloc:
+        return "credentials in the URL are refused: the API key goes in RESEND_API_KEY"
+    if not parts.hostname or not _is_host(parts.hostname):
+        return "has no valid host"
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "has an invalid port (1-65535)"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return "may not carry a query or a fragment"
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _base_url(text: str) -> str:
+    problem = base_url_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
 def _positive_duration(text: str) -> float:
     value = parse_duration(text)
     if value <= 0:
@@ -185,6 +236,8 @@ class Field:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    #: how a refused value is shown in the error (default: repr; secrets: never)
+    shown: Callable[[str], str] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -215,6 +268,7 @@ class Settings:
     resend_api_key: Secret | None = field(default=None, repr=False)
     resend_api_key_file: Path | None = None
     resend_base_url: str = "https://api.resend.com"
+    resend_allow_http: bool = False
     resend_connect_timeout: float = 5.0
     resend_read_timeout: float = 15.0
     resend_total_timeout: float = 30.0
@@ -269,6 +323,34 @@ class Settings:
         if not self.kafka_topics and not self.kafka_topic_pattern:
             raise SettingsError("set KAFKA_TOPICS or KAFKA_TOPIC_PATTERN")
         self._check_kafka_security()
+        self._check_resend()
+
+    def _check_resend(self) -> None:
+        """The base URL is usable and safe for the key; the key has no stray whitespace.
+
+        Messages never quote the key, and show the URL only without credentials.
+        """
+        problem = base_url_problem(self.resend_base_url)
+        if problem is not None:
+            shown = without_userinfo(self.resend_base_url)
+            raise SettingsError(f"RESEND_BASE_URL={shown!r}: {problem}")
+        host = urllib.parse.urlsplit(self.resend_base_url).hostname or ""
+        if (
+            self.resend_base_url.startswith("http:")
+            and not is_loopback(host)
+            and not self.resend_allow_http
+        ):
+            raise SettingsError(
+                f"RESEND_BASE_URL={self.resend_base_url!r}: http:// would send the API key "
+                "in clear; use https://, or set RESEND_ALLOW_HTTP=true for a sandbox on "
+                "another host (a container network)"
+            )
+        key = self.resend_api_key.get() if self.resend_api_key is not None else ""
+        if key and (key != key.strip() or any(c.isspace() or not c.isprintable() for c in key)):
+            raise SettingsError(
+                "RESEND_API_KEY (or the RESEND_API_KEY_FILE contents): the API key holds "
+                "whitespace or a line break (a copy-paste slip?); the key itself is not shown"
+            )
 
     def _check_numbers(self) -> None:
         """NaN and infinities are refused however the object is built (flags, code, env).
@@ -343,7 +425,10 @@ class Settings:
             try:
                 values[f.name] = f.parse(raw)
             except (ValueError, TypeError) as exc:
-                shown = "<redacted>" if f.secret else repr(raw)
+                if f.secret:
+                    shown = "<redacted>"
+                else:
+                    shown = f.shown(raw) if f.shown is not None else repr(raw)
                 raise SettingsError(f"{f.env}={shown}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         key_file = values.get("resend_api_key_file")
@@ -486,7 +571,20 @@ FIELDS: Final[tuple[Field, ...]] = (
         Path,
         "file holding the API key (Kubernetes secret mount)",
     ),
-    Field("resend_base_url", "RESEND_BASE_URL", str, "Resend API base URL"),
+    Field(
+        "resend_base_url",
+        "RESEND_BASE_URL",
+        _base_url,
+        "Resend API base URL (https; http only to loopback unless RESEND_ALLOW_HTTP)",
+        shown=lambda raw: repr(without_userinfo(raw)),
+    ),
+    Field(
+        "resend_allow_http",
+        "RESEND_ALLOW_HTTP",
+        _bool,
+        "allow an http:// RESEND_BASE_URL off this host (a sandbox container): "
+        "the key travels in clear",
+    ),
     Field(
         "resend_connect_timeout",
         "RESEND_CONNECT_TIMEOUT",

@@ -77,11 +77,11 @@ def test_resume_ratio_is_a_share(text: str) -> None:
 
 
 def test_settings_flag_with_nan_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    """`--rate-limit nan` on the command line exits 2 naming the flag."""
-    with pytest.raises(SystemExit) as info:
-        main(["check", "--rate-limit", "nan"])
-    assert info.value.code == 2
-    assert "--rate-limit" in capsys.readouterr().err
+    """`--rate-limit nan` on the command line exits 2 with one line naming the setting."""
+    assert main(["check", "--rate-limit", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "RATE_LIMIT='nan'" in err
 
 
 async def test_unresolvable_health_host_is_a_settings_error() -> None:
@@ -137,3 +137,108 @@ def test_run_with_a_taken_health_port_exits_2(capsys: pytest.CaptureFixture[str]
     assert code == 2
     assert f"HEALTH_PORT={port}" in err
     assert "Traceback" not in err
+
+
+# -- RESEND_BASE_URL and the API key (issue 11, item 5) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("ftp://api.resend.com", "must start with https://"),
+        ("api.resend.com", "must start with https://"),
+        ("https://", "no valid host"),
+        ("https://api.resend.com:99999", "invalid port"),
+        ("https://api.resend.com/?x=1", "query"),
+        ("https://exa mple.com", "whitespace"),
+        ("https://api.resend.com\n", "whitespace"),
+        ("http://api.resend.com", "in clear"),
+        ("http://10.0.0.5:8025", "in clear"),
+    ],
+)
+def test_unusable_or_unsafe_base_urls_are_refused(url: str, problem: str) -> None:
+    """RESEND_BASE_URL must be https (http only to loopback) with a host and a valid port."""
+    with pytest.raises(SettingsError, match="RESEND_BASE_URL") as info:
+        Settings.from_env({"RESEND_BASE_URL": url})
+    assert problem in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:hunter2pass@api.resend.com",
+        "https://user@api.resend.com",
+        "http://admin:hunter2pass@127.0.0.1:8025",
+    ],
+)
+def test_credentials_in_the_base_url_are_refused_and_never_shown(url: str) -> None:
+    """A user name or password in the URL is refused; the error quotes neither."""
+    for build in (
+        lambda: Settings.from_env({"RESEND_BASE_URL": url}),
+        lambda: Settings(resend_base_url=url),
+    ):
+        with pytest.raises(SettingsError, match="credentials") as info:
+            build()
+        assert "hunter2pass" not in str(info.value)
+        assert "user" not in str(info.value).replace("RESEND_", "")
+        assert "admin" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://api.resend.com", "http://127.0.0.1:8025", "http://localhost:8025/", "http://[::1]:1"],
+)
+def test_https_and_loopback_http_base_urls_load(url: str) -> None:
+    """https anywhere and http to this machine (the local sandbox) load without opt-in."""
+    assert Settings.from_env({"RESEND_BASE_URL": url}).resend_base_url == url
+
+
+def test_http_to_another_host_needs_the_explicit_opt_in() -> None:
+    """RESEND_ALLOW_HTTP=true lets a sandbox in another container be reached over http."""
+    env = {"RESEND_BASE_URL": "http://sandbox:8025", "RESEND_ALLOW_HTTP": "true"}
+    assert Settings.from_env(env).resend_base_url == "http://sandbox:8025"
+
+
+@pytest.mark.parametrize(
+    "key", [" re_abcdef", "re_abcdef ", "re_abcdef\n", "re_abc\ndef", "re_abc def", "\tre_x"]
+)
+def test_api_key_with_whitespace_or_a_line_break_is_refused(key: str) -> None:
+    """A key with surrounding whitespace or a line break fails at start-up, never echoed."""
+    with pytest.raises(SettingsError, match="whitespace or a line break") as info:
+        Settings.from_env({"RESEND_API_KEY": key})
+    assert "re_abc" not in str(info.value)
+    assert "re_x" not in str(info.value)
+
+
+def test_api_key_file_is_stripped_but_inner_line_breaks_are_refused(tmp_path: Path) -> None:
+    """A key file's trailing newline is normal and stripped; a line break inside is refused."""
+    good = tmp_path / "good"
+    good.write_text("re_abcdef\n")
+    settings = Settings.from_env({"RESEND_API_KEY_FILE": str(good)})
+    assert settings.resend_api_key is not None
+    assert settings.resend_api_key.get() == "re_abcdef"
+    bad = tmp_path / "bad"
+    bad.write_text("re_abc\ndef\n")
+    with pytest.raises(SettingsError, match="RESEND_API_KEY") as info:
+        Settings.from_env({"RESEND_API_KEY_FILE": str(bad)})
+    assert "re_abc" not in str(info.value)
+
+
+def test_check_refuses_a_base_url_with_credentials_with_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`check` exits 2 with one line, and the line shows no credentials."""
+    code = main(
+        [
+            "check",
+            "--no-examples",
+            "--routes-file",
+            str(ROUTES),
+            "--resend-base-url",
+            "https://me:hunter2pass@api.resend.com",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "hunter2pass" not in err
