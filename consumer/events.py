@@ -70,7 +70,14 @@ PATH_ROOTS: Final = frozenset({"id", "source", "type", "subject", "time", "specv
 
 _JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json(?:\s*;.*)?\Z", re.IGNORECASE)
 _ADDRESS = re.compile(r"[^\s<>@\"',;]+@[^\s<>@\"',;]+")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: C0/C1 controls, DEL, line/paragraph separators; bidi embeddings, overrides, isolates and
+#: marks (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C), which reorder how a
+#: subject or a display name reads; zero-width characters (U+200B-U+200D, U+FEFF), which
+#: hide text or split a look-alike name
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c"
+    "\u200b-\u200d\ufeff]"
+)
 _PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+\Z")
 
 
@@ -290,7 +297,11 @@ def parse_time(text: str) -> float:
 
 
 def has_control_characters(text: str) -> bool:
-    """True for C0/C1 controls, DEL and Unicode line separators (header injection)."""
+    """True for controls, line separators, bidi controls and zero-width characters.
+
+    CR/LF inject headers; bidi overrides make `gpj.exe` read as `exe.jpg` and
+    zero-width characters hide text, in subjects and display names alike.
+    """
     return _CONTROL.search(text) is not None
 
 

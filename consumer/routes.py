@@ -55,7 +55,11 @@ UNKNOWN_TYPE_POLICIES: Final = ("dead-letter", "skip")
 STALE_POLICIES: Final = ("dead-letter", "skip", "send")
 #: Resend forgets idempotency keys after 24 h: no route may wait longer
 MAX_AGE_LIMIT: Final = 24 * 3600.0
+#: Resend's limit of addresses in each of to, cc and bcc
 MAX_TO: Final = 50
+MAX_LOCAL_PART: Final = 64
+MAX_DOMAIN: Final = 255
+MAX_LABEL: Final = 63
 MAX_TAGS: Final = 75
 ENVELOPE_SCHEMA: Final = "envelope.schema.json"
 SCHEMA_SUFFIX: Final = ".schema.json"
@@ -129,11 +133,31 @@ class RoutesError(SettingsError):
 def is_address(text: str) -> bool:
     """`jane@example.com`, `Jane Doe <jane@example.com>` or `"Doe, Jane" <jane@example.com>`.
 
-    At most 320 characters, and exactly one address: a display name holding
-    `@`, `,`, `;`, `:`, `<`, `>` or a stray quote is refused, so a single `to`
-    value cannot smuggle in a second recipient past the checks and the cap.
+    Exactly one address: a display name holding `@`, `,`, `;`, `:`, `<`, `>`
+    or a stray quote is refused, so a single `to` value cannot smuggle in a
+    second recipient past the checks and the cap. See `address_problem`.
     """
-    return len(text) <= 320 and bool(_ADDRESS.match(text))
+    return address_problem(text) is None
+
+
+def address_problem(text: str) -> str | None:
+    """Why text is not one usable address (never quoting it), or None.
+
+    The lengths are SMTP's (RFC 5321): a local part of at most 64 characters,
+    a domain of at most 255 with labels of at most 63; so an address Resend
+    would refuse later is refused here with a reason code.
+    """
+    if len(text) > 320 or not _ADDRESS.match(text) or has_control_characters(text):
+        return "is not an email address"
+    address = text[text.rfind("<") + 1 : -1] if text.endswith(">") else text
+    local, _, domain = address.rpartition("@")
+    if len(local) > MAX_LOCAL_PART:
+        return f"has a local part over {MAX_LOCAL_PART} characters"
+    if len(domain) > MAX_DOMAIN:
+        return f"has a domain over {MAX_DOMAIN} characters"
+    if any(len(label) > MAX_LABEL for label in domain.split(".")):
+        return f"has a domain label over {MAX_LABEL} characters"
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,9 +189,10 @@ class Route:
         if sender is None:
             sender = self.sender.one(event, field="from", reason=Reason.INVALID_SENDER)
             _no_controls("from", sender)
-            if not is_address(sender):
+            problem = address_problem(sender)
+            if problem is not None:
                 shown = mask_address(sender)
-                raise invalid(Reason.INVALID_SENDER, f"from: {shown} is not an email address")
+                raise invalid(Reason.INVALID_SENDER, f"from: {shown} {problem}")
         to = _addresses(self.to, event, "to")
         if not to:
             raise invalid(Reason.INVALID_RECIPIENT, "to: no recipient")
@@ -181,7 +206,13 @@ class Route:
         body: dict[str, Any] = {"from": sender, "to": to, "subject": subject}
         for name, exprs in (("cc", self.cc), ("bcc", self.bcc), ("reply_to", self.reply_to)):
             if exprs:
-                body[name] = _addresses(exprs, event, name)
+                addresses = _addresses(exprs, event, name)
+                if name != "reply_to" and len(addresses) > MAX_TO:
+                    raise invalid(
+                        Reason.INVALID_RECIPIENT,
+                        f"{name}: {len(addresses)} recipients, at most {MAX_TO}",
+                    )
+                body[name] = addresses
         if self.hosted_id is not None:
             variables = {name: _variable(expr, event, name) for name, expr in self.hosted_variables}
             body["template"] = {"id": self.hosted_id, "variables": variables}
@@ -222,10 +253,11 @@ def _addresses(exprs: tuple[Interp, ...], event: Event, field: str) -> list[str]
             continue
         for address in expr.many(event, field=field, reason=reason):
             _no_controls(field, address)
-            if not is_address(address):
+            problem = address_problem(address)
+            if problem is not None:
                 # Masked even when it is not an address: it may still be personal data.
                 shown = mask_address(address)
-                raise invalid(reason, f"{field}: {shown} is not an email address")
+                raise invalid(reason, f"{field}: {shown} {problem}")
             out.append(address)
     return out
 
@@ -535,8 +567,10 @@ class _RouteLoader:
 
     def address(self, field: str, value: Any) -> Interp:
         expr = self.interp(field, value)
-        if expr.constant is not None and not is_address(expr.constant):
-            raise self.fail(field, f"{expr.constant!r} is not an email address")
+        if expr.constant is not None:
+            problem = address_problem(expr.constant)
+            if problem is not None:
+                raise self.fail(field, f"{expr.constant!a} {problem}")
         return expr
 
     def interps(self, field: str, value: Any, *, required: bool = False) -> tuple[Interp, ...]:
@@ -545,6 +579,8 @@ class _RouteLoader:
         items = value if isinstance(value, list) else [value]
         if not items:
             raise self.fail(field, "must name at least one address")
+        if field in ("to", "cc", "bcc") and len(items) > MAX_TO:
+            raise self.fail(field, f"{len(items)} addresses, at most {MAX_TO}")
         return tuple(self.address(field, item) for item in items)
 
     def pairs(

@@ -775,3 +775,98 @@ def test_ordinary_custom_headers_still_load(tmp_path: Path, name: str) -> None:
     """Headers that do not route the message stay allowed."""
     table = one_route(tmp_path, f'    headers: {{{name}: "{{data.id}}"}}\n')
     assert table.routes["thing.done"].body(event(GOOD))["headers"] == {name: "1"}
+
+
+# -- bidi and zero-width characters, address and list caps (issue 11, item 7) -------
+
+INVISIBLE = [
+    "\u202a", "\u202b", "\u202c", "\u202d", "\u202e",
+    "\u2066", "\u2067", "\u2068", "\u2069",
+    "\u200b", "\u200c", "\u200d", "\ufeff",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("char", INVISIBLE)
+def test_bidi_and_zero_width_characters_in_a_subject_are_control_characters(
+    tmp_path: Path, char: str
+) -> None:
+    """A subject carrying a bidi override or a zero-width character is control_characters."""
+    table = one_route(tmp_path)
+    assert body_reason(table, {**GOOD, "name": f"Invoice gpj{char}.exe"}) == (
+        Reason.CONTROL_CHARACTERS
+    )
+
+
+@pytest.mark.parametrize("char", INVISIBLE)
+def test_bidi_and_zero_width_characters_in_a_display_name_are_control_characters(
+    tmp_path: Path, char: str
+) -> None:
+    """A display name from data with a bidi or zero-width character is control_characters."""
+    table = one_route(tmp_path)
+    email = f"Jane{char} Doe <jane@example.com>"
+    assert body_reason(table, {**GOOD, "email": email}) == Reason.CONTROL_CHARACTERS
+    sender_route = BASE_ROUTE.replace('"Acme <no-reply@acme.example>"', '"{data.sender}"')
+    sender_table = load_routes(write_routes(tmp_path, "routes:\n  thing.done:" + sender_route))
+    sender = f"Acme{char} <no-reply@acme.example>"
+    assert body_reason(sender_table, {**GOOD, "sender": sender}) == Reason.CONTROL_CHARACTERS
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u200b"])
+def test_bidi_characters_in_a_constant_address_fail_at_load(tmp_path: Path, char: str) -> None:
+    """A routes file's own display name with a bidi or zero-width character is refused."""
+    route = BASE_ROUTE.replace("Acme <", f"Ac{char}me <")
+    with pytest.raises(RoutesError, match="not an email address") as info:
+        load_routes(write_routes(tmp_path, "routes:\n  thing.done:" + route))
+    assert "field 'from'" in str(info.value)
+
+
+def test_unicode_display_names_without_invisible_characters_still_send(tmp_path: Path) -> None:
+    """Ordinary non-ASCII display names and subjects (accents, RTL letters) are fine."""
+    table = one_route(tmp_path)
+    data = {**GOOD, "name": "Zoë שלום", "email": "Zoë Ĳssel <zoe@example.com>"}
+    body = table.routes["thing.done"].body(event(data))
+    assert body["subject"] == "Hello Zoë שלום"
+
+
+@pytest.mark.parametrize(
+    ("email", "problem"),
+    [
+        ("a" * 65 + "@example.com", "local part over 64"),
+        ("Jane <" + "a" * 65 + "@example.com>", "local part over 64"),
+        ("a@" + ".".join(["b" * 60] * 5) + ".com", "domain over 255"),
+        ("a@" + "b" * 64 + ".com", "label over 63"),
+    ],
+)
+def test_over_long_address_parts_are_invalid_recipient(
+    tmp_path: Path, email: str, problem: str
+) -> None:
+    """A local part over 64 or a domain over 255 characters is invalid_recipient, named."""
+    table = one_route(tmp_path)
+    with pytest.raises(InvalidEvent) as info:
+        table.routes["thing.done"].body(event({**GOOD, "email": email}))
+    assert info.value.reason == Reason.INVALID_RECIPIENT
+    assert problem in str(info.value)
+
+
+def test_address_at_the_length_limits_is_accepted() -> None:
+    """64 characters of local part and 63-character labels are still addresses."""
+    assert is_address("a" * 64 + "@" + "b" * 63 + ".example")
+    assert not is_address("a" * 65 + "@example.com")
+
+
+@pytest.mark.parametrize("field", ["cc", "bcc"])
+def test_more_than_50_cc_or_bcc_is_invalid_recipient(tmp_path: Path, field: str) -> None:
+    """cc and bcc hold at most 50 addresses each (Resend's limit), like to."""
+    table = one_route(tmp_path, f'    {field}: "{{data.copies}}"\n')
+    many = [f"u{i}@example.com" for i in range(51)]
+    assert body_reason(table, {**GOOD, "copies": many}) == Reason.INVALID_RECIPIENT
+    fifty = table.routes["thing.done"].body(event({**GOOD, "copies": many[:50]}))
+    assert len(fifty[field]) == 50
+
+
+def test_more_than_50_constant_cc_fail_at_load(tmp_path: Path) -> None:
+    """A routes file listing over 50 cc addresses is refused at load."""
+    many = ", ".join(f'"u{i}@example.com"' for i in range(51))
+    with pytest.raises(RoutesError, match="at most 50") as info:
+        one_route(tmp_path, f"    cc: [{many}]\n")
+    assert "field 'cc'" in str(info.value)
