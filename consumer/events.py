@@ -321,7 +321,11 @@ class Decoder:
         """One record -> Event; InvalidEvent (with a Reason) for anything malformed."""
         size = len(value) if value is not None else 0
         if headers:
-            size += sum(len(v) for _, v in headers if v is not None)
+            # names count too: thousands of empty-valued headers are not free
+            size += sum(
+                len(name.encode("utf-8", "surrogatepass")) + (len(v) if v is not None else 0)
+                for name, v in headers
+            )
         if size > self._max_bytes:
             raise invalid(
                 Reason.OVERSIZED, f"record is {size} bytes, above MAX_EVENT_BYTES={self._max_bytes}"
@@ -352,6 +356,8 @@ class Decoder:
         for name, raw in headers:
             lower = name.lower()
             if lower == CONTENT_TYPE_HEADER:
+                if content_type is not None:
+                    raise invalid(Reason.INVALID_ENVELOPE, f"header {name} appears twice")
                 content_type = _header_text(name, raw)
             elif lower.startswith(CE_HEADER_PREFIX):
                 attr = lower[len(CE_HEADER_PREFIX) :]
@@ -359,6 +365,12 @@ class Decoder:
                     raise invalid(Reason.INVALID_ENVELOPE, f"header {name} appears twice")
                 attrs[attr] = _header_text(name, raw)
         if content_type is not None:
+            declared = attrs.get("datacontenttype")
+            if declared is not None and declared.strip().lower() != content_type.strip().lower():
+                raise invalid(
+                    Reason.INVALID_ENVELOPE,
+                    "ce_datacontenttype and content-type disagree: which one holds is unclear",
+                )
             attrs["datacontenttype"] = content_type
         data = _loads(value) if value else None
         return self._event(attrs, data, "binary")
@@ -421,17 +433,54 @@ def _schema_message(exc: fastjsonschema.JsonSchemaValueException) -> str:
     return str(exc.message)
 
 
+#: a run of 19+ digits: the only way to write an integer orjson cannot keep exact
+_LONG_DIGITS: Final = re.compile(rb"\d{19}")
+#: orjson keeps integers in this range exact and turns the others into floats
+_EXACT_INTS: Final = range(-(2**63), 2**64)
+
+
 def _loads(value: bytes) -> Any:
     try:
-        return orjson.loads(value)
+        doc = orjson.loads(value)
     except orjson.JSONDecodeError:
         pass
+    else:
+        if _LONG_DIGITS.search(value) is not None:
+            _refuse_inexact_integers(value)
+        return doc
     # Only on the error path: tell "not UTF-8" apart from "not JSON".
     try:
         value.decode("utf-8")
     except UnicodeDecodeError:
         raise invalid(Reason.NOT_UTF8, "value is not valid UTF-8") from None
     raise invalid(Reason.NOT_JSON, "value is not valid JSON") from None
+
+
+def _refuse_inexact_integers(value: bytes) -> None:
+    """schema_violation for an integer literal orjson would round to a float.
+
+    Such a number would silently pass an `integer` schema as a float with other
+    digits. Only called when the bytes hold 19 digits in a row (rare), and the
+    stdlib parser's `parse_int` sees integer literals only, never strings.
+    """
+
+    def check(text: str) -> int:
+        number = int(text)
+        if number not in _EXACT_INTS:
+            raise invalid(
+                Reason.SCHEMA_VIOLATION,
+                f"an integer of {len(text.lstrip('-'))} digits cannot be kept exact "
+                "(limit -2^63 to 2^64-1); send it as a string",
+            )
+        return number
+
+    try:
+        json.loads(value, parse_int=check)
+    except InvalidEvent:
+        raise
+    except (ValueError, RecursionError):
+        # orjson accepted what the stdlib parser does not (depth): orjson's reading stands
+        return
 
 
 def _header_text(name: str, raw: bytes | None) -> str:
