@@ -38,19 +38,24 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             flag_for(f.env),
             dest=f"setting_{f.name}",
             metavar=f.env,
-            type=f.parse,
             default=None,
             help=f.help,
         )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {
-        key.removeprefix("setting_"): value
-        for key, value in vars(args).items()
-        if key.startswith("setting_")
-    }
-    return Settings.from_env(**overrides)
+    """Settings from the environment, each given flag replacing its variable.
+
+    Flags hold raw text and are parsed exactly like the variables, so a bad
+    flag gives the same one-line SettingsError (exit 2) as a bad variable,
+    and never echoes a secret or a URL's credentials as argparse would.
+    """
+    env = dict(os.environ)
+    for f in FIELDS:
+        raw = getattr(args, f"setting_{f.name}", None)
+        if raw is not None:
+            env[f.env] = raw
+    return Settings.from_env(env)
 
 
 def run_async(make: Callable[[asyncio.Event], Awaitable[int]]) -> int:

@@ -1,6 +1,7 @@
 """Dead letters: write permanent failures to a Kafka topic, and replay them.
 
-A dead letter is the original record (key, value and headers, byte for byte)
+A dead letter is the original record (key, value and headers; original header
+names starting with `dlq.` or `original.` are escaped under `original.`)
 followed by `dlq.*` headers that say why it failed and where it came from.
 A dead letter is always writable: it always has a key (the source coordinates
 `topic/partition/offset` when the record had none, so repeats are easy to spot),
@@ -20,8 +21,9 @@ transaction instead, so readers of a dead-letter topic use read_committed.
 
 `resend-consumer dlq replay` reads a dead-letter topic from its beginning up to
 the end offsets seen at start, filters, and republishes each record's key,
-value and original headers (the `dlq.*` ones stripped) to its source topic, so
-the replayed event derives the same idempotency key as the first time.
+value and original headers (the `dlq.*` ones stripped, escaped names restored,
+so byte for byte) to its source topic, so the replayed event derives the same
+idempotency key as the first time.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 from consumer import __version__
 from consumer.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from consumer.errors import DeadLetterUnavailable
+from consumer.logs import mask_email
 from consumer.prepare import CLOCK_SKEW
 from consumer.settings import Secret, Settings, parse_duration
 
@@ -51,6 +54,10 @@ if TYPE_CHECKING:
 # -- header names (declared once) -------------------------------------------------
 
 DLQ_PREFIX: Final = "dlq."
+#: a source record's own headers named `dlq.*` (or already starting with this prefix)
+#: are written under it, so no producer can pre-set the service's dlq.* headers; replay
+#: strips it again and restores the original names byte for byte
+ESCAPE_PREFIX: Final = "original."
 H_REASON: Final = "dlq.reason"
 H_ERROR_NAME: Final = "dlq.error_name"
 H_HTTP_STATUS: Final = "dlq.http_status"
@@ -189,7 +196,8 @@ def dead_letter_headers(
         H_REASON: letter.reason,
         H_ERROR_NAME: letter.error_name,
         H_HTTP_STATUS: None if letter.http_status is None else str(letter.http_status),
-        H_MESSAGE: scrub(letter.message, secrets),
+        # Resend's error text may quote recipients: masked as the logs mask them
+        H_MESSAGE: scrub(mask_email(letter.message), secrets),
         H_ATTEMPTS: str(letter.attempts),
         H_FIRST_ATTEMPT_AT: _time_or_none(letter.first_attempt_at),
         H_LAST_ATTEMPT_AT: _time_or_none(letter.last_attempt_at),
@@ -201,9 +209,34 @@ def dead_letter_headers(
         H_SERVICE_VERSION: service_version,
         H_DEAD_LETTERED_AT: rfc3339(dead_lettered_at),
     }
-    headers = list(letter.headers)
+    headers = escape_headers(letter.headers)
     headers.extend((name, value.encode()) for name, value in values.items() if value is not None)
     return headers
+
+
+def escape_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """A source record's headers with `dlq.*` and `original.*` names moved under `original.`.
+
+    Only the service writes `dlq.*` headers on a dead letter: a producer's
+    `dlq.event_type` must not pass for the service's own when the event could
+    not be decoded (it would fool `dlq replay --type`). Escaping `original.*`
+    too keeps the mapping reversible: `restore_headers` undoes it exactly.
+    """
+    return [
+        (ESCAPE_PREFIX + name, value)
+        if name.startswith((DLQ_PREFIX, ESCAPE_PREFIX))
+        else (name, value)
+        for name, value in headers
+    ]
+
+
+def restore_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The source record's headers, in order, from a dead letter's (inverse of escape)."""
+    return [
+        (name.removeprefix(ESCAPE_PREFIX), value)
+        for name, value in headers
+        if not name.startswith(DLQ_PREFIX)
+    ]
 
 
 def _time_or_none(ts: float | None) -> str | None:
@@ -433,8 +466,8 @@ def dlq_values(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:
 
 
 def original_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    """The headers the record had before it was dead-lettered, in their order."""
-    return [(name, value) for name, value in headers if not name.startswith(DLQ_PREFIX)]
+    """The headers the record had before it was dead-lettered, in their order, byte for byte."""
+    return restore_headers(headers)
 
 
 def _event_type(meta: dict[str, str], headers: Sequence[tuple[str, bytes]]) -> str | None:

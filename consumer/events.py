@@ -70,7 +70,14 @@ PATH_ROOTS: Final = frozenset({"id", "source", "type", "subject", "time", "specv
 
 _JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json(?:\s*;.*)?\Z", re.IGNORECASE)
 _ADDRESS = re.compile(r"[^\s<>@\"',;]+@[^\s<>@\"',;]+")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: C0/C1 controls, DEL, line/paragraph separators; bidi embeddings, overrides, isolates and
+#: marks (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C), which reorder how a
+#: subject or a display name reads; zero-width characters (U+200B-U+200D, U+FEFF), which
+#: hide text or split a look-alike name
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c"
+    "\u200b-\u200d\ufeff]"
+)
 _PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+\Z")
 
 
@@ -250,11 +257,35 @@ def compile_schema(schema: Any) -> Validator:
     declared = schema.get("$schema", "http://json-schema.org/draft-07/schema#")
     if "draft-07" not in str(declared):
         raise ValueError(f"$schema must be draft-07, got {declared!r}")
+    _only_local_refs(schema)
     try:
-        validator: Validator = fastjsonschema.compile(schema)
+        # fastjsonschema fetches any other $ref with urlopen (file:, http:, ...):
+        # refuse every scheme urlopen knows, on top of the check above.
+        validator: Validator = fastjsonschema.compile(schema, handlers=_NO_REMOTE)
     except fastjsonschema.JsonSchemaDefinitionException as exc:
         raise ValueError(f"invalid schema: {exc}") from None
     return validator
+
+
+def _refuse_remote(uri: str) -> Any:
+    raise fastjsonschema.JsonSchemaDefinitionException(f"remote $ref {uri} is refused")
+
+
+_NO_REMOTE: Final = dict.fromkeys(("", "file", "http", "https", "ftp", "data"), _refuse_remote)
+
+
+def _only_local_refs(node: Any) -> None:
+    """Refuse `$ref`s that leave the schema: a schema must not read files or URLs."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                raise ValueError(f"$ref {ref!r}: only references inside the schema (#...)")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def parse_time(text: str) -> float:
@@ -266,7 +297,11 @@ def parse_time(text: str) -> float:
 
 
 def has_control_characters(text: str) -> bool:
-    """True for C0/C1 controls, DEL and Unicode line separators (header injection)."""
+    """True for controls, line separators, bidi controls and zero-width characters.
+
+    CR/LF inject headers; bidi overrides make `gpj.exe` read as `exe.jpg` and
+    zero-width characters hide text, in subjects and display names alike.
+    """
     return _CONTROL.search(text) is not None
 
 
@@ -286,7 +321,11 @@ class Decoder:
         """One record -> Event; InvalidEvent (with a Reason) for anything malformed."""
         size = len(value) if value is not None else 0
         if headers:
-            size += sum(len(v) for _, v in headers if v is not None)
+            # names count too: thousands of empty-valued headers are not free
+            size += sum(
+                len(name.encode("utf-8", "surrogatepass")) + (len(v) if v is not None else 0)
+                for name, v in headers
+            )
         if size > self._max_bytes:
             raise invalid(
                 Reason.OVERSIZED, f"record is {size} bytes, above MAX_EVENT_BYTES={self._max_bytes}"
@@ -317,6 +356,8 @@ class Decoder:
         for name, raw in headers:
             lower = name.lower()
             if lower == CONTENT_TYPE_HEADER:
+                if content_type is not None:
+                    raise invalid(Reason.INVALID_ENVELOPE, f"header {name} appears twice")
                 content_type = _header_text(name, raw)
             elif lower.startswith(CE_HEADER_PREFIX):
                 attr = lower[len(CE_HEADER_PREFIX) :]
@@ -324,6 +365,12 @@ class Decoder:
                     raise invalid(Reason.INVALID_ENVELOPE, f"header {name} appears twice")
                 attrs[attr] = _header_text(name, raw)
         if content_type is not None:
+            declared = attrs.get("datacontenttype")
+            if declared is not None and declared.strip().lower() != content_type.strip().lower():
+                raise invalid(
+                    Reason.INVALID_ENVELOPE,
+                    "ce_datacontenttype and content-type disagree: which one holds is unclear",
+                )
             attrs["datacontenttype"] = content_type
         data = _loads(value) if value else None
         return self._event(attrs, data, "binary")
@@ -386,17 +433,54 @@ def _schema_message(exc: fastjsonschema.JsonSchemaValueException) -> str:
     return str(exc.message)
 
 
+#: a run of 19+ digits: the only way to write an integer orjson cannot keep exact
+_LONG_DIGITS: Final = re.compile(rb"\d{19}")
+#: orjson keeps integers in this range exact and turns the others into floats
+_EXACT_INTS: Final = range(-(2**63), 2**64)
+
+
 def _loads(value: bytes) -> Any:
     try:
-        return orjson.loads(value)
+        doc = orjson.loads(value)
     except orjson.JSONDecodeError:
         pass
+    else:
+        if _LONG_DIGITS.search(value) is not None:
+            _refuse_inexact_integers(value)
+        return doc
     # Only on the error path: tell "not UTF-8" apart from "not JSON".
     try:
         value.decode("utf-8")
     except UnicodeDecodeError:
         raise invalid(Reason.NOT_UTF8, "value is not valid UTF-8") from None
     raise invalid(Reason.NOT_JSON, "value is not valid JSON") from None
+
+
+def _refuse_inexact_integers(value: bytes) -> None:
+    """schema_violation for an integer literal orjson would round to a float.
+
+    Such a number would silently pass an `integer` schema as a float with other
+    digits. Only called when the bytes hold 19 digits in a row (rare), and the
+    stdlib parser's `parse_int` sees integer literals only, never strings.
+    """
+
+    def check(text: str) -> int:
+        number = int(text)
+        if number not in _EXACT_INTS:
+            raise invalid(
+                Reason.SCHEMA_VIOLATION,
+                f"an integer of {len(text.lstrip('-'))} digits cannot be kept exact "
+                "(limit -2^63 to 2^64-1); send it as a string",
+            )
+        return number
+
+    try:
+        json.loads(value, parse_int=check)
+    except InvalidEvent:
+        raise
+    except (ValueError, RecursionError):
+        # orjson accepted what the stdlib parser does not (depth): orjson's reading stands
+        return
 
 
 def _header_text(name: str, raw: bytes | None) -> str:

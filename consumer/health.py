@@ -9,11 +9,22 @@
   pod not ready, never restarts it: restarting cannot fix a quota.
 - `/metrics`: Prometheus text.
 
+The server faces whatever can reach its port, so it bounds what a client can
+hold: a connection must deliver a complete request within `HEADER_TIMEOUT`
+(aiohttp's keep-alive timer, which starts at accept and is not reset by
+partial headers), idle keep-alive connections close after the same time, and
+at most `MAX_CONNECTIONS` are open at once; beyond that a new connection gets
+an immediate 503 and is closed, so thousands of half-open sockets cost no more
+than `MAX_CONNECTIONS` handlers and the probes answer again within seconds.
+
 `Health` is plain state with setters the pipeline calls; it never steers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -22,8 +33,16 @@ import orjson
 from aiohttp import web
 
 from consumer.metrics import CONTENT_TYPE, Metrics
+from consumer.settings import SettingsError
 
 __all__ = ["HEALTHZ", "METRICS", "READYZ", "Health", "HealthServer"]
+
+#: seconds a connection may take to send a complete request (and stay idle between requests)
+HEADER_TIMEOUT: Final = 5.0
+#: connections open at once; a probe and a scraper need a handful
+MAX_CONNECTIONS: Final = 128
+#: the answer to a connection over the bound, written before closing it
+_BUSY: Final = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 HEALTHZ: Final = "/healthz"
 READYZ: Final = "/readyz"
@@ -118,14 +137,26 @@ class HealthServer:
     """aiohttp server for /healthz, /readyz and /metrics. `start()` then `stop()`."""
 
     def __init__(
-        self, *, health: Health, metrics: Metrics, host: str = "127.0.0.1", port: int = 8080
+        self,
+        *,
+        health: Health,
+        metrics: Metrics,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        header_timeout: float = HEADER_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.health = health
         self.metrics = metrics
         self.host = host
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
         self._requested_port = port
         self._port: int | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        #: connections turned away at the bound (for tests and the repr)
+        self.refused = 0
 
     @property
     def port(self) -> int:
@@ -134,27 +165,56 @@ class HealthServer:
             raise RuntimeError("HealthServer is not started")
         return self._port
 
+    @property
+    def open_connections(self) -> int:
+        server = self._runner.server if self._runner is not None else None
+        return len(server.connections) if server is not None else 0
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get(HEALTHZ, self._healthz)
         app.router.add_get(READYZ, self._readyz)
         app.router.add_get(METRICS, self._metrics)
         # No access log: probes every few seconds would drown the event lines.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            keepalive_timeout=self.header_timeout,
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self._requested_port)
+        server = runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.Protocol:
+            if len(server.connections) >= self.max_connections:
+                self.refused += 1
+                return _Busy()
+            return server()
+
         try:
-            await site.start()
+            listener = await asyncio.get_running_loop().create_server(
+                protocol, self.host, self._requested_port, reuse_address=True
+            )
+        except OSError as exc:
+            await runner.cleanup()
+            raise _bind_error(exc, self.host, self._requested_port) from None
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
+        self._runner, self._listener = runner, listener
+        self._port = int(listener.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        if listener is not None:
+            await listener.wait_closed()
 
     async def __aenter__(self) -> HealthServer:
         await self.start()
@@ -174,7 +234,26 @@ class HealthServer:
 
     def __repr__(self) -> str:
         where = f"{self.host}:{self._port}" if self._port is not None else "stopped"
-        return f"<HealthServer {where}>"
+        return f"<HealthServer {where} connections={self.open_connections} refused={self.refused}>"
+
+
+class _Busy(asyncio.Protocol):
+    """A connection over MAX_CONNECTIONS: answered 503 at once and closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_BUSY)
+        transport.close()
+
+
+def _bind_error(exc: OSError, host: str, port: int) -> SettingsError:
+    """A start-up bind failure as a configuration error naming the setting at fault."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return SettingsError(f"HEALTH_HOST={host!r}: cannot bind the health server ({reason})")
+    return SettingsError(
+        f"HEALTH_PORT={port} (HEALTH_HOST={host!r}): cannot bind the health server ({reason})"
+    )
 
 
 def _json(ok: bool, body: dict[str, Any]) -> web.Response:

@@ -16,8 +16,14 @@ A route's key template mixes literal text with `{path}` placeholders, e.g.
   marker starts with `.` and a non-hex letter, which no encoded value holds, so
   a hash never equals some other clean ID). A value holding `@` is hashed even
   when not marked, so an address cannot leak through a key;
-- a key longer than 256 characters keeps its first 191 characters, then `:`
-  and the SHA-256 (64 hex) of the whole key;
+- a key longer than 256 characters keeps its first 190 characters, then the
+  marker `.:` and the SHA-256 (64 hex) of the whole key. No natural key holds
+  `.:`: in an encoded value every `.` is followed by two hex digits or
+  `sha256-`, a value never ends in `.` and never starts with `:`, and literal
+  text may not hold `.:` (the parser refuses it). So a shortened key never
+  equals a natural one, two shortened keys differ when their whole keys do,
+  and the mapping from (route, placeholder values) to key is injective at
+  every length. Keys of 256 characters or fewer are exactly as before;
 - across routes, each key template's fixed start (its literal text before the
   first placeholder other than `{type}`) must be non-empty and must not be a
   prefix of another route's, so two event types never share a key.
@@ -48,7 +54,9 @@ _LITERAL = re.compile(r"^[A-Za-z0-9._:/-]*\Z")
 _CLEAN_VALUE = re.compile(r"^[A-Za-z0-9-]+\Z")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9-]")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-_PREFIX_KEEP: Final = MAX_KEY_LENGTH - 65
+#: ends the readable prefix of a shortened key; no natural key holds it (see above)
+SHORTENED_MARKER: Final = ".:"
+_PREFIX_KEEP: Final = MAX_KEY_LENGTH - len(SHORTENED_MARKER) - 64
 
 
 class KeyTemplateError(ValueError):
@@ -89,6 +97,11 @@ class KeyTemplate:
                 raise KeyTemplateError(
                     f"literal text {part!r} may hold only [A-Za-z0-9._:/-] "
                     "and {path} placeholders"
+                )
+            if isinstance(part, str) and SHORTENED_MARKER in part:
+                raise KeyTemplateError(
+                    f"literal text {part!r} may not hold {SHORTENED_MARKER!r}: "
+                    "it marks a shortened key"
                 )
         slots = [p for p in parts if isinstance(p, _Slot)]
         if not any(s.path.root in _DISTINCT_ROOTS for s in slots):
@@ -181,11 +194,11 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def finish_key(key: str) -> str:
-    """Cap a key at 256 characters: a readable prefix, then the hash of the whole key."""
+    """Cap a key at 256 characters: a readable prefix, `.:`, then the hash of the whole key."""
     if len(key) <= MAX_KEY_LENGTH:
         return key
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
-    return f"{key[:_PREFIX_KEEP]}:{digest}"
+    return f"{key[:_PREFIX_KEEP]}{SHORTENED_MARKER}{digest}"
 
 
 def is_valid_key(key: str) -> bool:

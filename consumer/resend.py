@@ -40,7 +40,7 @@ from consumer.errors import (
     ResendRetriable,
     TransportError,
 )
-from consumer.settings import Secret, SettingsError
+from consumer.settings import Secret, SettingsError, base_url_problem, without_userinfo
 
 if TYPE_CHECKING:
     from consumer.ratelimit import RateLimiter
@@ -308,7 +308,7 @@ def _success(
 
 def transport_answer(exc: BaseException, *, redact: str | None = None) -> Answer:
     """Classify an exception raised while sending (no HTTP answer at all)."""
-    if isinstance(exc, aiohttp.InvalidURL):
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
         # Raised before any byte leaves: RESEND_BASE_URL itself is malformed.
         return Answer(
             status=None,
@@ -358,6 +358,9 @@ class ResendClient:
         user_agent: str = USER_AGENT,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        #: why the base URL cannot work (never quoting it); every send is then an
+        #: `endpoint` answer, a paused service, not an outage or a dead letter
+        self._url_problem = base_url_problem(self.base_url)
         self._api_key = api_key
         self._api_key_file = api_key_file
         self._reload_key = False
@@ -394,7 +397,7 @@ class ResendClient:
         )
 
     def __repr__(self) -> str:
-        parts = [self.base_url, f"in_flight={self._in_flight}"]
+        parts = [without_userinfo(self.base_url), f"in_flight={self._in_flight}"]
         parts += [f"{k}={v}" for k, v in sorted(self.counts.items())]
         return f"<ResendClient {' '.join(parts)}>"
 
@@ -446,7 +449,8 @@ class ResendClient:
                 fresh = self._api_key_file.read_text().strip()
             except OSError:
                 fresh = ""
-            if fresh:
+            # a rotated file holding a line break inside the key would make a broken header
+            if fresh and not any(c.isspace() or not c.isprintable() for c in fresh):
                 self._api_key = Secret(fresh)
         return self._api_key.get()
 
@@ -476,6 +480,17 @@ class ResendClient:
         if self._session is None:
             await self.start()
         assert self._session is not None
+        if self._url_problem is not None:
+            return self._answered(
+                Answer(
+                    status=None,
+                    verdict="fatal",
+                    condition="endpoint",
+                    reason="invalid_base_url",
+                    message=f"RESEND_BASE_URL {self._url_problem}",
+                ),
+                0.0,
+            )
         if not paced:
             await self.pace()
         key = self._key()
@@ -514,9 +529,12 @@ class ResendClient:
             self._in_flight -= 1
         if answer.condition == "auth":
             self._reload_key = True
+        return self._answered(answer, time.monotonic() - started)
+
+    def _answered(self, answer: Answer, seconds: float) -> Answer:
         self.counts[answer.verdict] += 1
         if self.on_answer is not None:
-            self.on_answer(answer, time.monotonic() - started)
+            self.on_answer(answer, seconds)
         return answer
 
 

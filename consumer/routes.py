@@ -41,14 +41,25 @@ from consumer.events import (
 )
 from consumer.keys import DEFAULT_KEY_TEMPLATE, KeyTemplate, KeyTemplateError
 from consumer.settings import SettingsError, StalePolicy, parse_duration
-from consumer.templates import Compiled, environment, render_template
+from consumer.templates import (
+    Compiled,
+    TemplateOutside,
+    TemplateReferenceError,
+    check_references,
+    environment,
+    render_template,
+)
 
 UnknownTypePolicy = Literal["dead-letter", "skip"]
 UNKNOWN_TYPE_POLICIES: Final = ("dead-letter", "skip")
 STALE_POLICIES: Final = ("dead-letter", "skip", "send")
 #: Resend forgets idempotency keys after 24 h: no route may wait longer
 MAX_AGE_LIMIT: Final = 24 * 3600.0
+#: Resend's limit of addresses in each of to, cc and bcc
 MAX_TO: Final = 50
+MAX_LOCAL_PART: Final = 64
+MAX_DOMAIN: Final = 255
+MAX_LABEL: Final = 63
 MAX_TAGS: Final = 75
 ENVELOPE_SCHEMA: Final = "envelope.schema.json"
 SCHEMA_SUFFIX: Final = ".schema.json"
@@ -73,9 +84,35 @@ _ROUTE_KEYS: Final = frozenset(
     }
 )
 _DEFAULT_KEYS: Final = frozenset({"from", "reply_to", "tags", "headers"})
-_RESERVED_HEADERS: Final = frozenset(
-    {"from", "to", "cc", "bcc", "subject", "reply-to", "sender", "content-type", "date"}
+#: the routes file formats this version understands (an absent `version` means 1)
+ROUTES_VERSIONS: Final = (1,)
+#: headers with a route field of their own
+_FIELD_HEADERS: Final = frozenset({"from", "to", "cc", "bcc", "subject", "reply-to"})
+#: headers Resend or mail servers act on to route, authenticate or frame a message: a custom
+#: value could add a hidden recipient, redirect bounces or receipts, or forge a trace
+REFUSED_HEADERS: Final = frozenset(
+    {
+        "sender",
+        "date",
+        "return-path",
+        "received",
+        "received-spf",
+        "delivered-to",
+        "envelope-to",
+        "x-original-to",
+        "apparently-to",
+        "errors-to",
+        "return-receipt-to",
+        "disposition-notification-to",
+        "dkim-signature",
+        "domainkey-signature",
+        "authentication-results",
+        "message-id",
+        "mime-version",
+    }
 )
+#: header name prefixes refused for the same reasons (Resent-To, Content-Type, ARC-Seal, ...)
+REFUSED_HEADER_PREFIXES: Final = ("resent-", "content-", "arc-", "x-envelope-")
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 #: ASCII addresses only: a local part, then a domain with at least one dot
@@ -96,11 +133,31 @@ class RoutesError(SettingsError):
 def is_address(text: str) -> bool:
     """`jane@example.com`, `Jane Doe <jane@example.com>` or `"Doe, Jane" <jane@example.com>`.
 
-    At most 320 characters, and exactly one address: a display name holding
-    `@`, `,`, `;`, `:`, `<`, `>` or a stray quote is refused, so a single `to`
-    value cannot smuggle in a second recipient past the checks and the cap.
+    Exactly one address: a display name holding `@`, `,`, `;`, `:`, `<`, `>`
+    or a stray quote is refused, so a single `to` value cannot smuggle in a
+    second recipient past the checks and the cap. See `address_problem`.
     """
-    return len(text) <= 320 and bool(_ADDRESS.match(text))
+    return address_problem(text) is None
+
+
+def address_problem(text: str) -> str | None:
+    """Why text is not one usable address (never quoting it), or None.
+
+    The lengths are SMTP's (RFC 5321): a local part of at most 64 characters,
+    a domain of at most 255 with labels of at most 63; so an address Resend
+    would refuse later is refused here with a reason code.
+    """
+    if len(text) > 320 or not _ADDRESS.match(text) or has_control_characters(text):
+        return "is not an email address"
+    address = text[text.rfind("<") + 1 : -1] if text.endswith(">") else text
+    local, _, domain = address.rpartition("@")
+    if len(local) > MAX_LOCAL_PART:
+        return f"has a local part over {MAX_LOCAL_PART} characters"
+    if len(domain) > MAX_DOMAIN:
+        return f"has a domain over {MAX_DOMAIN} characters"
+    if any(len(label) > MAX_LABEL for label in domain.split(".")):
+        return f"has a domain label over {MAX_LABEL} characters"
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,9 +189,10 @@ class Route:
         if sender is None:
             sender = self.sender.one(event, field="from", reason=Reason.INVALID_SENDER)
             _no_controls("from", sender)
-            if not is_address(sender):
+            problem = address_problem(sender)
+            if problem is not None:
                 shown = mask_address(sender)
-                raise invalid(Reason.INVALID_SENDER, f"from: {shown} is not an email address")
+                raise invalid(Reason.INVALID_SENDER, f"from: {shown} {problem}")
         to = _addresses(self.to, event, "to")
         if not to:
             raise invalid(Reason.INVALID_RECIPIENT, "to: no recipient")
@@ -148,7 +206,13 @@ class Route:
         body: dict[str, Any] = {"from": sender, "to": to, "subject": subject}
         for name, exprs in (("cc", self.cc), ("bcc", self.bcc), ("reply_to", self.reply_to)):
             if exprs:
-                body[name] = _addresses(exprs, event, name)
+                addresses = _addresses(exprs, event, name)
+                if name != "reply_to" and len(addresses) > MAX_TO:
+                    raise invalid(
+                        Reason.INVALID_RECIPIENT,
+                        f"{name}: {len(addresses)} recipients, at most {MAX_TO}",
+                    )
+                body[name] = addresses
         if self.hosted_id is not None:
             variables = {name: _variable(expr, event, name) for name, expr in self.hosted_variables}
             body["template"] = {"id": self.hosted_id, "variables": variables}
@@ -189,10 +253,11 @@ def _addresses(exprs: tuple[Interp, ...], event: Event, field: str) -> list[str]
             continue
         for address in expr.many(event, field=field, reason=reason):
             _no_controls(field, address)
-            if not is_address(address):
+            problem = address_problem(address)
+            if problem is not None:
                 # Masked even when it is not an address: it may still be personal data.
                 shown = mask_address(address)
-                raise invalid(reason, f"{field}: {shown} is not an email address")
+                raise invalid(reason, f"{field}: {shown} {problem}")
             out.append(address)
     return out
 
@@ -279,13 +344,22 @@ class _Loader:
         if not isinstance(doc, dict):
             raise self.fail("the file must hold a mapping with a 'routes' key")
         self.unknown_keys(doc, _TOP_KEYS)
+        version = doc.get("version", 1)
+        if type(version) is not int or version not in ROUTES_VERSIONS:
+            known = ", ".join(str(v) for v in ROUTES_VERSIONS)
+            raise self.fail(
+                f"{version!r} is not a routes file version this release knows ({known})",
+                field="version",
+            )
         schemas_dir = self.folder(doc, "schemas", ".")
         templates_dir = self.folder(doc, "templates", "templates")
         examples = self.folder(doc, "examples", "examples")
         envelope_name = doc.get("envelope", ENVELOPE_SCHEMA)
         if not isinstance(envelope_name, str):
             raise self.fail("must be a file name", field="envelope")
-        envelope = self.schema(schemas_dir / envelope_name, field="envelope")
+        envelope = self.schema(
+            self.inside(schemas_dir, envelope_name, field="envelope"), field="envelope"
+        )
         defaults = doc.get("defaults") or {}
         if not isinstance(defaults, dict):
             raise self.fail("must be a mapping", field="defaults")
@@ -366,7 +440,29 @@ class _Loader:
         value = doc.get(name, default)
         if not isinstance(value, str):
             raise self.fail("must be a folder path", field=name)
-        return (self.base / value).resolve()
+        return self.inside(self.base, value, field=name)
+
+    def inside(self, folder: Path, value: str, *, field: str, route: str | None = None) -> Path:
+        """`folder / value`, resolved, refused unless it stays inside the routes file's folder.
+
+        A routes file (often a less guarded ConfigMap than the Secret) must not
+        reach other files: no absolute path, no `..`, no symlink leading out.
+        """
+        relative = Path(value)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise self.fail(
+                f"{value!r} must be relative to the routes file's folder, without '..'",
+                route=route,
+                field=field,
+            )
+        resolved = (folder / relative).resolve()
+        if not resolved.is_relative_to(self.base):
+            raise self.fail(
+                f"{value!r} resolves outside the routes file's folder ({self.base})",
+                route=route,
+                field=field,
+            )
+        return resolved
 
     def schema(self, path: Path, *, route: str | None = None, field: str) -> Validator:
         try:
@@ -401,7 +497,9 @@ class _RouteLoader:
         schema_name = spec.get("schema", f"{self.route}{SCHEMA_SUFFIX}")
         if not isinstance(schema_name, str):
             raise self.fail("schema", "must be a file name")
-        schema_path = (self.schemas_dir / schema_name).resolve()
+        schema_path = self.loader.inside(
+            self.schemas_dir, schema_name, field="schema", route=self.route
+        )
         validator = self.loader.schema(schema_path, route=self.route, field="schema")
         key_text = spec.get("idempotency_key", DEFAULT_KEY_TEMPLATE)
         try:
@@ -469,8 +567,10 @@ class _RouteLoader:
 
     def address(self, field: str, value: Any) -> Interp:
         expr = self.interp(field, value)
-        if expr.constant is not None and not is_address(expr.constant):
-            raise self.fail(field, f"{expr.constant!r} is not an email address")
+        if expr.constant is not None:
+            problem = address_problem(expr.constant)
+            if problem is not None:
+                raise self.fail(field, f"{expr.constant!a} {problem}")
         return expr
 
     def interps(self, field: str, value: Any, *, required: bool = False) -> tuple[Interp, ...]:
@@ -479,6 +579,8 @@ class _RouteLoader:
         items = value if isinstance(value, list) else [value]
         if not items:
             raise self.fail(field, "must name at least one address")
+        if field in ("to", "cc", "bcc") and len(items) > MAX_TO:
+            raise self.fail(field, f"{len(items)} addresses, at most {MAX_TO}")
         return tuple(self.address(field, item) for item in items)
 
     def pairs(
@@ -494,8 +596,8 @@ class _RouteLoader:
         for name, item in value.items():
             if not isinstance(name, str) or not name_rule.match(name):
                 raise self.fail(f"{field}.{name}", f"name must match {name_rule.pattern}")
-            if field == "headers" and name.lower() in _RESERVED_HEADERS:
-                raise self.fail(f"{field}.{name}", "set this through its own route field")
+            if field == "headers":
+                self.header_name(name)
             if isinstance(item, int) and not isinstance(item, bool):
                 item = str(item)
             expr = self.interp(f"{field}.{name}", item)
@@ -509,6 +611,17 @@ class _RouteLoader:
                 raise self.fail(f"{field}.{name}", "CR, LF or another control character")
             out.append((name, expr))
         return tuple(out)
+
+    def header_name(self, name: str) -> None:
+        lower = name.lower()
+        if lower in _FIELD_HEADERS:
+            raise self.fail(f"headers.{name}", "set this through its own route field")
+        if lower in REFUSED_HEADERS or lower.startswith(REFUSED_HEADER_PREFIXES):
+            raise self.fail(
+                f"headers.{name}",
+                "refused: Resend or mail servers act on this header to route, "
+                "authenticate or frame the message",
+            )
 
     def template(
         self,
@@ -538,17 +651,28 @@ class _RouteLoader:
         if not isinstance(name, str) or not name.endswith(suffix):
             raise self.fail(field, f"must be a template file name ending in {suffix}")
         try:
-            return Compiled(env.get_template(name))
+            template = env.get_template(name)
+            assert env.loader is not None
+            check_references(env, env.loader.get_source(env, name)[0], name=name)
+        except TemplateOutside as exc:
+            raise self.fail(field, str(exc.message)) from None
         except jinja2.TemplateNotFound:
             raise self.fail(field, f"template {name} not found in the templates folder") from None
         except jinja2.TemplateSyntaxError as exc:
             raise self.fail(field, f"{name} line {exc.lineno}: {exc.message}") from None
+        except TemplateReferenceError as exc:
+            raise self.fail(field, str(exc)) from None
+        return Compiled(template)
 
     def compile(self, env: ImmutableSandboxedEnvironment, source: str, field: str) -> Compiled:
         try:
-            return Compiled(env.from_string(source), source=source)
+            template = env.from_string(source)
+            check_references(env, source, name=field)
         except jinja2.TemplateSyntaxError as exc:
             raise self.fail(field, f"template syntax: {exc.message}") from None
+        except TemplateReferenceError as exc:
+            raise self.fail(field, str(exc)) from None
+        return Compiled(template, source=source)
 
     def age(self, value: Any) -> float | None:
         if value is None:

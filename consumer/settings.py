@@ -10,9 +10,12 @@ str never show the secret.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import re
 import ssl
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +67,14 @@ def parse_duration(text: str) -> float:
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 2s, 5m, 23h)")
-    return float(m.group(1)) * _UNIT[m.group(2)]
+    # a few hundred digits overflow to infinity: as unusable as "inf" itself
+    return _finite(float(m.group(1)) * _UNIT[m.group(2)], text)
+
+
+def _finite(value: float, text: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -101,10 +111,113 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _finite(float(text), text)
     if value <= 0:
         raise ValueError(f"must be positive, got {value}")
     return value
+
+
+def _ratio(text: str) -> float:
+    value = _finite(float(text), text)
+    if not 0 < value < 1:
+        raise ValueError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1-65535; 0 where the setting documents 0 as off."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a port from 1 to 65535 (0: off), got {value}")
+    return value
+
+
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_.-]+\Z")
+
+
+def _is_host(text: str) -> bool:
+    """A host name, an IPv4 address, or an IPv6 address (bracketed or not)."""
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if ":" not in inner:
+        return bool(_HOST_NAME.match(inner))
+    try:
+        ipaddress.IPv6Address(inner)
+    except ValueError:
+        return False
+    return True
+
+
+def _host(text: str) -> str:
+    """A host name or IP address to bind, without scheme, port or path."""
+    if not _is_host(text):
+        raise ValueError("must be a host name or an IP address (no scheme, port or path)")
+    return text
+
+
+def _bootstrap(text: str) -> str:
+    """Comma-separated host[:port] entries, each port 1-65535."""
+    entries = [part.strip() for part in text.split(",")]
+    if not all(entries):
+        raise ValueError("an empty entry between commas")
+    for entry in entries:
+        host, sep, port = entry.rpartition(":")
+        if not sep or (":" in host and not host.startswith("[")):
+            host, port = entry, ""  # a bare host or a bare IPv6 address
+        if not _is_host(host):
+            raise ValueError(f"{entry!r} is not host:port")
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{entry!r}: the port must be from 1 to 65535")
+    return text
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
+
+
+def without_userinfo(url: str) -> str:
+    """A URL with any `user:password@` replaced by `***@`, safe to show."""
+    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", url, count=1)
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why a Resend base URL cannot work (never quoting it), or None when it is usable.
+
+    http(s) only, a host, no credentials (`user:pass@`), a valid port, no query
+    or fragment (the endpoint path is appended to it), no whitespace.
+    """
+    if not url or any(c.isspace() or not c.isprintable() for c in url):
+        return "must be an http(s) URL without whitespace or control characters"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("https", "http"):
+        return "must start with https:// (http:// only for a local sandbox)"
+    if "@" in parts.netloc:
+        return "credentials in the URL are refused: the API key goes in RESEND_API_KEY"
+    if not parts.hostname or not _is_host(parts.hostname):
+        return "has no valid host"
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "has an invalid port (1-65535)"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return "may not carry a query or a fragment"
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _base_url(text: str) -> str:
+    problem = base_url_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
 
 
 def _positive_duration(text: str) -> float:
@@ -123,6 +236,8 @@ class Field:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    #: how a refused value is shown in the error (default: repr; secrets: never)
+    shown: Callable[[str], str] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -153,6 +268,7 @@ class Settings:
     resend_api_key: Secret | None = field(default=None, repr=False)
     resend_api_key_file: Path | None = None
     resend_base_url: str = "https://api.resend.com"
+    resend_allow_http: bool = False
     resend_connect_timeout: float = 5.0
     resend_read_timeout: float = 15.0
     resend_total_timeout: float = 30.0
@@ -188,6 +304,7 @@ class Settings:
     progress_interval: float = 10.0
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         if self.drain_timeout >= self.kafka_rebalance_timeout:
             raise SettingsError(
                 "DRAIN_TIMEOUT must stay below KAFKA_REBALANCE_TIMEOUT "
@@ -220,6 +337,49 @@ class Settings:
         if not self.kafka_topics and not self.kafka_topic_pattern:
             raise SettingsError("set KAFKA_TOPICS or KAFKA_TOPIC_PATTERN")
         self._check_kafka_security()
+        self._check_resend()
+
+    def _check_resend(self) -> None:
+        """The base URL is usable and safe for the key; the key has no stray whitespace.
+
+        Messages never quote the key, and show the URL only without credentials.
+        """
+        problem = base_url_problem(self.resend_base_url)
+        if problem is not None:
+            shown = without_userinfo(self.resend_base_url)
+            raise SettingsError(f"RESEND_BASE_URL={shown!r}: {problem}")
+        host = urllib.parse.urlsplit(self.resend_base_url).hostname or ""
+        if (
+            self.resend_base_url.startswith("http:")
+            and not is_loopback(host)
+            and not self.resend_allow_http
+        ):
+            raise SettingsError(
+                f"RESEND_BASE_URL={self.resend_base_url!r}: http:// would send the API key "
+                "in clear; use https://, or set RESEND_ALLOW_HTTP=true for a sandbox on "
+                "another host (a container network)"
+            )
+        key = self.resend_api_key.get() if self.resend_api_key is not None else ""
+        if key and (key != key.strip() or any(c.isspace() or not c.isprintable() for c in key)):
+            raise SettingsError(
+                "RESEND_API_KEY (or the RESEND_API_KEY_FILE contents): the API key holds "
+                "whitespace or a line break (a copy-paste slip?); the key itself is not shown"
+            )
+
+    def _check_numbers(self) -> None:
+        """NaN and infinities are refused however the object is built (flags, code, env).
+
+        `RATE_LIMIT=nan` used to load: every comparison with NaN is false, so
+        the limiter never granted a token and nothing was ever sent.
+        """
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"{f.env}={value}: must be a finite number")
+        if not 0 <= self.health_port <= 65535:
+            raise SettingsError(
+                f"HEALTH_PORT={self.health_port}: must be a port from 1 to 65535 (0: off)"
+            )
 
     def _check_kafka_security(self) -> None:
         """Refuse security settings the chosen protocol would silently ignore.
@@ -279,7 +439,10 @@ class Settings:
             try:
                 values[f.name] = f.parse(raw)
             except (ValueError, TypeError) as exc:
-                shown = "<redacted>" if f.secret else repr(raw)
+                if f.secret:
+                    shown = "<redacted>"
+                else:
+                    shown = f.shown(raw) if f.shown is not None else repr(raw)
                 raise SettingsError(f"{f.env}={shown}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         key_file = values.get("resend_api_key_file")
@@ -344,7 +507,7 @@ FIELDS: Final[tuple[Field, ...]] = (
     Field(
         "kafka_bootstrap_servers",
         "KAFKA_BOOTSTRAP_SERVERS",
-        str,
+        _bootstrap,
         "Kafka bootstrap servers, comma-separated host:port",
     ),
     Field("kafka_topics", "KAFKA_TOPICS", _csv, "topics to consume, comma-separated"),
@@ -422,7 +585,20 @@ FIELDS: Final[tuple[Field, ...]] = (
         Path,
         "file holding the API key (Kubernetes secret mount)",
     ),
-    Field("resend_base_url", "RESEND_BASE_URL", str, "Resend API base URL"),
+    Field(
+        "resend_base_url",
+        "RESEND_BASE_URL",
+        _base_url,
+        "Resend API base URL (https; http only to loopback unless RESEND_ALLOW_HTTP)",
+        shown=lambda raw: repr(without_userinfo(raw)),
+    ),
+    Field(
+        "resend_allow_http",
+        "RESEND_ALLOW_HTTP",
+        _bool,
+        "allow an http:// RESEND_BASE_URL off this host (a sandbox container): "
+        "the key travels in clear",
+    ),
     Field(
         "resend_connect_timeout",
         "RESEND_CONNECT_TIMEOUT",
@@ -515,7 +691,7 @@ FIELDS: Final[tuple[Field, ...]] = (
     Field(
         "resume_ratio",
         "RESUME_RATIO",
-        float,
+        _ratio,
         "a paused partition resumes below this share of its bound",
     ),
     Field("commit_interval", "COMMIT_INTERVAL", _positive_duration, "offset commit interval"),
@@ -537,8 +713,8 @@ FIELDS: Final[tuple[Field, ...]] = (
         _positive_duration,
         "a partition with work that finishes nothing this long, unexplained, fails /healthz",
     ),
-    Field("health_port", "HEALTH_PORT", int, "port of /healthz, /readyz and /metrics (0: off)"),
-    Field("health_host", "HEALTH_HOST", str, "address the health server binds"),
+    Field("health_port", "HEALTH_PORT", _port, "port of /healthz, /readyz and /metrics (0: off)"),
+    Field("health_host", "HEALTH_HOST", _host, "address the health server binds"),
     Field("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "log level"),
     Field(
         "log_format",

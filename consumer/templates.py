@@ -4,6 +4,12 @@ HTML files (`.html.j2`) are autoescaped; text files (`.txt.j2`) and subjects
 are not. `StrictUndefined` turns a missing field into an error instead of an
 empty string, and the `random` filter and `lipsum` global are removed because
 the same event must render the same bytes on every attempt.
+
+Templates come from one folder only (`ConfinedLoader`): a name holding `..`,
+starting with `/`, or resolving outside the folder through a symlink is not
+found, and `check_references` refuses at load an `include`, `import` or
+`extends` whose name is not a literal inside that folder, so a routes file
+cannot make an email quote `/proc/self/environ`.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import markupsafe
 from jinja2.exceptions import SecurityError
+from jinja2.loaders import split_template_path
 from jinja2.runtime import new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -37,10 +45,80 @@ class TemplateEnvironment(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
 
+class TemplateOutside(jinja2.TemplateNotFound):
+    """A template name that would leave the templates folder (absolute, `..`, symlink)."""
+
+
+class ConfinedLoader(jinja2.BaseLoader):
+    """Loads templates from one folder and nowhere else, symlinks included.
+
+    Jinja's FileSystemLoader already refuses `..`, but it drops a leading `/`
+    silently and follows symlinks wherever they point; this loader resolves
+    every name and refuses what lands outside the (resolved) folder.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        if template.startswith("/") or "\\" in template:
+            raise TemplateOutside(template, f"{template}: absolute template names are refused")
+        path = self.root.joinpath(*split_template_path(template)).resolve()
+        if not path.is_relative_to(self.root):
+            raise TemplateOutside(template, f"{template}: resolves outside the templates folder")
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise jinja2.TemplateNotFound(template) from None
+        return source, str(path), lambda: True
+
+
+class TemplateReferenceError(ValueError):
+    """An include/import/extends that is not a literal name inside the templates folder."""
+
+
+def check_references(env: jinja2.Environment, source: str, *, name: str) -> None:
+    """Refuse, at load, template references that are dynamic, missing or outside the folder.
+
+    Jinja resolves `include` and friends at render time; checking them once
+    here (recursively) means a bad reference stops start-up instead of
+    failing every event, and an event's data can never choose the file.
+    """
+    seen: set[str] = set()
+    pending = [(name, source)]
+    while pending:
+        current, text = pending.pop()
+        try:
+            names = list(jinja2.meta.find_referenced_templates(env.parse(text)))
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateReferenceError(f"{current} line {exc.lineno}: {exc.message}") from None
+        for ref in names:
+            if ref is None:
+                raise TemplateReferenceError(
+                    f"{current}: include/import/extends must name a template literally"
+                )
+            if ref in seen:
+                continue
+            seen.add(ref)
+            loader = env.loader
+            assert loader is not None
+            try:
+                ref_source, _, _ = loader.get_source(env, ref)
+            except TemplateOutside as exc:
+                raise TemplateReferenceError(f"{current}: {exc.message}") from None
+            except jinja2.TemplateNotFound:
+                raise TemplateReferenceError(
+                    f"{current}: template {ref} not found in the templates folder"
+                ) from None
+            pending.append((ref, ref_source))
+
+
 def environment(templates_dir: Path, *, html: bool) -> ImmutableSandboxedEnvironment:
     """The sandbox for one kind of template: autoescaping for HTML, none for text."""
     env = TemplateEnvironment(
-        loader=jinja2.FileSystemLoader(str(templates_dir)),
+        loader=ConfinedLoader(templates_dir),
         undefined=jinja2.StrictUndefined,
         autoescape=html,
         keep_trailing_newline=True,

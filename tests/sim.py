@@ -148,6 +148,13 @@ class FakeGroup:
         self.rebalancing = False
         self.again = False
         self.rebalances = 0
+        self.background: set[asyncio.Future[None]] = set()
+
+    def later(self) -> None:
+        """Start a rebalance in the background (a member joined or left)."""
+        task = asyncio.ensure_future(self.rebalance())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     def end(self, tp: TopicPartition) -> int:
         recs = self.records[tp]
@@ -227,7 +234,7 @@ class FakeConsumer:
         # leaving the group makes the coordinator rebalance the others
         self.started = False
         self._assignment = set()
-        asyncio.ensure_future(self.group.rebalance())
+        self.group.later()
 
     async def revoke_all(self) -> None:
         revoked, self._assignment = set(self._assignment), set()
@@ -299,9 +306,7 @@ class FakeConsumer:
                 break
         if out and rng.random() < self.churn:
             # the coordinator starts a rebalance in the very turn these records arrive
-            asyncio.get_running_loop().call_soon(
-                lambda: asyncio.ensure_future(self.group.rebalance())
-            )
+            asyncio.get_running_loop().call_soon(self.group.later)
         if not out:
             await asyncio.sleep(timeout_ms / 1000)
         return out
@@ -732,7 +737,7 @@ async def _chaos(world: World) -> Outcome:
             else:
                 await second.leave()
         elif roll < 0.4:
-            asyncio.ensure_future(group.rebalance())
+            group.later()
         elif roll < 0.5:
             resend.phase = rng.choice(("outage", "auth"))
         elif roll < 0.6:

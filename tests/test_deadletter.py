@@ -42,6 +42,8 @@ from consumer.deadletter import (
     build_record,
     coordinates_key,
     dead_letter_headers,
+    dlq_values,
+    original_headers,
     record_size,
     replay_command,
     rfc3339,
@@ -657,3 +659,67 @@ def test_replay_warns_about_future_dated_and_stale_events() -> None:
     assert len(stale) == 1
     assert "MAX_EVENT_AGE" in stale[0]
     assert warnings_for(NOW - 60) == []
+
+
+# -- hostile producers and Resend's error text (issue 11, items 10 and 11) ----------
+
+
+def test_dead_letter_message_masks_recipient_addresses() -> None:
+    """Addresses Resend quotes in its error text are masked in dlq.message, like the logs."""
+    message = "The `to` field is invalid: jane.doe@example.com, bob@corp.example"
+    values = dict(dead_letter_headers(letter(message=message), dead_lettered_at=NOW))
+    shown = values[H_MESSAGE].decode()
+    assert "jane.doe@" not in shown
+    assert "bob@" not in shown
+    assert "@example.com" in shown
+
+
+FORGED = [
+    ("dlq.event_type", b"order.placed"),
+    ("dlq.reason", b"validation_error"),
+    ("original.dlq.reason", b"nested"),
+    ("ce_type", b"user.signup"),
+    ("dlq.source_topic", b"somewhere-else"),
+]
+
+
+def test_producer_set_dlq_headers_are_escaped_and_not_trusted() -> None:
+    """A source record's own dlq.* headers move under original.; the service's stay alone."""
+    dead = letter(headers=FORGED, event_type=None, reason="not_json")
+    headers = dead_letter_headers(dead, dead_lettered_at=NOW)
+    meta = dlq_values(headers)
+    assert meta[H_REASON] == "not_json"
+    assert H_EVENT_TYPE not in meta
+    assert meta[H_SOURCE_TOPIC] == "orders"
+    assert headers[: len(FORGED)] == [
+        ("original.dlq.event_type", b"order.placed"),
+        ("original.dlq.reason", b"validation_error"),
+        ("original.original.dlq.reason", b"nested"),
+        ("ce_type", b"user.signup"),
+        ("original.dlq.source_topic", b"somewhere-else"),
+    ]
+    assert original_headers(headers) == FORGED
+
+
+async def test_replay_restores_forged_headers_byte_for_byte_and_is_not_fooled(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, producer: AIOKafkaProducer
+) -> None:
+    """--type reads only the service's own headers; the replayed record is the original."""
+    source = await new_topic(prefix="src")
+    dlq = await new_topic(name=f"{source}.dlq")
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, kafka_topics=(source,))
+    writer = DeadLetterWriter(producer=producer, topic_for=settings.dlq_topic_for)
+    await writer.write(
+        letter(source_topic=source, headers=FORGED, event_type=None, reason="not_json", value=b"{")
+    )
+    fooled = await new_topic(prefix="target")
+    run = await replay(
+        settings, "--from-topic", dlq, "--to-topic", fooled, "--type", "order.placed"
+    )
+    assert run.code == 0, run.err
+    assert await read_all(kafka_bootstrap, fooled) == []
+    run = await replay(settings, "--from-topic", dlq, "--type", "user.signup")
+    assert run.code == 0, run.err
+    [replayed] = await read_all(kafka_bootstrap, source)
+    assert (replayed.key, replayed.value) == (b"order-1", b"{")
+    assert list(replayed.headers) == FORGED

@@ -246,3 +246,71 @@ def test_addresses_are_masked_in_text() -> None:
     assert mask_address("jane.doe@example.com") == "j***@example.com"
     assert mask_addresses("to: 'jane.doe@example.com' bad") == "to: 'j***@example.com' bad"
     assert mask_address("nonsense") == "***"
+
+
+# -- numbers and binary-mode headers (issue 11, items 8 and 9) ----------------------
+
+
+ENVELOPE = SCHEMAS / "envelope.schema.json"
+BINARY_HEADERS = binary_headers()
+
+
+def _decoder(max_bytes: int = 1 << 20) -> Decoder:
+    return Decoder(envelope=compile_schema(load_json_file(ENVELOPE)), max_bytes=max_bytes)
+
+
+def _structured(data_json: str) -> bytes:
+    return (
+        '{"specversion": "1.0", "id": "e1", "source": "s", "type": "t", "data": ' + data_json + "}"
+    ).encode()
+
+
+@pytest.mark.parametrize("number", [str(2**64), str(10**23), str(-(2**63) - 1), "1" + "0" * 300])
+def test_integers_orjson_would_round_are_schema_violation(number: str) -> None:
+    """An integer outside -2^63..2^64-1 would become a float: refused, never rounded."""
+    with pytest.raises(InvalidEvent) as info:
+        _decoder().decode(_structured('{"n": ' + number + "}"), [])
+    assert info.value.reason == Reason.SCHEMA_VIOLATION
+    with pytest.raises(InvalidEvent) as binary:
+        _decoder().decode(f'{{"n": {number}}}'.encode(), BINARY_HEADERS)
+    assert binary.value.reason == Reason.SCHEMA_VIOLATION
+
+
+@pytest.mark.parametrize("number", [2**53 + 1, 2**63 - 1, 2**64 - 1, -(2**63)])
+def test_integers_within_range_stay_exact(number: int) -> None:
+    """Integers above 2^53 but inside orjson's exact range keep every digit."""
+    event = _decoder().decode(_structured(f'{{"n": {number}}}'), [])
+    assert event.data["n"] == number
+    assert type(event.data["n"]) is int
+
+
+def test_long_digit_runs_inside_strings_are_fine() -> None:
+    """Twenty digits inside a string are text, not a number: nothing is refused."""
+    event = _decoder().decode(_structured('{"card": "123456789012345678901234"}'), [])
+    assert event.data["card"] == "123456789012345678901234"
+
+
+def test_two_content_type_headers_are_invalid_envelope() -> None:
+    """A binary-mode record with two content-type headers is refused, not last-one-wins."""
+    headers = [*BINARY_HEADERS, ("content-type", b"text/plain")]
+    with pytest.raises(InvalidEvent) as info:
+        _decoder().decode(b'{"n": 1}', headers)
+    assert info.value.reason == Reason.INVALID_ENVELOPE
+
+
+def test_contradicting_ce_datacontenttype_is_invalid_envelope() -> None:
+    """ce_datacontenttype and content-type must agree when both are present."""
+    headers = [*BINARY_HEADERS, ("ce_datacontenttype", b"text/plain")]
+    with pytest.raises(InvalidEvent) as info:
+        _decoder().decode(b'{"n": 1}', headers)
+    assert info.value.reason == Reason.INVALID_ENVELOPE
+    agreeing = [*BINARY_HEADERS, ("ce_datacontenttype", b"Application/JSON")]
+    assert _decoder().decode(b'{"n": 1}', agreeing).data == {"n": 1}
+
+
+def test_header_names_count_toward_max_event_bytes() -> None:
+    """Thousands of empty-valued headers with long names are oversized, not free."""
+    headers = [*BINARY_HEADERS, *((f"x-{i:04d}-" + "n" * 200, b"") for i in range(100))]
+    with pytest.raises(InvalidEvent) as info:
+        _decoder(max_bytes=10_000).decode(b'{"n": 1}', headers)
+    assert info.value.reason == Reason.OVERSIZED

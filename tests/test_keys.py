@@ -113,7 +113,8 @@ def test_over_long_key_keeps_prefix_and_ends_in_hash() -> None:
     full = f"order-confirmation:{long_id}"
     assert len(key) == MAX_KEY_LENGTH
     assert key.startswith("order-confirmation:xxxx")
-    assert key.endswith(":" + hashlib.sha256(full.encode()).hexdigest())
+    assert key.endswith(".:" + hashlib.sha256(full.encode()).hexdigest())
+    assert key == full[:190] + ".:" + hashlib.sha256(full.encode()).hexdigest()
     assert finish_key("short") == "short"
 
 
@@ -326,3 +327,109 @@ def test_different_entity_ids_give_different_keys(
     same_ids = tuple(str(x) for x in a) == tuple(str(x) for x in b)
     # An int and its decimal string are the same entity ID on purpose.
     assert (key(a) == key(b)) == same_ids
+
+
+# -- injectivity across lengths (issue 11, item 1) ------------------------------
+
+RESET = "password-reset:{data.user_id}:{data.request_id}"
+
+
+def reset_key(user_id: str | int, request_id: str | int) -> str:
+    """The password-reset key of one (user_id, request_id) pair."""
+    return KeyTemplate.parse(RESET).render(event({"user_id": user_id, "request_id": request_id}))
+
+
+def decode_escaped(text: str) -> str | None:
+    """The placeholder value whose encoding is `text`, or None when no value encodes to it."""
+    out = bytearray()
+    pos = 0
+    while pos < len(text):
+        char = text[pos]
+        if char == ".":
+            pair = text[pos + 1 : pos + 3]
+            if len(pair) < 2 or any(c not in "0123456789abcdef" for c in pair):
+                return None
+            out.append(int(pair, 16))
+            pos += 3
+        elif char.isascii() and (char.isalnum() or char == "-"):
+            out.append(ord(char))
+            pos += 1
+        else:
+            return None
+    try:
+        value = out.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return value if value and encode_value(value, sensitive=False) == text else None
+
+
+def forged_pair(key: str) -> tuple[str, str] | None:
+    """Placeholder values whose natural key would be exactly `key`, if any exist.
+
+    The attack of issue 11: read a shortened key as if it were a natural one.
+    """
+    head = "password-reset:"
+    if not key.startswith(head):
+        return None
+    rest = key[len(head) :]
+    user_text, sep, request_text = rest.partition(":")
+    if not sep:
+        return None
+    user_id, request_id = decode_escaped(user_text), decode_escaped(request_text)
+    if user_id is None or request_id is None:
+        return None
+    return user_id, request_id
+
+
+def test_a_natural_256_character_key_never_equals_a_shortened_one() -> None:
+    """The crafted pair of issue 11 (prefix, ':', 64 hex) no longer takes a victim's key."""
+    victim = reset_key("x" * 300, "req-1")
+    forged = forged_pair(victim)
+    # Before the fix the shortened key parsed back into a valid (user_id, request_id) pair.
+    assert forged is None or reset_key(*forged) != victim
+
+
+#: values near the 256-character boundary, from characters the encoding treats differently
+boundary_text = st.builds(
+    lambda n, alphabet: (alphabet * 300)[:n],
+    st.one_of(st.integers(1, 12), st.integers(60, 130), st.integers(170, 260)),
+    st.sampled_from(["x", "a0f", "-", "_", ".", ":", "ab.:", "é", "7f", "x.3a", "/"]),
+)
+adversarial_ids = st.one_of(
+    boundary_text, st.text(min_size=1, max_size=260), st.integers(0, 10**80)
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(victim=st.tuples(adversarial_ids, adversarial_ids))
+def test_no_values_forge_another_events_key(victim: tuple[str | int, str | int]) -> None:
+    """Property: reading any key back as a natural key only ever yields the event's own values."""
+    key = reset_key(*victim)
+    assert is_valid_key(key)
+    forged = forged_pair(key)
+    if forged is not None and reset_key(*forged) == key:
+        assert forged == (str(victim[0]), str(victim[1])), (victim, forged)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(a=st.tuples(adversarial_ids, adversarial_ids), b=st.tuples(adversarial_ids, adversarial_ids))
+def test_keys_are_injective_across_all_lengths(
+    a: tuple[str | int, str | int], b: tuple[str | int, str | int]
+) -> None:
+    """Property: two events share a key only when their entity IDs are equal, at any length."""
+    same = (str(a[0]), str(a[1])) == (str(b[0]), str(b[1]))
+    assert (reset_key(*a) == reset_key(*b)) == same
+
+
+def test_short_keys_are_unchanged_by_the_shortening_marker() -> None:
+    """Keys up to 256 characters are exactly what earlier versions produced (no re-keying)."""
+    assert reset_key("usr-1", "req_2") == "password-reset:usr-1:req.5f2"
+    exact = reset_key("u" * 200, "r" * 40)
+    assert len(exact) == MAX_KEY_LENGTH
+    assert exact == f"password-reset:{'u' * 200}:{'r' * 40}"
+
+
+def test_literal_text_may_not_hold_the_shortening_marker() -> None:
+    """A template whose literal text holds '.:' is refused: only a shortened key carries it."""
+    with pytest.raises(KeyTemplateError, match=r"'\.:'"):
+        KeyTemplate.parse("order.:{data.id}")

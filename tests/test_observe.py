@@ -29,7 +29,7 @@ from consumer.observe import (
     mask_email,
     probe_url,
 )
-from consumer.settings import Secret, Settings
+from consumer.settings import Secret, Settings, SettingsError
 
 FAKE_KEY = "re_FAKEkey_1234567890abcdef"
 ADDRESS = "jane.doe@example.com"
@@ -406,7 +406,7 @@ async def test_server_stop_frees_the_port() -> None:
     await srv.start()
     port = srv.port
     clash = HealthServer(health=Health(), metrics=Metrics(), host="127.0.0.1", port=port)
-    with pytest.raises(OSError):
+    with pytest.raises(SettingsError, match=f"HEALTH_PORT={port}"):
         await clash.start()
     await srv.stop()
     with pytest.raises(aiohttp.ClientConnectionError):
@@ -447,3 +447,89 @@ async def test_health_command_takes_the_health_port_setting_flag(server: HealthS
     add_arguments(parser)
     args = parser.parse_args(["--quiet", "--health-port", str(server.port)])
     assert await asyncio.to_thread(health_command, cli.settings_from(args), args) == 0
+
+
+# -- the health server under hostile clients (issue 11, item 6) ---------------------
+
+PARTIAL_REQUEST = b"GET /healthz HTTP/1.1\r\nHost: probe\r\nX-Slow: "
+
+
+async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    return await reader.read()
+
+
+async def test_half_open_connections_are_closed_and_healthz_still_answers() -> None:
+    """Half-sent requests are closed after the header timeout; over the bound, 503 at once."""
+    srv = HealthServer(
+        health=Health(),
+        metrics=Metrics(),
+        host="127.0.0.1",
+        port=0,
+        header_timeout=0.5,
+        max_connections=20,
+    )
+    await srv.start()
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        readers = []
+        for _ in range(200):
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(PARTIAL_REQUEST)
+            await writer.drain()
+            readers.append(reader)
+            writers.append(writer)
+        # before the fix nothing closed these for an hour: bounded here by a generous wait
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(read_to_eof(r) for r in readers)), timeout=30
+        )
+        busy = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        timed_out = [a for a in answers if a == b""]
+        assert len(busy) + len(timed_out) == 200
+        assert 0 < len(timed_out) <= 20
+        assert len(busy) == srv.refused >= 180
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{srv.port}/healthz") as r:
+                assert r.status == 200
+            async with http.get(f"http://127.0.0.1:{srv.port}/metrics") as r:
+                assert r.status == 200
+    finally:
+        for writer in writers:
+            writer.close()
+        await srv.stop()
+
+
+async def test_healthz_answers_while_connections_below_the_bound_are_held() -> None:
+    """Held half-open connections under the bound do not stop /healthz and /metrics."""
+    srv = HealthServer(
+        health=Health(),
+        metrics=Metrics(),
+        host="127.0.0.1",
+        port=0,
+        header_timeout=60.0,
+        max_connections=50,
+    )
+    await srv.start()
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(40):
+            _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(PARTIAL_REQUEST)
+            writers.append(writer)
+        async with aiohttp.ClientSession() as http:
+            for path in ("/healthz", "/metrics", "/readyz"):
+                async with http.get(f"http://127.0.0.1:{srv.port}{path}") as r:
+                    assert r.status in (200, 503)
+                    assert await r.read()
+        assert srv.open_connections >= 40
+        assert srv.refused == 0
+    finally:
+        for writer in writers:
+            writer.close()
+        await srv.stop()
+
+
+def test_default_bounds_are_set() -> None:
+    """By default a request must arrive within 5 s and at most 128 connections are open."""
+    srv = HealthServer(health=Health(), metrics=Metrics())
+    assert (srv.header_timeout, srv.max_connections) == (5.0, 128)

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -670,16 +671,21 @@ def test_enforce_age_off_ignores_freshness(preparer: Preparer) -> None:
 # -- policies and failures ---------------------------------------------------------
 
 
+def shipped_copy(folder: Path) -> str:
+    """Copy the shipped schemas and templates (not the examples) into folder; the routes text.
+
+    A routes file reaches only files in its own folder, so a changed copy of
+    the shipped routes needs the schemas and templates beside it.
+    """
+    for schema in SCHEMAS.glob("*.json"):
+        shutil.copy(schema, folder / schema.name)
+    shutil.copytree(SCHEMAS / "templates", folder / "templates")
+    return (SCHEMAS / "routes.yaml").read_text()
+
+
 def test_unknown_type_skip_policy(tmp_path: Path) -> None:
     """policies.unknown_type: skip turns unknown event types into Skipped."""
-    text = (
-        (SCHEMAS / "routes.yaml")
-        .read_text()
-        .replace("unknown_type: dead-letter", "unknown_type: skip")
-    )
-    text = text.replace("schemas: .", f"schemas: {SCHEMAS}").replace(
-        "templates: templates", f"templates: {SCHEMAS / 'templates'}"
-    )
+    text = shipped_copy(tmp_path).replace("unknown_type: dead-letter", "unknown_type: skip")
     (tmp_path / "routes.yaml").write_text(text)
     p = Preparer.from_settings(Settings(routes_file=tmp_path / "routes.yaml"))
     result = prepare(p, order(set_("type", "invoice.paid")))
@@ -803,8 +809,7 @@ def test_check_warns_when_age_exceeds_resend_window(capsys: pytest.CaptureFixtur
 
 def test_check_fails_with_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`check` exits 2 naming the file, route and field of a broken routes file."""
-    text = (SCHEMAS / "routes.yaml").read_text().replace("schemas: .", f"schemas: {SCHEMAS}")
-    text = text.replace("templates: templates", f"templates: {SCHEMAS / 'templates'}")
+    text = shipped_copy(tmp_path)
     text = text.replace('"welcome:{data.user_id}"', '"welcome"')
     (tmp_path / "routes.yaml").write_text(text)
     code = check_command(Settings(routes_file=tmp_path / "routes.yaml"), argparse.Namespace())
@@ -817,8 +822,7 @@ def test_check_fails_on_a_broken_example(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`check` renders the examples folder and reports an example that does not prepare."""
-    text = (SCHEMAS / "routes.yaml").read_text().replace("schemas: .", f"schemas: {SCHEMAS}")
-    text = text.replace("templates: templates", f"templates: {SCHEMAS / 'templates'}")
+    text = shipped_copy(tmp_path)
     (tmp_path / "examples").mkdir()
     (tmp_path / "examples" / "broken.json").write_bytes(order(set_("data.items", [])))
     (tmp_path / "routes.yaml").write_text(text)

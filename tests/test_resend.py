@@ -285,7 +285,12 @@ def test_from_settings_needs_a_key_and_never_shows_it() -> None:
     with pytest.raises(SettingsError, match="RESEND_API_KEY"):
         ResendClient.from_settings(Settings())
     client = ResendClient.from_settings(
-        Settings(resend_api_key=Secret(KEY), resend_base_url="http://x/", max_in_flight=7)
+        Settings(
+            resend_api_key=Secret(KEY),
+            resend_base_url="http://x/",
+            resend_allow_http=True,
+            max_in_flight=7,
+        )
     )
     assert KEY not in repr(client)
     assert client.base_url == "http://x"
@@ -601,3 +606,38 @@ async def test_a_block_page_pauses_the_service_and_dead_letters_nothing(
         results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert {r.outcome for r in results} == {"sent"}
     assert changes == [("closed", "open", "endpoint"), ("open", "closed", None)]
+
+
+# -- malformed base URLs pause the service (issue 11, item 5) --------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://api.resend.com",
+        "https://api.resend.com:99999",
+        "https://exa mple.com",
+        "https://user:hunter2pass@127.0.0.1:1",
+        "https://api.resend.com?x=1",
+        "",
+    ],
+)
+async def test_malformed_base_url_is_an_endpoint_condition(url: str) -> None:
+    """Whatever is wrong with the base URL, a send is fatal `endpoint` (a pause), not an outage."""
+    async with ResendClient(base_url=url, api_key=Secret(KEY)) as c:
+        answer = await c.send(endpoint="/emails", body=EMAIL, idempotency_key="a")
+        shown = repr(c)
+    assert (answer.verdict, answer.condition, answer.reason) == (
+        "fatal",
+        "endpoint",
+        "invalid_base_url",
+    )
+    assert not answer.outage_signal
+    assert "hunter2pass" not in answer.message + shown
+    assert "user" not in answer.message
+
+
+def test_non_http_url_error_from_aiohttp_is_an_endpoint_condition() -> None:
+    """aiohttp's NonHttpUrlClientError (ftp://, ...) classifies as `endpoint`, not a retry."""
+    answer = transport_answer(aiohttp.NonHttpUrlClientError("ftp://x"))
+    assert (answer.verdict, answer.condition) == ("fatal", "endpoint")

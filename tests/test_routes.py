@@ -543,3 +543,330 @@ def test_distinct_prefixes_and_type_keys_load(tmp_path: Path) -> None:
     table = load_routes(two_routes(tmp_path, "{type}:{id}", "{type}:{source}:{id}"))
     assert table.routes["thing.done"].key.prefix("thing.done") == "thing.2edone:"
     load_routes(two_routes(tmp_path, "done:{data.id}", "other:{data.id}"))
+
+
+# -- a routes file cannot read other files (issue 11, item 2) -------------------
+
+
+def write_secret(tmp_path: Path) -> Path:
+    """A file outside the routes folder standing in for /proc/self/environ."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "environ.txt.j2"
+    secret.write_text("RESEND_API_KEY=re_leaked")
+    return secret
+
+
+def routes_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "routes"
+    folder.mkdir()
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("top", "field", "problem"),
+    [
+        ("templates: /\n", "templates", "must be relative"),
+        ("templates: ../outside\n", "templates", "without '..'"),
+        ("schemas: /etc\n", "schemas", "must be relative"),
+        ("examples: ../..\n", "examples", "without '..'"),
+        ("envelope: ../outside/e.json\n", "envelope", "without '..'"),
+        ("envelope: /etc/passwd\n", "envelope", "must be relative"),
+    ],
+)
+def test_folders_and_files_outside_the_routes_folder_are_refused(
+    tmp_path: Path, top: str, field: str, problem: str
+) -> None:
+    """Absolute paths and '..' in folders and file names fail at load, naming the field."""
+    folder = routes_folder(tmp_path)
+    path = write_routes(folder, top + "routes:\n  thing.done:" + BASE_ROUTE)
+    with pytest.raises(RoutesError) as info:
+        load_routes(path)
+    assert f"field {field!r}" in str(info.value)
+    assert problem in str(info.value)
+
+
+def test_route_schema_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    """A route's schema file name cannot climb out of the routes folder."""
+    folder = routes_folder(tmp_path)
+    route = BASE_ROUTE + "    schema: ../outside/x.schema.json\n"
+    with pytest.raises(RoutesError) as info:
+        load_routes(write_routes(folder, "routes:\n  thing.done:" + route))
+    assert "route 'thing.done'" in str(info.value)
+    assert "field 'schema'" in str(info.value)
+
+
+def test_symlinked_folder_leading_out_is_refused(tmp_path: Path) -> None:
+    """A templates folder that is a symlink to somewhere else is refused at load."""
+    secret = write_secret(tmp_path)
+    folder = routes_folder(tmp_path)
+    (folder / "elsewhere").symlink_to(secret.parent, target_is_directory=True)
+    path = write_routes(folder, "templates: elsewhere\nroutes:\n  thing.done:" + BASE_ROUTE)
+    with pytest.raises(RoutesError, match="resolves outside") as info:
+        load_routes(path)
+    assert "field 'templates'" in str(info.value)
+
+
+def test_symlinked_schema_leading_out_is_refused(tmp_path: Path) -> None:
+    """A schema file that is a symlink out of the routes folder is refused at load."""
+    folder = routes_folder(tmp_path)
+    path = write_routes(folder, "routes:\n  thing.done:" + BASE_ROUTE)
+    outside = tmp_path / "outside.schema.json"
+    outside.write_text((folder / "thing.done.schema.json").read_text())
+    (folder / "thing.done.schema.json").unlink()
+    (folder / "thing.done.schema.json").symlink_to(outside)
+    with pytest.raises(RoutesError, match="resolves outside") as info:
+        load_routes(path)
+    assert "field 'schema'" in str(info.value)
+
+
+def test_symlinked_template_file_leading_out_is_refused(tmp_path: Path) -> None:
+    """A template file that is a symlink out of the templates folder is refused at load."""
+    secret = write_secret(tmp_path)
+    folder = routes_folder(tmp_path)
+    path = write_routes(folder, "routes:\n  thing.done:" + BASE_ROUTE)
+    (folder / "templates" / "t.txt.j2").unlink()
+    (folder / "templates" / "t.txt.j2").symlink_to(secret)
+    with pytest.raises(RoutesError, match="outside the templates folder") as info:
+        load_routes(path)
+    assert "field 'template.text'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{% include '/proc/self/environ' %}", "absolute template names"),
+        ("{% include '../outside/environ.txt.j2' %}", "not found"),
+        ("{% include 'leak.txt.j2' %}", "outside the templates folder"),
+        ("{% import 'leak.txt.j2' as x %}", "outside the templates folder"),
+        ("{% extends 'leak.txt.j2' %}", "outside the templates folder"),
+        ("{% include data.name %}", "literally"),
+        ("{% include 'missing.txt.j2' %}", "not found"),
+        ("{% include 'inner.txt.j2' %}", "outside the templates folder"),
+    ],
+)
+def test_include_import_extends_stay_in_the_templates_folder(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    """Template references are literal names inside the templates folder, checked at load."""
+    secret = write_secret(tmp_path)
+    folder = routes_folder(tmp_path)
+    path = write_routes(folder, "routes:\n  thing.done:" + BASE_ROUTE, text=text)
+    (folder / "templates" / "leak.txt.j2").symlink_to(secret)
+    # a template inside the folder that itself includes the symlink: checked recursively
+    (folder / "templates" / "inner.txt.j2").write_text("{% include 'leak.txt.j2' %}")
+    with pytest.raises(RoutesError) as info:
+        load_routes(path)
+    assert "field 'template.text'" in str(info.value)
+    assert problem in str(info.value)
+    assert "re_leaked" not in str(info.value)
+
+
+def test_include_in_a_subject_is_confined_too(tmp_path: Path) -> None:
+    """The subject is a template of its own: its include is checked like a file's."""
+    folder = routes_folder(tmp_path)
+    route = BASE_ROUTE.replace("Hello {{ data.name }}", "{% include '/etc/hostname' %}")
+    with pytest.raises(RoutesError, match="absolute template names") as info:
+        load_routes(write_routes(folder, "routes:\n  thing.done:" + route))
+    assert "field 'subject'" in str(info.value)
+
+
+def test_include_inside_the_folder_still_works(tmp_path: Path) -> None:
+    """A literal include of a template in the templates folder renders as before."""
+    folder = routes_folder(tmp_path)
+    path = write_routes(
+        folder, "routes:\n  thing.done:" + BASE_ROUTE, text="{% include 'part.txt.j2' %}!"
+    )
+    (folder / "templates" / "part.txt.j2").write_text("Hi {{ data.name }}")
+    body = load_routes(path).routes["thing.done"].body(event(GOOD))
+    assert body["text"] == "Hi Jane!"
+
+
+def test_schema_with_a_remote_ref_is_refused(tmp_path: Path) -> None:
+    """A schema $ref to a file or URL is refused at load: schemas cannot read files either."""
+    secret = write_secret(tmp_path)
+    schema = json.dumps(
+        {"$schema": "http://json-schema.org/draft-07/schema#", "$ref": secret.as_uri()}
+    )
+    with pytest.raises(RoutesError, match=r"only references inside the schema") as info:
+        one_route(routes_folder(tmp_path), schema=schema)
+    assert "field 'schema'" in str(info.value)
+
+
+def test_the_issue_attack_is_refused_by_check_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`templates: /` plus an include of proc/self/environ: `check` exits 2 with one line."""
+    from consumer.cli import main
+
+    folder = routes_folder(tmp_path)
+    path = write_routes(
+        folder,
+        "templates: /\nroutes:\n  thing.done:" + BASE_ROUTE,
+        text="{% include 'proc/self/environ' %}",
+    )
+    code = main(["check", "--no-examples", "--routes-file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "field 'templates'" in err
+
+
+# -- routes file version and routing headers (issue 11, item 3) ------------------
+
+
+@pytest.mark.parametrize("version", ["2", "0", "'1'", "1.0", "true", "null", "[1]"])
+def test_unknown_routes_file_version_is_refused(tmp_path: Path, version: str) -> None:
+    """Only routes file version 1 loads; anything else names the field 'version'."""
+    path = write_routes(tmp_path, f"version: {version}\nroutes:\n  thing.done:" + BASE_ROUTE)
+    with pytest.raises(RoutesError, match="not a routes file version") as info:
+        load_routes(path)
+    assert "field 'version'" in str(info.value)
+
+
+def test_version_1_and_no_version_load(tmp_path: Path) -> None:
+    """`version: 1` and an absent version (the format before versions were checked) load."""
+    assert load_routes(write_routes(tmp_path, "version: 1\nroutes:\n  thing.done:" + BASE_ROUTE))
+    assert one_route(tmp_path)
+
+
+ROUTING_HEADERS = [
+    "Bcc",
+    "Cc",
+    "To",
+    "From",
+    "Reply-To",
+    "Sender",
+    "Resent-To",
+    "resent-bcc",
+    "Return-Path",
+    "Received",
+    "Delivered-To",
+    "Envelope-To",
+    "DKIM-Signature",
+    "Message-ID",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "MIME-Version",
+    "X-Original-To",
+    "Disposition-Notification-To",
+    "Errors-To",
+    "ARC-Seal",
+    "Date",
+]
+
+
+@pytest.mark.parametrize("name", ROUTING_HEADERS)
+def test_routing_headers_are_refused(tmp_path: Path, name: str) -> None:
+    """Headers mail servers route on cannot be set as custom headers, here or in defaults."""
+    with pytest.raises(RoutesError) as info:
+        one_route(tmp_path, f'    headers: {{{name}: "x@example.com"}}\n')
+    assert f"field 'headers.{name}'" in str(info.value)
+    path = write_routes(
+        tmp_path,
+        f'defaults:\n  headers: {{{name}: "v"}}\nroutes:\n  thing.done:' + BASE_ROUTE,
+    )
+    with pytest.raises(RoutesError, match=f"headers.{name}"):
+        load_routes(path)
+
+
+@pytest.mark.parametrize("name", ["X-Entity-Ref-ID", "List-Unsubscribe", "In-Reply-To"])
+def test_ordinary_custom_headers_still_load(tmp_path: Path, name: str) -> None:
+    """Headers that do not route the message stay allowed."""
+    table = one_route(tmp_path, f'    headers: {{{name}: "{{data.id}}"}}\n')
+    assert table.routes["thing.done"].body(event(GOOD))["headers"] == {name: "1"}
+
+
+# -- bidi and zero-width characters, address and list caps (issue 11, item 7) -------
+
+INVISIBLE = [
+    "\u202a", "\u202b", "\u202c", "\u202d", "\u202e",
+    "\u2066", "\u2067", "\u2068", "\u2069",
+    "\u200b", "\u200c", "\u200d", "\ufeff",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("char", INVISIBLE)
+def test_bidi_and_zero_width_characters_in_a_subject_are_control_characters(
+    tmp_path: Path, char: str
+) -> None:
+    """A subject carrying a bidi override or a zero-width character is control_characters."""
+    table = one_route(tmp_path)
+    assert body_reason(table, {**GOOD, "name": f"Invoice gpj{char}.exe"}) == (
+        Reason.CONTROL_CHARACTERS
+    )
+
+
+@pytest.mark.parametrize("char", INVISIBLE)
+def test_bidi_and_zero_width_characters_in_a_display_name_are_control_characters(
+    tmp_path: Path, char: str
+) -> None:
+    """A display name from data with a bidi or zero-width character is control_characters."""
+    table = one_route(tmp_path)
+    email = f"Jane{char} Doe <jane@example.com>"
+    assert body_reason(table, {**GOOD, "email": email}) == Reason.CONTROL_CHARACTERS
+    sender_route = BASE_ROUTE.replace('"Acme <no-reply@acme.example>"', '"{data.sender}"')
+    sender_table = load_routes(write_routes(tmp_path, "routes:\n  thing.done:" + sender_route))
+    sender = f"Acme{char} <no-reply@acme.example>"
+    assert body_reason(sender_table, {**GOOD, "sender": sender}) == Reason.CONTROL_CHARACTERS
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u200b"])
+def test_bidi_characters_in_a_constant_address_fail_at_load(tmp_path: Path, char: str) -> None:
+    """A routes file's own display name with a bidi or zero-width character is refused."""
+    route = BASE_ROUTE.replace("Acme <", f"Ac{char}me <")
+    with pytest.raises(RoutesError, match="not an email address") as info:
+        load_routes(write_routes(tmp_path, "routes:\n  thing.done:" + route))
+    assert "field 'from'" in str(info.value)
+
+
+def test_unicode_display_names_without_invisible_characters_still_send(tmp_path: Path) -> None:
+    """Ordinary non-ASCII display names and subjects (accents, RTL letters) are fine."""
+    table = one_route(tmp_path)
+    data = {**GOOD, "name": "Zoë שלום", "email": "Zoë Ĳssel <zoe@example.com>"}
+    body = table.routes["thing.done"].body(event(data))
+    assert body["subject"] == "Hello Zoë שלום"
+
+
+@pytest.mark.parametrize(
+    ("email", "problem"),
+    [
+        ("a" * 65 + "@example.com", "local part over 64"),
+        ("Jane <" + "a" * 65 + "@example.com>", "local part over 64"),
+        ("a@" + ".".join(["b" * 60] * 5) + ".com", "domain over 255"),
+        ("a@" + "b" * 64 + ".com", "label over 63"),
+    ],
+)
+def test_over_long_address_parts_are_invalid_recipient(
+    tmp_path: Path, email: str, problem: str
+) -> None:
+    """A local part over 64 or a domain over 255 characters is invalid_recipient, named."""
+    table = one_route(tmp_path)
+    with pytest.raises(InvalidEvent) as info:
+        table.routes["thing.done"].body(event({**GOOD, "email": email}))
+    assert info.value.reason == Reason.INVALID_RECIPIENT
+    assert problem in str(info.value)
+
+
+def test_address_at_the_length_limits_is_accepted() -> None:
+    """64 characters of local part and 63-character labels are still addresses."""
+    assert is_address("a" * 64 + "@" + "b" * 63 + ".example")
+    assert not is_address("a" * 65 + "@example.com")
+
+
+@pytest.mark.parametrize("field", ["cc", "bcc"])
+def test_more_than_50_cc_or_bcc_is_invalid_recipient(tmp_path: Path, field: str) -> None:
+    """cc and bcc hold at most 50 addresses each (Resend's limit), like to."""
+    table = one_route(tmp_path, f'    {field}: "{{data.copies}}"\n')
+    many = [f"u{i}@example.com" for i in range(51)]
+    assert body_reason(table, {**GOOD, "copies": many}) == Reason.INVALID_RECIPIENT
+    fifty = table.routes["thing.done"].body(event({**GOOD, "copies": many[:50]}))
+    assert len(fifty[field]) == 50
+
+
+def test_more_than_50_constant_cc_fail_at_load(tmp_path: Path) -> None:
+    """A routes file listing over 50 cc addresses is refused at load."""
+    many = ", ".join(f'"u{i}@example.com"' for i in range(51))
+    with pytest.raises(RoutesError, match="at most 50") as info:
+        one_route(tmp_path, f"    cc: [{many}]\n")
+    assert "field 'cc'" in str(info.value)

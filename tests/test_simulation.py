@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from consumer.logs import LogEvent
@@ -49,12 +50,26 @@ def test_a_failing_seed_names_itself_for_replay() -> None:
         world.group.committed[next(iter(world.group.records))] = 5
         world.invariants.check()
 
-    try:
+    with pytest.raises(AssertionError, match="committed before"):
         sim.run(broken, seed=7)
-    except AssertionError as exc:
-        assert "committed before" in str(exc)
-    else:
-        raise AssertionError("a commit past unfinished offsets went unnoticed")
+    with pytest.raises(AssertionError, match=r"seed 7: .*python -m tests.sim 7"):
+        _failing_seed(7)
+
+
+def _failing_seed(seed: int) -> None:
+    """run_seed's wording around a breach, with a world made to break."""
+    original = sim._chaos
+
+    async def broken(world: World) -> sim.Outcome:
+        world.group.committed[next(iter(world.group.records))] = 5
+        world.invariants.check()
+        return world.outcome()
+
+    sim._chaos = broken  # type: ignore[assignment]
+    try:
+        sim.run_seed(seed)
+    finally:
+        sim._chaos = original  # type: ignore[assignment]
 
 
 async def _start_alone(world: World) -> sim.Member:
