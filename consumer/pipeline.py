@@ -49,6 +49,7 @@ from aiokafka.structs import OffsetAndMetadata
 from consumer import __version__
 from consumer.deadletter import DeadLetter, DeadLetterWriter
 from consumer.errors import CommitFailed, DeadLetterUnavailable, PartitionFenced
+from consumer.events import Reason
 from consumer.logs import LogEvent
 from consumer.observe import Health, Metrics, ProgressReporter, log_outcome
 from consumer.offsets import OffsetLedger
@@ -581,6 +582,10 @@ class Pipeline:
                         on_attempt=lambda busy: self._on_attempt(work, busy),
                         pace=self.client.pace,
                         clock=self._clock,
+                        # Resend forgets keys after 24 h: gate pauses and 429 waits are
+                        # unbounded, so the age is checked again before every attempt
+                        check=lambda: prepared.stale_reason(time.time()),
+                        refused_as=prepared.stale_outcome,
                     )
                 finally:
                     self._delivering -= 1
@@ -591,14 +596,16 @@ class Pipeline:
         if result.outcome == "sent":
             self.done += 1
             self._finish(work, SENT, result=result)
+        elif result.outcome == "skipped":  # aged while waiting, and STALE_POLICY=skip
+            self.skipped += 1
+            self._finish(work, SKIPPED, result=result, reason=result.reason)
         else:
             last = result.last
-            self._dead_letter(
-                work,
-                reason=result.reason,
-                message=last.message if last is not None else result.reason,
-                result=result,
-            )
+            if result.reason == Reason.STALE_EVENT or last is None:
+                message = f"event aged past {prepared.max_age:.0f}s while waiting to be sent"
+            else:
+                message = last.message
+            self._dead_letter(work, reason=result.reason, message=message, result=result)
 
     def _on_bug(self, work: Work, exc: Exception) -> None:
         """An unexpected exception while processing: log it, then dead-letter the record."""

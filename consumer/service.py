@@ -17,11 +17,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from consumer import __version__
+from consumer.committer import PartitionCommitter
 from consumer.deadletter import DeadLetterWriter
 from consumer.errors import KafkaUnavailable
 from consumer.logs import LogEvent
 from consumer.observe import Health, HealthServer, Metrics, configure_logging
-from consumer.pipeline import ConsumerCommitter, Pipeline
+from consumer.pipeline import Committer, ConsumerCommitter, Pipeline
 from consumer.prepare import Preparer
 from consumer.ratelimit import RateLimiter
 from consumer.resend import RULES, Answer, ResendClient
@@ -56,14 +57,18 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
     )
 
 
+def dead_letter_request_size(settings: Settings) -> int:
+    """A dead letter is the original record plus a few hundred bytes of headers."""
+    return max(1_048_576, settings.max_event_bytes + 65_536)
+
+
 def make_producer(settings: Settings) -> AIOKafkaProducer:
-    """The dead-letter producer: idempotent, acks=all."""
+    """The dead-letter producer without transactions (KAFKA_TRANSACTIONS=false)."""
     return AIOKafkaProducer(
         enable_idempotence=True,
         acks="all",
         request_timeout_ms=15_000,
-        # a dead letter is the original record plus a few hundred bytes of headers
-        max_request_size=max(1_048_576, settings.max_event_bytes + 65_536),
+        max_request_size=dead_letter_request_size(settings),
         **settings.kafka_client_kwargs(),
     )
 
@@ -149,22 +154,35 @@ async def run_pipeline(
     `ready(pipeline)`, when given, is called once the pipeline exists (tests look inside).
     """
     consumer = make_consumer(settings)
-    producer = make_producer(settings)
-    try:
-        await producer.start()
-    except KafkaError as exc:
-        await producer.stop()
-        raise _unavailable(settings, exc) from None
-    writer = DeadLetterWriter(
-        producer=producer,
-        topic_for=settings.dlq_topic_for,
-        # letters are written by the commit that covers them: within its time budget
-        timeout=commit_timeout(settings),
-        secrets=(settings.resend_api_key, settings.kafka_sasl_password),
-    )
-    committer = ConsumerCommitter(
-        consumer=consumer, writer=writer, timeout=commit_timeout(settings)
-    )
+    secrets = (settings.resend_api_key, settings.kafka_sasl_password)
+    timeout = commit_timeout(settings)
+    producer: AIOKafkaProducer | None = None
+    committer: Committer
+    if settings.kafka_transactions:
+        committer = PartitionCommitter(
+            client=settings.kafka_client_kwargs(),
+            group_id=settings.kafka_group_id,
+            topic_for=settings.dlq_topic_for,
+            secrets=secrets,
+            timeout=timeout,
+            init_timeout=timeout,
+            max_request_size=dead_letter_request_size(settings),
+        )
+    else:
+        producer = make_producer(settings)
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise _unavailable(settings, exc) from None
+        writer = DeadLetterWriter(
+            producer=producer,
+            topic_for=settings.dlq_topic_for,
+            # letters are written by the commit that covers them: within its time budget
+            timeout=timeout,
+            secrets=secrets,
+        )
+        committer = ConsumerCommitter(consumer=consumer, writer=writer, timeout=timeout)
     pipeline = Pipeline(
         settings=settings,
         preparer=preparer,
@@ -183,7 +201,8 @@ async def run_pipeline(
     except KafkaError as exc:
         raise _unavailable(settings, exc) from None
     finally:
-        await producer.stop()
+        if producer is not None:
+            await producer.stop()
     return pipeline
 
 

@@ -264,6 +264,7 @@ class Settings:
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
     dlq_topic: str | None = None
+    kafka_transactions: bool = True
     # Resend
     resend_api_key: Secret | None = field(default=None, repr=False)
     resend_api_key_file: Path | None = None
@@ -577,6 +578,12 @@ FIELDS: Final[tuple[Field, ...]] = (
     Field("kafka_ssl_keyfile", "KAFKA_SSL_KEYFILE", Path, "client key (mutual TLS)"),
     Field(
         "dlq_topic", "DLQ_TOPIC", _optional_str, "dead-letter topic (default: <source topic>.dlq)"
+    ),
+    Field(
+        "kafka_transactions",
+        "KAFKA_TRANSACTIONS",
+        _bool,
+        "dead letters and offsets in one transaction (exactly-once dead letters)",
     ),
     Field("resend_api_key", "RESEND_API_KEY", _secret, "Resend API key (secret)", secret=True),
     Field(

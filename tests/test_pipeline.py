@@ -599,7 +599,7 @@ class _FailingCommits:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._committer, name)
 
-    async def commit(self, tp: Any, position: int, letters: Any) -> None:
+    async def commit(self, tp: Any, position: int, metadata: str, letters: Any) -> None:
         from consumer.errors import CommitFailed
 
         self.failures += 1
