@@ -152,6 +152,19 @@ async def sandbox(make_sandbox: Callable[..., Awaitable[Sandbox]]) -> Sandbox:
     return await make_sandbox(config=SandboxConfig(rate_limit=1000.0))
 
 
+@pytest.fixture
+async def fast_sandbox() -> AsyncIterator[Sandbox]:
+    """A sandbox that expects the pipeline tests' key, with no practical rate limit."""
+    from tests.pipeline_support import API_KEY
+
+    sb = Sandbox(config=SandboxConfig(api_key=API_KEY, rate_limit=100_000.0, seed=7))
+    await sb.start(host="127.0.0.1", port=0)
+    try:
+        yield sb
+    finally:
+        await sb.stop()
+
+
 # -- a second broker with SSL and SASL listeners (broker.py start --secure) ---------
 
 

@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +26,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.consumer import AIOKafkaConsumer
 
+from consumer.deadletter import topic_partitions
 from consumer.observe import Health, Metrics
 from consumer.pipeline import Pipeline
 from consumer.prepare import Preparer
@@ -62,6 +65,30 @@ def order_event(n: int, *, email: str | None = None, when: datetime | None = Non
 
 def order_records(ns: Iterable[int]) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
     return [(f"ord-{n}".encode(), order_event(n), []) for n in ns]
+
+
+def bad_record(n: int) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """A record that is not JSON (dead-lettered as `not_json`), key `bad-{n}`."""
+    return (f"bad-{n}".encode(), f"{{not json {n}".encode(), [])
+
+
+def mixed_records(
+    n: int, *, bad: int
+) -> tuple[list[tuple[bytes, bytes, list[tuple[str, bytes]]]], set[int]]:
+    """`n` records, `bad` of them (spread evenly) not JSON; returns them and the bad numbers."""
+    bad_ns = {(2 * j + 1) * n // (2 * bad) for j in range(bad)}
+    records = [bad_record(i) if i in bad_ns else order_records([i])[0] for i in range(n)]
+    return records, bad_ns
+
+
+def order_key(n: int) -> str:
+    """The idempotency key the shipped routes derive for `order_event(n)`."""
+    return f"order-confirmation:ord-{n}"
+
+
+def delivered_keys(sb: Any) -> Counter[str]:
+    """Accepted emails per idempotency key in a sandbox's delivery ledger (replays not counted)."""
+    return Counter(d.idempotency_key for d in sb.deliveries())
 
 
 def pipeline_settings(bootstrap: str, topic: str, base_url: str, **overrides: Any) -> Settings:
@@ -256,6 +283,80 @@ async def read_all(bootstrap: str, topic: str, count: int, timeout: float = 30.0
     finally:
         await consumer.stop()
     return got
+
+
+async def read_to_end(
+    bootstrap: str, topic: str, *, isolation_level: str = "read_committed", timeout: float = 60.0
+) -> list[Any]:
+    """Every record of `topic` up to its end now, in (partition, offset) order.
+
+    read_committed by default, as every reader of a dead-letter topic: records of
+    aborted transactions are skipped, and the end is the last stable offset.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level=isolation_level,
+    )
+    partitions = await topic_partitions({"bootstrap_servers": bootstrap}, topic)
+    assert partitions, f"topic {topic} does not exist"
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+
+        async def loop() -> None:
+            while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+                batch = await consumer.getmany(timeout_ms=300)
+                for recs in batch.values():
+                    records.extend(recs)
+
+        await asyncio.wait_for(loop(), timeout)
+        return sorted(records, key=lambda r: (r.partition, r.offset))
+    finally:
+        await consumer.stop()
+
+
+def coordinates(records: Iterable[Any], key_prefix: bytes) -> set[tuple[int, int]]:
+    """(partition, offset) of the source records whose key starts with `key_prefix`."""
+    return {(r.partition, r.offset) for r in records if (r.key or b"").startswith(key_prefix)}
+
+
+def letter_sources(letters: Iterable[Any]) -> Counter[tuple[int, int]]:
+    """Dead letters per source (partition, offset), from their dlq.source_* headers."""
+    counts: Counter[tuple[int, int]] = Counter()
+    for letter in letters:
+        headers = dict(letter.headers)
+        counts[int(headers["dlq.source_partition"]), int(headers["dlq.source_offset"])] += 1
+    return counts
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a child's HEALTH_PORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def http_status(url: str, timeout: float = 5.0) -> int | None:
+    """Status of GET `url`, or None when nothing answered."""
+    import aiohttp
+
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(url) as resp,
+        ):
+            await resp.read()
+            return resp.status
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
 
 
 class FaultProxy:
