@@ -12,6 +12,7 @@ the issue's figure is 20,000 and 300).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from consumer.sandbox import Faults, Sandbox
 from consumer.settings import Settings
@@ -79,6 +81,84 @@ def _delivery_report(sb: Sandbox, good: set[int]) -> str:
     doubled = sorted(k for k, c in keys.items() if c > 1)
     extra = sorted(set(keys) - expected)
     return f"missing={missing[:20]} ({len(missing)}) doubled={doubled[:20]} extra={extra[:20]}"
+
+
+class LetterWatch:
+    """Tails a dead-letter topic read_uncommitted, so a letter shows before its commit.
+
+    A letter written in a transaction is in the log before the transaction commits
+    (or aborts); a kill aimed at its writer then lands in the window that matters.
+    """
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            isolation_level="read_uncommitted",
+            fetch_max_wait_ms=20,
+        )
+        self._fresh: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._tail())
+
+    async def _tail(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=100)
+            for records in batch.values():
+                for source in letter_sources(records):
+                    self._fresh.put_nowait(source)
+
+    async def next_letter(self, timeout: float) -> tuple[int, int] | None:
+        """Source (partition, offset) of the next letter written from now on, if any comes."""
+        while not self._fresh.empty():
+            self._fresh.get_nowait()
+        try:
+            return await asyncio.wait_for(self._fresh.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._consumer.stop()
+
+
+class Holdings:
+    """Which member holds which partition, read incrementally from the members' log lines."""
+
+    def __init__(self) -> None:
+        self._read: dict[Path, int] = {}
+        self._held: dict[Path, set[str]] = {}
+
+    def holder(self, procs: list[ServiceProcess], partition: str) -> int | None:
+        for i, proc in enumerate(procs):
+            if partition in self._update(proc.log_path):
+                return i
+        return None
+
+    def _update(self, path: Path) -> set[str]:
+        held = self._held.setdefault(path, set())
+        with path.open("rb") as f:
+            f.seek(self._read.get(path, 0))
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._read[path] = self._read.get(path, 0) + len(complete)
+        for line in complete.splitlines():
+            if b'"partitions.assigned"' in line or b'"partitions.revoked"' in line:
+                event = orjson.loads(line)
+                parts = set(event.get("partitions", []))
+                if event["event"] == "partitions.assigned":
+                    held |= parts
+                else:
+                    held -= parts
+        return held
 
 
 async def _assert_dead_letters_exact(
@@ -276,14 +356,27 @@ async def test_kill_minus_nine_five_times_writes_each_dead_letter_once(
     procs = [_member(settings, tmp_path / f"m{i}-0.log")[0] for i in range(3)]
     every: list[ServiceProcess] = list(procs)
     killed_at: list[int] = []
+    aimed: list[str] = []
+    holdings = Holdings()
+    watch = LetterWatch(kafka_bootstrap, dlq)
+    await watch.start()
     try:
         for k in range(kills):
-            # spread the kills over the run: the k-th once (k+1)/(kills+2) is delivered
+            # spread the kills over the run: the k-th once (k+1)/(kills+2) is delivered,
+            # aimed at the member that just wrote a dead letter, before its commit lands
             target = len(good) * (k + 1) // (kills + 2)
             await wait_for(
                 lambda t=target: len(fast_sandbox.deliveries()) >= t, 120, f"{target} delivered"
             )
-            victim = rng.randrange(3)
+            letter = await watch.next_letter(10.0)
+            victim = None
+            if letter is not None:
+                victim = holdings.holder(procs, f"{topic}-{letter[0]}")
+            if victim is None:
+                victim = rng.randrange(3)
+                aimed.append(f"m{victim} (at random)")
+            else:
+                aimed.append(f"m{victim} (holder of letter {letter})")
             procs[victim].kill()
             killed_at.append(len(fast_sandbox.deliveries()))
             procs[victim] = _member(settings, tmp_path / f"m{victim}-{k + 1}.log")[0]
@@ -302,6 +395,7 @@ async def test_kill_minus_nine_five_times_writes_each_dead_letter_once(
             proc.terminate()
         codes = [await proc.wait(60) for proc in procs]
     finally:
+        await watch.stop()
         for proc in every:
             proc.ensure_dead()
     elapsed = time.monotonic() - started
@@ -315,6 +409,7 @@ async def test_kill_minus_nine_five_times_writes_each_dead_letter_once(
     )
     print(
         f"kill -9 x{kills}: {n} events, {n_bad} bad -> {visible} dead letters read_committed "
-        f"({written} written, aborted included), kills at {killed_at}, {elapsed:.1f}s, "
+        f"({written} written, aborted included), kills at {killed_at} aimed at {aimed}, "
+        f"{elapsed:.1f}s, "
         f"stats {fast_sandbox.stats()['outcomes']}"
     )
