@@ -6,7 +6,8 @@ group's committed offsets, the dead-letter topic read as its readers do
 
 Seeds: CHURN_SEED fixes the churn schedule (it is printed, and shown on failure).
 KILL9_EVENTS and KILL9_BAD size the kill -9 run (default 3,000 events, 60 bad;
-the issue's figure is 20,000 and 300).
+the issue's figure is 20,000 and 300); KILL9_TRANSACTIONS=false runs it with
+KAFKA_TRANSACTIONS=false, where it is expected to find duplicate dead letters.
 """
 
 from __future__ import annotations
@@ -349,6 +350,7 @@ async def test_kill_minus_nine_five_times_writes_each_dead_letter_once(
         fast_sandbox.url,
         max_in_flight=32,
         log_level="info",
+        kafka_transactions=os.environ.get("KILL9_TRANSACTIONS", "true") != "false",
         kafka_session_timeout=6.0,
         health_host="127.0.0.1",
     )
