@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,9 +18,14 @@ from consumer.service import run_service
 from tests.pipeline_support import (
     API_KEY,
     ROOT,
+    coordinates,
+    delivered_keys,
     end_offsets,
-    order_records,
+    letter_sources,
+    mixed_records,
+    order_key,
     pipeline_settings,
+    read_to_end,
     wait_committed,
     wait_for,
 )
@@ -63,9 +67,14 @@ async def sandbox() -> AsyncIterator[Sandbox]:
 async def test_broker_restart_mid_run_loses_nothing_and_sends_nothing_twice(
     own_broker: tuple[str, Path], sandbox: Sandbox
 ) -> None:
-    """The broker stops for a few seconds mid-run: the service rides it out, then finishes."""
+    """The broker stops for a few seconds mid-run: the service rides it out, then finishes.
+
+    Bad records among the events are dead-lettered exactly once, outage or not.
+    """
     bootstrap, run_dir = own_broker
     n, partitions = 1500, 3
+    records, bad_ns = mixed_records(n, bad=30)
+    good = set(range(n)) - bad_ns
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -75,7 +84,7 @@ async def test_broker_restart_mid_run_loses_nothing_and_sends_nothing_twice(
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
     await producer.start()
     try:
-        for key, value, _ in order_records(range(n)):
+        for key, value, _ in records:
             await producer.send("chaos", value, key=key)
         await producer.flush()
     finally:
@@ -92,15 +101,22 @@ async def test_broker_restart_mid_run_loses_nothing_and_sends_nothing_twice(
         await asyncio.sleep(4.0)  # commits fail, fetches fail; the service must not give up
         assert not task.done(), "the service must ride out a broker outage"
         await asyncio.to_thread(_broker, "resume", "--dir", str(run_dir))
-        await wait_for(lambda: len(sandbox.deliveries()) >= n, 120, "all delivered")
+        await wait_for(lambda: len(sandbox.deliveries()) >= len(good), 120, "all delivered")
         ends = await end_offsets(bootstrap, "chaos", partitions)
         await wait_committed(bootstrap, settings.kafka_group_id, ends, 60, "all committed")
     finally:
         stop.set()
         code = await asyncio.wait_for(task, 60)
     assert code == 0
-    assert at_stop < n, "the outage must land mid-run"
-    keys = Counter(d.idempotency_key for d in sandbox.deliveries())
-    assert len(keys) == n
+    assert at_stop < len(good), "the outage must land mid-run"
+    keys = delivered_keys(sandbox)
+    assert set(keys) == {order_key(i) for i in good}
     assert set(keys.values()) == {1}
     assert sandbox.stats()["outcomes"].get("idempotency_conflict", 0) == 0
+    bad = coordinates(await read_to_end(bootstrap, "chaos"), b"bad-")
+    assert len(bad) == len(bad_ns)
+    sources = letter_sources(await read_to_end(bootstrap, "chaos.dlq"))
+    assert {src: c for src, c in sources.items() if c > 1} == {}, "duplicate dead letters"
+    assert set(sources) == bad, "one dead letter per bad record"
+    written = await read_to_end(bootstrap, "chaos.dlq", isolation_level="read_uncommitted")
+    print(f"chaos: {len(sources)} dead letters read_committed, {len(written)} written")
