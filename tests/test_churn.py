@@ -226,6 +226,10 @@ async def test_churning_member_under_load_and_outage_loses_nothing_and_stalls_no
             proc, _ = _member(settings, tmp_path / f"churn-{cycle}.log")
             churned.append(proc)
             try:
+                # a SIGTERM before its handler is installed would just kill it
+                await wait_for(
+                    lambda p=proc: "service.started" in p.output(), 60, f"churn {cycle} started"
+                )
                 await wait_for(
                     lambda p=proc: "partitions.assigned" in p.output() or done.is_set(),
                     60,
