@@ -158,8 +158,8 @@ async def test_what_can_be_read_of_a_bad_record_is_kept(
         1_700_000_000_123,
     )
     assert u.headers == (("ce_id", b"1"),)
-    assert "UnicodeDecodeError" in u.detail
-    assert "#1" in u.detail
+    # UnicodeDecodeError from the C extension, CorruptRecordException from pure Python
+    assert "header name #1 (2 bytes) not UTF-8" in u.detail
     assert u.rejected().reason == UNDECODABLE_RECORD
 
 
