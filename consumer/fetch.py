@@ -35,6 +35,7 @@ than `max_records` (the rest of a batch that held a bad record).
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -152,8 +153,14 @@ async def fetch_records(
 
 
 async def _drain(consumer: AIOKafkaConsumer, out: Fetched, budget: int, timeout_ms: int) -> None:
-    """Take what is buffered, partition by partition, up to `budget` records."""
-    for tp in sorted(consumer.assignment()):
+    """Take what is buffered, partition by partition, up to `budget` records.
+
+    The order is shuffled, as aiokafka shuffles its fetch requests, so a small
+    budget (back-pressure) does not always favour the same partitions.
+    """
+    parts = list(consumer.assignment())
+    random.shuffle(parts)  # fairness, not secrecy
+    for tp in parts:
         room = budget - len(out)
         if room <= 0:
             return
