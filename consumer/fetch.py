@@ -12,7 +12,7 @@ while a batch is unpacked) makes the whole call raise, and then:
 - records of *other* partitions that the same call had already drained are
   lost: their positions were advanced, the list holding them is gone.
 
-`fetch_records()` never loses a record and never raises for one:
+`RecordFetcher.fetch()` never loses a record and never raises for one:
 
 1. Records are taken one partition per `getmany()` call, so an error names its
    partition and takes nothing else with it. Waiting for data uses
@@ -39,9 +39,9 @@ import random
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeAlias, cast
+from typing import Any, Final, Protocol, TypeAlias, cast
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka import codec as codecs
 from aiokafka.errors import (
     CorruptRecordException,
@@ -66,6 +66,21 @@ _CRC_START: Final = 21  # the CRC-32C covers attributes .. end of batch
 _TIMESTAMP_LOG_APPEND: Final = 0x08
 _CONTROL: Final = 0x20
 _READ_UNCOMMITTED: Final = 0
+
+
+class FetchingConsumer(Protocol):
+    """What `RecordFetcher` uses of `AIOKafkaConsumer`.
+
+    After a record error it also reads the consumer's `_client` (see `_fetch_raw`);
+    a fake that never fails on a record needs none.
+    """
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Any]]: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    async def position(self, partition: TopicPartition) -> int: ...
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,57 +117,127 @@ Item: TypeAlias = ConsumerRecord[bytes, bytes] | Undecodable
 
 @dataclass(slots=True)
 class Fetched:
-    """What one `fetch_records()` call got: records by partition, and undecodable ones."""
+    """What one `RecordFetcher.fetch()` call got, per partition in offset order."""
 
-    records: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = field(default_factory=dict)
-    undecodable: list[Undecodable] = field(default_factory=list)
+    items: dict[TopicPartition, list[Item]] = field(default_factory=dict)
+    #: the position each partition must still have for its items to be handed out
+    _next: dict[TopicPartition, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return sum(map(len, self.records.values())) + len(self.undecodable)
+        return sum(map(len, self.items.values()))
+
+    @property
+    def records(self) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """The decodable records, by partition."""
+        out: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        for tp, items in self.items.items():
+            good = [i for i in items if not isinstance(i, Undecodable)]
+            if good:
+                out[tp] = good
+        return out
+
+    @property
+    def undecodable(self) -> list[Undecodable]:
+        return [i for items in self.items.values() for i in items if isinstance(i, Undecodable)]
 
     def in_offset_order(self) -> dict[TopicPartition, list[Item]]:
         """Records and undecodable ones together, per partition, in offset order."""
-        out: dict[TopicPartition, list[Item]] = {tp: list(rs) for tp, rs in self.records.items()}
-        for bad in self.undecodable:
-            out.setdefault(bad.tp, []).append(bad)
-        for items in out.values():
-            items.sort(key=lambda item: item.offset)
-        return out
+        return {tp: list(items) for tp, items in self.items.items()}
 
-    def _add(self, tp: TopicPartition, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
-        if records:
-            self.records.setdefault(tp, []).extend(records)
+    def _add(self, tp: TopicPartition, items: Sequence[Item], after: int | None = None) -> None:
+        """Append what one take got; `after` is the position it left (default: last + 1)."""
+        if not items:
+            if after is not None and tp in self._next:
+                self._next[tp] = after  # stepped over a batch with nothing to hand out
+            return
+        have = self.items.setdefault(tp, [])
+        if have and items[0].offset < self._next[tp]:
+            # sought back between two takes (a rebalance ran while this call waited):
+            # what came before is read again from the new position
+            have.clear()
+        have.extend(items)
+        self._next[tp] = items[-1].offset + 1 if after is None else after
 
 
-async def fetch_records(
-    consumer: AIOKafkaConsumer, *, timeout_ms: int, max_records: int
-) -> Fetched:
-    """`consumer.getmany(timeout_ms=..., max_records=...)` that no record can make raise.
+async def _settle(consumer: FetchingConsumer, out: Fetched) -> None:
+    """Hand out only what the consumer's positions still stand behind.
+
+    A rebalance can run while this call waits between two `getmany()` calls; the
+    new owner's seek (or a revoke) makes what was taken before it stale.
+    """
+    assigned = consumer.assignment()
+    for tp in list(out.items):
+        if tp not in assigned or await consumer.position(tp) != out._next[tp]:
+            del out.items[tp]
+
+
+class RecordFetcher:
+    """`consumer.getmany()` that no record can make raise; one per consumer.
+
+        fetcher = RecordFetcher(consumer)
+        fetched = await fetcher.fetch(timeout_ms=500, max_records=room)
 
     Cluster errors (`KafkaError`: broker down, authorization, a stopped consumer)
-    still raise, exactly as `getmany()` raises them.
+    still raise, as `getmany()` raises them; one met after some records were
+    taken is raised by the next call instead, so those records are not lost.
     """
-    out = Fetched()
+
+    __slots__ = ("_consumer", "_error", "undecodable")
+
+    def __init__(self, consumer: FetchingConsumer) -> None:
+        self._consumer = consumer
+        self._error: KafkaError | None = None
+        #: undecodable records handed out so far
+        self.undecodable = 0
+
+    def __repr__(self) -> str:
+        return f"<RecordFetcher undecodable={self.undecodable} error={self._error!r}>"
+
+    async def fetch(self, *, timeout_ms: int, max_records: int) -> Fetched:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        out = Fetched()
+        try:
+            await _fetch_into(self._consumer, out, timeout_ms, max_records)
+        except KafkaError as exc:
+            if not len(out):
+                raise
+            self._error = exc
+        await _settle(self._consumer, out)
+        self.undecodable += len(out.undecodable)
+        return out
+
+
+async def _fetch_into(
+    consumer: FetchingConsumer, out: Fetched, timeout_ms: int, max_records: int
+) -> None:
     await _drain(consumer, out, max_records, timeout_ms)
     if len(out):
-        return out
+        return
     try:
         first = await consumer.getmany(timeout_ms=timeout_ms, max_records=1)
     except Exception as exc:
         if not _is_record_error(exc):
             raise
+        first = None
+    if first is None:
         # Some partition's buffered fetch failed and is fetched again; only a call
         # for that partition alone can say which one it was.
         parts = sorted(consumer.assignment())
-        await asyncio.gather(*(_take(consumer, tp, 1, timeout_ms, out) for tp in parts))
-        return out
+        results = await asyncio.gather(
+            *(_take(consumer, tp, 1, timeout_ms, out) for tp in parts), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return
     for tp, records in first.items():
         out._add(tp, records)
     await _drain(consumer, out, max_records - len(out), timeout_ms)
-    return out
 
 
-async def _drain(consumer: AIOKafkaConsumer, out: Fetched, budget: int, timeout_ms: int) -> None:
+async def _drain(consumer: FetchingConsumer, out: Fetched, budget: int, timeout_ms: int) -> None:
     """Take what is buffered, partition by partition, up to `budget` records.
 
     The order is shuffled, as aiokafka shuffles its fetch requests, so a small
@@ -168,7 +253,7 @@ async def _drain(consumer: AIOKafkaConsumer, out: Fetched, budget: int, timeout_
 
 
 async def _take(
-    consumer: AIOKafkaConsumer,
+    consumer: FetchingConsumer,
     tp: TopicPartition,
     limit: int,
     timeout_ms: int,
@@ -187,7 +272,7 @@ async def _take(
 
 
 async def _isolate(
-    consumer: AIOKafkaConsumer, tp: TopicPartition, limit: int, timeout_ms: int, out: Fetched
+    consumer: FetchingConsumer, tp: TopicPartition, limit: int, timeout_ms: int, out: Fetched
 ) -> None:
     """Read `tp` one record at a time until the bad one raises, then step past its batch.
 
@@ -213,7 +298,7 @@ async def _isolate(
 
 
 async def _step_past(
-    consumer: AIOKafkaConsumer, tp: TopicPartition, exc: Exception, out: Fetched
+    consumer: FetchingConsumer, tp: TopicPartition, exc: Exception, out: Fetched
 ) -> None:
     """Decode the batch at `tp`'s position here and seek past it."""
     if tp not in consumer.assignment():
@@ -236,15 +321,11 @@ async def _step_past(
         items, next_offset = decoded
     if tp not in consumer.assignment() or await consumer.position(tp) != position:
         return  # revoked or moved while we read: what we decoded is no longer ours to hand out
-    for item in items:
-        if isinstance(item, Undecodable):
-            out.undecodable.append(item)
-        else:
-            out._add(tp, [item])
+    out._add(tp, items, next_offset)
     consumer.seek(tp, next_offset)
 
 
-async def _fetch_raw(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> bytes:
+async def _fetch_raw(consumer: FetchingConsumer, tp: TopicPartition, offset: int) -> bytes:
     """The raw record bytes of `tp` from the batch holding `offset` (at least that batch).
 
     aiokafka has no public call for undecoded bytes, so this goes through the
@@ -253,7 +334,7 @@ async def _fetch_raw(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int
     Read-uncommitted on purpose: the batch was already handed to the consumer, and
     the partition's transactional filtering was done on it then.
     """
-    client: Any = consumer._client
+    client: Any = getattr(consumer, "_client")  # noqa: B009 - private, on purpose
     leader = client.cluster.leader_for_partition(tp)
     if leader is None or leader < 0:
         raise IllegalStateError(f"no leader known for {tp}")

@@ -270,6 +270,10 @@ class FakeConsumer:
         assert tp in self._assignment, f"seek of unassigned {tp}"
         self._position[tp] = offset
 
+    async def position(self, tp: TopicPartition) -> int:
+        assert tp in self._assignment, f"position of unassigned {tp}"
+        return self._position.get(tp, 0)
+
     async def seek_to_beginning(self, *tps: TopicPartition) -> bool:
         for tp in tps:
             self._position[tp] = 0
@@ -293,7 +297,8 @@ class FakeConsumer:
             raise KafkaConnectionError("simulated fetch failure")
         out: dict[TopicPartition, list[Record]] = {}
         budget = max_records or 1 << 30
-        for tp in sorted(self._assignment - self._paused):
+        wanted = self._assignment & set(partitions) if partitions else self._assignment
+        for tp in sorted(wanted - self._paused):
             pos = self._position.get(tp, 0)
             recs = [r for r in self.group.records[tp] if r.offset >= pos]
             take = recs[: min(budget, rng.randint(1, 12))]

@@ -1,8 +1,8 @@
-"""fetch_records() on the real broker: every poison record a producer can write, among valid ones.
+"""RecordFetcher on the real broker: every poison record a producer can write, among valid ones.
 
 Each test writes its records with tests/poison.py (the bytes a librdkafka or
 Java producer puts on the wire) to a fresh two-partition topic and reads them
-back through `fetch_records()` with a plain assigned consumer.
+back through `RecordFetcher.fetch()` with a plain assigned consumer.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from consumer.fetch import (
     UNDECODABLE_RECORD,
     Fetched,
+    RecordFetcher,
     Undecodable,
     _decode_first_batch,
-    fetch_records,
 )
 from tests.poison import (
     CODEC_GZIP,
@@ -63,18 +63,18 @@ async def reader(kafka_bootstrap: str) -> AsyncIterator[Callable[..., Awaitable[
 
 
 async def read(consumer: AIOKafkaConsumer, expected: int, *, max_records: int = 500) -> Fetched:
-    """Call fetch_records() until `expected` items came back; then once more, to see no repeat."""
+    """Call fetch() until `expected` items came back; then once more, to see no repeat."""
     total = Fetched()
+    fetcher = RecordFetcher(consumer)
 
     async def loop() -> None:
         while len(total) < expected:
-            got = await fetch_records(consumer, timeout_ms=300, max_records=max_records)
-            for tp, records in got.records.items():
-                total._add(tp, records)
-            total.undecodable.extend(got.undecodable)
+            got = await fetcher.fetch(timeout_ms=300, max_records=max_records)
+            for tp, items in got.items.items():
+                total.items.setdefault(tp, []).extend(items)
 
     await asyncio.wait_for(loop(), 60)
-    extra = await fetch_records(consumer, timeout_ms=300, max_records=max_records)
+    extra = await fetcher.fetch(timeout_ms=300, max_records=max_records)
     assert len(extra) == 0, extra
     return total
 
