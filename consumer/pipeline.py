@@ -50,6 +50,7 @@ from consumer import __version__
 from consumer.deadletter import DeadLetter, DeadLetterWriter
 from consumer.errors import CommitFailed, DeadLetterUnavailable, PartitionFenced
 from consumer.events import Reason
+from consumer.fetch import RecordFetcher, Undecodable
 from consumer.logs import LogEvent
 from consumer.observe import Health, Metrics, ProgressReporter, log_outcome
 from consumer.offsets import OffsetLedger
@@ -99,6 +100,7 @@ class Consumer(Protocol):
         self, partitions: list[TopicPartition]
     ) -> dict[TopicPartition, int]: ...
     def seek(self, partition: TopicPartition, offset: int) -> None: ...
+    async def position(self, partition: TopicPartition) -> int: ...
     async def seek_to_beginning(self, *partitions: TopicPartition) -> bool: ...
     async def topics(self) -> set[str]: ...
 
@@ -373,13 +375,14 @@ class Pipeline:
 
     async def _intake(self, stop: asyncio.Event) -> None:
         consumer = self._consumer
+        fetcher = RecordFetcher(consumer)
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 self.health.mark_poll()
                 room = self.settings.max_pending - self.ledger.total_pending()
                 fetch = asyncio.ensure_future(
-                    consumer.getmany(timeout_ms=500, max_records=max(room, 1))
+                    fetcher.fetch(timeout_ms=500, max_records=max(room, 1))
                 )
                 await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
@@ -388,7 +391,7 @@ class Pipeline:
                         await fetch
                     break
                 try:
-                    batch = fetch.result()
+                    batch = fetch.result().in_offset_order()
                 except KafkaError as exc:
                     # the client reconnects by itself; keep polling, report not-ready meanwhile
                     self.health.set_broker_ok(False)
@@ -403,7 +406,10 @@ class Pipeline:
                     for record in records:
                         if self._parts.get(tp) is not part or part.revoking:
                             break  # revoked (or reassigned) while this batch was admitted
-                        self._admit(tp, part, record)
+                        if isinstance(record, Undecodable):
+                            self.admit_undecodable(tp, record.offset, record.detail)
+                        else:
+                            self._admit(tp, part, record)
                         admitted += 1
                         if admitted % ADMIT_SLICE == 0:
                             # preparing costs ~100 us a record: let sends and heartbeats run
