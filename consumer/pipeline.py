@@ -72,8 +72,6 @@ COMMIT_METADATA: Final = f"resend-consumer/{__version__}"
 BROKER_CHECK_INTERVAL: Final = 5.0
 #: records admitted between two yields to the event loop
 ADMIT_SLICE: Final = 256
-#: the dead letter of a record the client could not decode
-UNDECODABLE: Final = "undecodable_record"
 
 
 # -- the seams --------------------------------------------------------------------
@@ -407,7 +405,7 @@ class Pipeline:
                         if self._parts.get(tp) is not part or part.revoking:
                             break  # revoked (or reassigned) while this batch was admitted
                         if isinstance(record, Undecodable):
-                            self.admit_undecodable(tp, record.offset, record.detail)
+                            self.admit_undecodable(tp, record)
                         else:
                             self._admit(tp, part, record)
                         admitted += 1
@@ -470,36 +468,32 @@ class Pipeline:
             lane_key = self._lane_key(work, result)
         self._enqueue(tp, lane_key, work)
 
-    def admit_undecodable(self, tp: TopicPartition, offset: int, detail: str) -> None:
-        """A record the client could not decode: dead-letter what is known of it."""
+    def admit_undecodable(self, tp: TopicPartition, bad: Undecodable) -> None:
+        """A record the client could not decode: dead-letter what could be read of it."""
         part = self._parts.get(tp)
         if part is None or part.revoking:
             return
         try:
-            self.ledger.track(tp, offset)
+            self.ledger.track(tp, bad.offset)
         except ValueError:
             return  # already tracked: its first copy is on its way
         now = self._clock()
         part.progress_at = now
         work = Work(
             tp=tp,
-            offset=offset,
+            offset=bad.offset,
             generation=part.generation,
-            key=None,
-            value=None,
-            headers=(),
-            timestamp_ms=None,
+            key=bad.key,
+            value=bad.value,
+            headers=tuple((name, value or b"") for name, value in bad.headers),
+            timestamp_ms=bad.timestamp,
             fetched_at=now,
-            rejected=Rejected(
-                reason=UNDECODABLE,
-                message=detail,
-                event_id=None,
-                event_type=None,
-                idempotency_key=None,
-            ),
+            size=len(bad.value or b""),
+            rejected=bad.rejected(),
         )
-        part.works[offset] = work
-        self._enqueue(tp, ("offset", offset), work)
+        part.works[bad.offset] = work
+        self.pending_bytes += work.size
+        self._enqueue(tp, ("offset", bad.offset), work)
 
     def _count_event(self, event_type: str | None, outcome: str) -> None:
         key = (self._type_label(event_type), outcome)
