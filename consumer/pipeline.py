@@ -251,6 +251,7 @@ class Pipeline:
         consumer: Consumer,
         committer: Committer,
         clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.preparer = preparer
@@ -264,6 +265,8 @@ class Pipeline:
         self._committer = committer
         # the event loop's clock by default (what asyncio's sleeps and timeouts use)
         self._clock = clock or time.monotonic
+        #: epoch seconds, for event ages (the simulation moves it with virtual time)
+        self._wall = wall_clock
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._lanes: dict[tuple[TopicPartition, object], Lane] = {}
         self._key_locks: dict[str, list[Any]] = {}  # key -> [lock, users]
@@ -444,6 +447,7 @@ class Pipeline:
             partition=tp.partition,
             offset=record.offset,
             timestamp_ms=record.timestamp,
+            now=self._wall(),
         )
         work.size = len(record.value or b"")
         if isinstance(result, Prepared):
@@ -584,7 +588,7 @@ class Pipeline:
                         clock=self._clock,
                         # Resend forgets keys after 24 h: gate pauses and 429 waits are
                         # unbounded, so the age is checked again before every attempt
-                        check=lambda: prepared.stale_reason(time.time()),
+                        check=lambda: prepared.stale_reason(self._wall()),
                         refused_as=prepared.stale_outcome,
                     )
                 finally:
