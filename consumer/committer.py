@@ -219,6 +219,10 @@ class PartitionCommitter:
                 slot.committed = None if found is None else found.offset
             if slot.committed is not None and position <= slot.committed:
                 return
+            if slot.committed is not None:
+                # a transaction that landed although it reported failure (a lost answer,
+                # a cancel) wrote every letter below the offset it committed
+                letters = [letter for letter in letters if letter.offset >= slot.committed]
             await self._transaction(tp, slot, position, metadata, letters)
 
     async def _transaction(

@@ -167,7 +167,10 @@ async def _settle(consumer: FetchingConsumer, out: Fetched) -> None:
     """
     assigned = consumer.assignment()
     for tp in list(out.items):
-        if tp not in assigned or await consumer.position(tp) != out._next[tp]:
+        # A position behind what was taken means a seek back (a rebalance); one ahead
+        # is aiokafka stepping over a transaction marker after the last record taken,
+        # and those records are still the next ones: dropping them would skip them.
+        if tp not in assigned or await consumer.position(tp) < out._next[tp]:
             del out.items[tp]
 
 

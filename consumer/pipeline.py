@@ -213,6 +213,8 @@ class _Part:
     generation: int
     #: last time it finished an offset, admitted a record or was explained
     progress_at: float
+    #: the committed offset it started from (None: none, the reset policy applies)
+    start: int | None = None
     #: admitted, unfinished work by offset
     works: dict[int, Work] = field(default_factory=dict)
     #: finished as dead letters; written by the commit that covers their offset
@@ -222,6 +224,8 @@ class _Part:
     dlq_failed: bool = False
     stalled: bool = False
     lag: int = 0
+    #: end offset minus the consumer's fetch position
+    behind: int = 0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -277,6 +281,8 @@ class Pipeline:
         self._unready_since: float | None = None
         self._ready_lock = asyncio.Lock()
         self._unready_reported = False
+        #: bumped by every assignment and revoke of a partition (see `_make_ready`)
+        self._epochs: dict[TopicPartition, int] = {}
         self._commit_lock = asyncio.Lock()
         self._dlq_down = False
         self._broker_ok = True
@@ -332,8 +338,11 @@ class Pipeline:
         try:
             await self._intake(stop)
         finally:
-            for task in background:
-                task.cancel()
+            # a commit under way finishes first: cancelled in its transaction, its outcome
+            # would be unknown (and its letters written again by the final commit)
+            async with self._commit_lock:
+                for task in background:
+                    task.cancel()
             for task in background:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -348,8 +357,7 @@ class Pipeline:
         consumer = self._consumer
         self.health.set_stopping()
         assigned = set(self._parts)
-        with contextlib.suppress(KafkaError, AssertionError):
-            consumer.pause(*assigned)
+        self._pause(assigned)
         log.info(LogEvent.STOPPING, in_flight=self.in_flight, pending=self.ledger.total_pending())
         try:
             await self._drain(assigned, self.settings.shutdown_timeout)
@@ -382,6 +390,9 @@ class Pipeline:
             while not stop.is_set():
                 self.health.mark_poll()
                 room = self.settings.max_pending - self.ledger.total_pending()
+                # Records are admitted only into the partition state they were fetched
+                # for: one reassigned during the fetch was sought back, and reads them again.
+                before = dict(self._parts)
                 fetch = asyncio.ensure_future(
                     fetcher.fetch(timeout_ms=500, max_records=max(room, 1))
                 )
@@ -401,9 +412,16 @@ class Pipeline:
                     continue
                 admitted = 0
                 for tp, records in batch.items():
-                    part = self._parts.get(tp)
-                    if part is None or part.revoking:
+                    found = self._parts.get(tp)
+                    if found is None or found.revoking:
                         continue  # fetched just before a revoke: the new owner reads it again
+                    part: _Part = found
+                    if before.get(tp) is not part:
+                        # assigned while this fetch ran: some records may predate the seek
+                        # to the committed offset; nothing is admitted to the new state yet,
+                        # so seek there again and read them from it
+                        await self._seek_start(tp, part)
+                        continue
                     for record in records:
                         if self._parts.get(tp) is not part or part.revoking:
                             break  # revoked (or reassigned) while this batch was admitted
@@ -709,9 +727,26 @@ class Pipeline:
 
     # -- back-pressure --------------------------------------------------------------
 
+    def _pause(self, tps: Iterable[TopicPartition]) -> None:
+        """Pause what is still assigned; one partition at a time, since aiokafka raises
+        for the first one it no longer has (a pattern subscription being swapped)."""
+        consumer = self._consumer
+        assigned = consumer.assignment()
+        for tp in tps:
+            if tp in assigned:
+                with contextlib.suppress(KafkaError, AssertionError):
+                    consumer.pause(tp)
+
+    def _resume(self, tps: Iterable[TopicPartition]) -> None:
+        consumer = self._consumer
+        assigned = consumer.assignment()
+        for tp in tps:
+            if tp in assigned:
+                with contextlib.suppress(KafkaError, AssertionError):
+                    consumer.resume(tp)
+
     def _apply_backpressure(self) -> None:
         s = self.settings
-        consumer = self._consumer
         total = self.ledger.total_pending()
         # An open gate holds intake only while a delivery waits there to probe it:
         # with none (all cancelled by a revoke) new records must come in and probe.
@@ -733,7 +768,7 @@ class Pipeline:
             elif hold_all or total_over or pending >= s.max_pending_per_partition:
                 to_pause.append(tp)
         if to_pause:
-            consumer.pause(*to_pause)
+            self._pause(to_pause)
             self._paused.update(to_pause)
             log.info(
                 LogEvent.PAUSED,
@@ -743,7 +778,7 @@ class Pipeline:
                 reason="service_condition" if hold_all else "backlog",
             )
         if to_resume:
-            consumer.resume(*to_resume)
+            self._resume(to_resume)
             self._paused.difference_update(to_resume)
             log.info(
                 LogEvent.RESUMED,
@@ -813,8 +848,7 @@ class Pipeline:
                 LogEvent.PARTITION_FENCED, topic=tp.topic, partition=tp.partition, error=str(exc)
             )
             if self._parts.get(tp) is part:
-                with contextlib.suppress(KafkaError, AssertionError):
-                    self._consumer.pause(tp)
+                self._pause({tp})
                 self._forget({tp})
             return
         self._committed(tp, part, position, letters)
@@ -861,12 +895,28 @@ class Pipeline:
         committed offset the committer read after fencing. If the committer cannot
         fence (Kafka away), the partitions stay paused and are tried again.
         """
+        # Every rebalance revokes everything first (eager protocol); state left from
+        # before means that revoke never reached us (a subscription swapped under it).
+        # Its work is dropped uncommitted: the generation it belongs to is gone.
+        leftover = set(self._parts) | self._unready
+        if leftover:
+            log.warning(
+                LogEvent.REVOKED,
+                partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in leftover),
+                implicit=True,
+            )
+            for tp in leftover:
+                part = self._parts.get(tp)
+                if part is not None:
+                    part.revoking = True
+            await self._drain(leftover, self.settings.drain_timeout)
+            self._forget(leftover)
         if not assigned:
             self._report_assignment()
             return
-        consumer = self._consumer
-        with contextlib.suppress(KafkaError, AssertionError):
-            consumer.pause(*assigned)
+        self._pause(assigned)
+        for tp in assigned:
+            self._epochs[tp] = self._epochs.get(tp, 0) + 1
         self._unready.update(assigned)
         if self._unready_since is None:
             self._unready_since = self._clock()
@@ -889,34 +939,51 @@ class Pipeline:
             self._unready_since = None
             self._report_assignment()
             return
+        # An assignment (or a revoke) that lands during the awaits below makes this
+        # round's offsets stale for its partitions: each is checked against its epoch.
+        epochs = {tp: self._epochs.get(tp, 0) for tp in tps}
         try:
             offsets = await self._committer.assign(tps)
         except CommitFailed as exc:
             log.warning(LogEvent.ASSIGN_FAILED, partitions=len(tps), error=str(exc))
             return
-        now = self._clock()
-        still = consumer.assignment()
         ready = []
         for tp in tps:
-            if tp not in still or tp not in self._unready:
-                continue  # the consumer is stopping, or a newer assignment replaced this one
+            if not self._current_epoch(tp, epochs[tp]):
+                continue  # revoked, reassigned or stopping meanwhile: a newer round does it
             found = offsets.get(tp)
             position = None if found is None else found.offset
-            if position is not None:
-                consumer.seek(tp, position)
-            elif self.settings.kafka_auto_offset_reset == "earliest":
-                await consumer.seek_to_beginning(tp)
-            self._parts[tp] = _Part(
-                generation=self.ledger.assign(tp, committed=position), progress_at=now
+            part = _Part(
+                generation=self.ledger.assign(tp, committed=position),
+                progress_at=self._clock(),
+                start=position,
             )
+            await self._seek_start(tp, part)
+            if not self._current_epoch(tp, epochs[tp]):
+                continue
+            self._parts[tp] = part
             self._paused.discard(tp)
+            self._unready.discard(tp)
             ready.append(tp)
-        self._unready.difference_update(ready)
         if not self._unready:
             self._unready_since = None
-        with contextlib.suppress(KafkaError, AssertionError):
-            consumer.resume(*ready)
+        self._resume(ready)
         self._report_assignment()
+
+    async def _seek_start(self, tp: TopicPartition, part: _Part) -> None:
+        """Position the consumer where `part` starts: its committed offset, or the reset."""
+        with contextlib.suppress(KafkaError, AssertionError):
+            if part.start is not None:
+                self._consumer.seek(tp, part.start)
+            elif self.settings.kafka_auto_offset_reset == "earliest":
+                await self._consumer.seek_to_beginning(tp)
+
+    def _current_epoch(self, tp: TopicPartition, epoch: int) -> bool:
+        return (
+            self._epochs.get(tp, 0) == epoch
+            and tp in self._unready
+            and tp in self._consumer.assignment()
+        )
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Start no new sends for `revoked`, drain what is in flight, commit, let go."""
@@ -938,6 +1005,8 @@ class Pipeline:
 
     def _forget(self, tps: set[TopicPartition]) -> None:
         """Drop every trace of `tps`: lanes, works, unwritten letters, ledger, metrics."""
+        for tp in tps:
+            self._epochs[tp] = self._epochs.get(tp, 0) + 1
         self._unready.difference_update(tps)
         if not self._unready:
             self._unready_since = None
@@ -1066,11 +1135,19 @@ class Pipeline:
                 no_base.append(tp)
         ends = await consumer.end_offsets(no_end) if no_end else {}
         starts = await consumer.beginning_offsets(no_base) if no_base else {}
+        positions = {}
+        for tp in list(self._parts):
+            positions[tp] = await consumer.position(tp)
         total = 0
         for tp, part in self._parts.items():
             high = consumer.highwater(tp)
             if high is None:
                 high = ends.get(tp)
+            fetched_to = positions.get(tp)
+            if high is not None and fetched_to is not None:
+                # records not fetched yet: the watchdog's notion of work (a log ending in
+                # a transaction marker keeps committed-based lag at 1, and is done)
+                part.behind = max(high - fetched_to, 0)
             base = self.ledger.committed(tp)
             if base is None:
                 base = self.ledger.position(tp)
@@ -1102,7 +1179,7 @@ class Pipeline:
         limit = self.settings.stall_timeout
         stalled = 0
         for tp, part in self._parts.items():
-            has_work = bool(part.works or part.letters or part.lag > 0)
+            has_work = bool(part.works or part.letters or part.behind > 0)
             if not has_work or self.explain(tp) is not None:
                 part.progress_at = now
             if has_work and now - part.progress_at >= limit:
@@ -1119,6 +1196,7 @@ class Pipeline:
                         unwritten_dead_letters=len(part.letters),
                         lag=part.lag,
                         paused=tp in self._paused,
+                        not_fetched=part.behind,
                         waiting_for=self._waiting_for(tp, part),
                         stalled_for_s=round(now - part.progress_at, 1),
                     )

@@ -357,7 +357,8 @@ class FakeCommitter:
             raise DeadLetterUnavailable("simulated dead-letter failure")
         if rng.random() < self.commit_failures:
             raise CommitFailed("simulated commit failure")
-        if self.group.owner.get(tp) is not self.consumer or self.group.rebalancing:
+        # the generation stays valid until every member has revoked (owner cleared then)
+        if self.group.owner.get(tp) is not self.consumer:
             raise CommitFailed("not the owner (stale generation)")
         self.group.letters.extend(letters)
         self.group.committed[tp] = position
