@@ -100,6 +100,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_async(lambda stop: run_service(settings, stop))
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from consumer.feedback import run_webhooks
+
+    settings = settings_from(args)
+    return run_async(lambda stop: run_webhooks(settings, stop))
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from consumer.sandbox.cli import serve
 
@@ -187,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("run", cmd_run, "run the service: consume events, send emails, commit offsets")
+
+    add(
+        "webhooks",
+        cmd_webhooks,
+        "receive Resend's delivery webhooks: verify, then produce CloudEvents to FEEDBACK_TOPIC",
+    )
 
     p = add("sandbox", cmd_sandbox, "run the local Resend-compatible sandbox", settings=False)
     _lazy_arguments(p, "consumer.sandbox.cli")

@@ -219,6 +219,10 @@ class PartitionCommitter:
                 slot.committed = None if found is None else found.offset
             if slot.committed is not None and position <= slot.committed:
                 return
+            if slot.committed is not None:
+                # a transaction that landed although it reported failure (a lost answer,
+                # a cancel) wrote every letter below the offset it committed
+                letters = [letter for letter in letters if letter.offset >= slot.committed]
             await self._transaction(tp, slot, position, metadata, letters)
 
     async def _transaction(
@@ -341,9 +345,7 @@ class PartitionCommitter:
         try:
             async with asyncio.timeout(self._init_timeout):
                 await admin.start()
-                found = await admin.list_consumer_group_offsets(
-                    self._group_id, partitions=list(tps)
-                )
+                found = await self._list_offsets(admin, tps)
         except self._failures as exc:
             name = "TimeoutError" if isinstance(exc, TimeoutError) else type(exc).__name__
             for tp in tps:
@@ -353,6 +355,19 @@ class PartitionCommitter:
         finally:
             await admin.close()
         return {tp: meta for tp, meta in found.items() if meta.offset >= 0}
+
+    async def _list_offsets(self, admin: Any, tps: Sequence[TopicPartition]) -> Any:
+        """The group's offsets; a coordinator still loading (a fresh group, a moved
+        coordinator) answers with a retriable error for a moment: ask again."""
+        from aiokafka.errors import KafkaError
+
+        while True:
+            try:
+                return await admin.list_consumer_group_offsets(self._group_id, partitions=list(tps))
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def _abandon(self, slot: _Slot) -> None:
         """End a failed transaction: abort it when the producer still can, then drop it.

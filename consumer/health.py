@@ -26,16 +26,16 @@ import asyncio
 import errno
 import socket
 import time
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol
 
 import orjson
 from aiohttp import web
 
-from consumer.metrics import CONTENT_TYPE, Metrics
+from consumer.metrics import CONTENT_TYPE
 from consumer.settings import SettingsError
 
-__all__ = ["HEALTHZ", "METRICS", "READYZ", "Health", "HealthServer"]
+__all__ = ["HEALTHZ", "METRICS", "READYZ", "Exposition", "Health", "HealthServer", "Probes"]
 
 #: seconds a connection may take to send a complete request (and stay idle between requests)
 HEADER_TIMEOUT: Final = 5.0
@@ -133,21 +133,46 @@ class Health:
         return f"<Health live={live} ready={ready} reasons={info['reasons']}>"
 
 
+class Probes(Protocol):
+    """What the server asks: `Health`, or another command's own (the webhook receiver's)."""
+
+    def live(self) -> tuple[bool, dict[str, Any]]: ...
+
+    def ready(self) -> tuple[bool, dict[str, Any]]: ...
+
+
+class Exposition(Protocol):
+    """Anything rendering Prometheus text: `Metrics`, or another command's registry."""
+
+    def render(self) -> bytes: ...
+
+
 class HealthServer:
-    """aiohttp server for /healthz, /readyz and /metrics. `start()` then `stop()`."""
+    """aiohttp server for /healthz, /readyz and /metrics. `start()` then `stop()`.
+
+    `routes` adds a command's own endpoints beside the probes (the webhook
+    receiver's POST); `client_max_size` bounds their bodies; `settings` names
+    the host and port variables a bind error blames.
+    """
 
     def __init__(
         self,
         *,
-        health: Health,
-        metrics: Metrics,
+        health: Probes,
+        metrics: Exposition,
         host: str = "127.0.0.1",
         port: int = 8080,
         header_timeout: float = HEADER_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        routes: Sequence[web.RouteDef] = (),
+        client_max_size: int = 1024**2,
+        settings: tuple[str, str] = ("HEALTH_HOST", "HEALTH_PORT"),
     ) -> None:
         self.health = health
         self.metrics = metrics
+        self.routes = tuple(routes)
+        self.client_max_size = client_max_size
+        self.settings = settings
         self.host = host
         self.header_timeout = header_timeout
         self.max_connections = max_connections
@@ -171,7 +196,8 @@ class HealthServer:
         return len(server.connections) if server is not None else 0
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=self.client_max_size)
+        app.router.add_routes(self.routes)
         app.router.add_get(HEALTHZ, self._healthz)
         app.router.add_get(READYZ, self._readyz)
         app.router.add_get(METRICS, self._metrics)
@@ -199,7 +225,7 @@ class HealthServer:
             )
         except OSError as exc:
             await runner.cleanup()
-            raise _bind_error(exc, self.host, self._requested_port) from None
+            raise _bind_error(exc, self.host, self._requested_port, self.settings) from None
         except BaseException:
             await runner.cleanup()
             raise
@@ -246,13 +272,16 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
-def _bind_error(exc: OSError, host: str, port: int) -> SettingsError:
+def _bind_error(
+    exc: OSError, host: str, port: int, names: tuple[str, str] = ("HEALTH_HOST", "HEALTH_PORT")
+) -> SettingsError:
     """A start-up bind failure as a configuration error naming the setting at fault."""
     reason = exc.strerror or str(exc) or type(exc).__name__
+    host_env, port_env = names
     if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
-        return SettingsError(f"HEALTH_HOST={host!r}: cannot bind the health server ({reason})")
+        return SettingsError(f"{host_env}={host!r}: cannot bind the health server ({reason})")
     return SettingsError(
-        f"HEALTH_PORT={port} (HEALTH_HOST={host!r}): cannot bind the health server ({reason})"
+        f"{port_env}={port} ({host_env}={host!r}): cannot bind the health server ({reason})"
     )
 
 

@@ -50,6 +50,7 @@ from consumer import __version__
 from consumer.deadletter import DeadLetter, DeadLetterWriter
 from consumer.errors import CommitFailed, DeadLetterUnavailable, PartitionFenced
 from consumer.events import Reason
+from consumer.fetch import RecordFetcher, Undecodable
 from consumer.logs import LogEvent
 from consumer.observe import Health, Metrics, ProgressReporter, log_outcome
 from consumer.offsets import OffsetLedger
@@ -71,8 +72,6 @@ COMMIT_METADATA: Final = f"resend-consumer/{__version__}"
 BROKER_CHECK_INTERVAL: Final = 5.0
 #: records admitted between two yields to the event loop
 ADMIT_SLICE: Final = 256
-#: the dead letter of a record the client could not decode
-UNDECODABLE: Final = "undecodable_record"
 
 
 # -- the seams --------------------------------------------------------------------
@@ -99,6 +98,7 @@ class Consumer(Protocol):
         self, partitions: list[TopicPartition]
     ) -> dict[TopicPartition, int]: ...
     def seek(self, partition: TopicPartition, offset: int) -> None: ...
+    async def position(self, partition: TopicPartition) -> int: ...
     async def seek_to_beginning(self, *partitions: TopicPartition) -> bool: ...
     async def topics(self) -> set[str]: ...
 
@@ -213,6 +213,8 @@ class _Part:
     generation: int
     #: last time it finished an offset, admitted a record or was explained
     progress_at: float
+    #: the committed offset it started from (None: none, the reset policy applies)
+    start: int | None = None
     #: admitted, unfinished work by offset
     works: dict[int, Work] = field(default_factory=dict)
     #: finished as dead letters; written by the commit that covers their offset
@@ -222,6 +224,8 @@ class _Part:
     dlq_failed: bool = False
     stalled: bool = False
     lag: int = 0
+    #: end offset minus the consumer's fetch position
+    behind: int = 0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -251,6 +255,7 @@ class Pipeline:
         consumer: Consumer,
         committer: Committer,
         clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.preparer = preparer
@@ -264,6 +269,8 @@ class Pipeline:
         self._committer = committer
         # the event loop's clock by default (what asyncio's sleeps and timeouts use)
         self._clock = clock or time.monotonic
+        #: epoch seconds, for event ages (the simulation moves it with virtual time)
+        self._wall = wall_clock
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._lanes: dict[tuple[TopicPartition, object], Lane] = {}
         self._key_locks: dict[str, list[Any]] = {}  # key -> [lock, users]
@@ -274,6 +281,8 @@ class Pipeline:
         self._unready_since: float | None = None
         self._ready_lock = asyncio.Lock()
         self._unready_reported = False
+        #: bumped by every assignment and revoke of a partition (see `_make_ready`)
+        self._epochs: dict[TopicPartition, int] = {}
         self._commit_lock = asyncio.Lock()
         self._dlq_down = False
         self._broker_ok = True
@@ -329,8 +338,11 @@ class Pipeline:
         try:
             await self._intake(stop)
         finally:
-            for task in background:
-                task.cancel()
+            # a commit under way finishes first: cancelled in its transaction, its outcome
+            # would be unknown (and its letters written again by the final commit)
+            async with self._commit_lock:
+                for task in background:
+                    task.cancel()
             for task in background:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -345,8 +357,7 @@ class Pipeline:
         consumer = self._consumer
         self.health.set_stopping()
         assigned = set(self._parts)
-        with contextlib.suppress(KafkaError, AssertionError):
-            consumer.pause(*assigned)
+        self._pause(assigned)
         log.info(LogEvent.STOPPING, in_flight=self.in_flight, pending=self.ledger.total_pending())
         try:
             await self._drain(assigned, self.settings.shutdown_timeout)
@@ -373,13 +384,17 @@ class Pipeline:
 
     async def _intake(self, stop: asyncio.Event) -> None:
         consumer = self._consumer
+        fetcher = RecordFetcher(consumer)
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 self.health.mark_poll()
                 room = self.settings.max_pending - self.ledger.total_pending()
+                # Records are admitted only into the partition state they were fetched
+                # for: one reassigned during the fetch was sought back, and reads them again.
+                before = dict(self._parts)
                 fetch = asyncio.ensure_future(
-                    consumer.getmany(timeout_ms=500, max_records=max(room, 1))
+                    fetcher.fetch(timeout_ms=500, max_records=max(room, 1))
                 )
                 await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
@@ -388,7 +403,7 @@ class Pipeline:
                         await fetch
                     break
                 try:
-                    batch = fetch.result()
+                    batch = fetch.result().in_offset_order()
                 except KafkaError as exc:
                     # the client reconnects by itself; keep polling, report not-ready meanwhile
                     self.health.set_broker_ok(False)
@@ -397,13 +412,23 @@ class Pipeline:
                     continue
                 admitted = 0
                 for tp, records in batch.items():
-                    part = self._parts.get(tp)
-                    if part is None or part.revoking:
+                    found = self._parts.get(tp)
+                    if found is None or found.revoking:
                         continue  # fetched just before a revoke: the new owner reads it again
+                    part: _Part = found
+                    if before.get(tp) is not part:
+                        # assigned while this fetch ran: some records may predate the seek
+                        # to the committed offset; nothing is admitted to the new state yet,
+                        # so seek there again and read them from it
+                        await self._seek_start(tp, part)
+                        continue
                     for record in records:
                         if self._parts.get(tp) is not part or part.revoking:
                             break  # revoked (or reassigned) while this batch was admitted
-                        self._admit(tp, part, record)
+                        if isinstance(record, Undecodable):
+                            self.admit_undecodable(tp, record)
+                        else:
+                            self._admit(tp, part, record)
                         admitted += 1
                         if admitted % ADMIT_SLICE == 0:
                             # preparing costs ~100 us a record: let sends and heartbeats run
@@ -440,6 +465,7 @@ class Pipeline:
             partition=tp.partition,
             offset=record.offset,
             timestamp_ms=record.timestamp,
+            now=self._wall(),
         )
         work.size = len(record.value or b"")
         if isinstance(result, Prepared):
@@ -464,36 +490,32 @@ class Pipeline:
             lane_key = self._lane_key(work, result)
         self._enqueue(tp, lane_key, work)
 
-    def admit_undecodable(self, tp: TopicPartition, offset: int, detail: str) -> None:
-        """A record the client could not decode: dead-letter what is known of it."""
+    def admit_undecodable(self, tp: TopicPartition, bad: Undecodable) -> None:
+        """A record the client could not decode: dead-letter what could be read of it."""
         part = self._parts.get(tp)
         if part is None or part.revoking:
             return
         try:
-            self.ledger.track(tp, offset)
+            self.ledger.track(tp, bad.offset)
         except ValueError:
             return  # already tracked: its first copy is on its way
         now = self._clock()
         part.progress_at = now
         work = Work(
             tp=tp,
-            offset=offset,
+            offset=bad.offset,
             generation=part.generation,
-            key=None,
-            value=None,
-            headers=(),
-            timestamp_ms=None,
+            key=bad.key,
+            value=bad.value,
+            headers=tuple((name, value or b"") for name, value in bad.headers),
+            timestamp_ms=bad.timestamp,
             fetched_at=now,
-            rejected=Rejected(
-                reason=UNDECODABLE,
-                message=detail,
-                event_id=None,
-                event_type=None,
-                idempotency_key=None,
-            ),
+            size=len(bad.value or b""),
+            rejected=bad.rejected(),
         )
-        part.works[offset] = work
-        self._enqueue(tp, ("offset", offset), work)
+        part.works[bad.offset] = work
+        self.pending_bytes += work.size
+        self._enqueue(tp, ("offset", bad.offset), work)
 
     def _count_event(self, event_type: str | None, outcome: str) -> None:
         key = (self._type_label(event_type), outcome)
@@ -584,7 +606,7 @@ class Pipeline:
                         clock=self._clock,
                         # Resend forgets keys after 24 h: gate pauses and 429 waits are
                         # unbounded, so the age is checked again before every attempt
-                        check=lambda: prepared.stale_reason(time.time()),
+                        check=lambda: prepared.stale_reason(self._wall()),
                         refused_as=prepared.stale_outcome,
                     )
                 finally:
@@ -705,9 +727,26 @@ class Pipeline:
 
     # -- back-pressure --------------------------------------------------------------
 
+    def _pause(self, tps: Iterable[TopicPartition]) -> None:
+        """Pause what is still assigned; one partition at a time, since aiokafka raises
+        for the first one it no longer has (a pattern subscription being swapped)."""
+        consumer = self._consumer
+        assigned = consumer.assignment()
+        for tp in tps:
+            if tp in assigned:
+                with contextlib.suppress(KafkaError, AssertionError):
+                    consumer.pause(tp)
+
+    def _resume(self, tps: Iterable[TopicPartition]) -> None:
+        consumer = self._consumer
+        assigned = consumer.assignment()
+        for tp in tps:
+            if tp in assigned:
+                with contextlib.suppress(KafkaError, AssertionError):
+                    consumer.resume(tp)
+
     def _apply_backpressure(self) -> None:
         s = self.settings
-        consumer = self._consumer
         total = self.ledger.total_pending()
         # An open gate holds intake only while a delivery waits there to probe it:
         # with none (all cancelled by a revoke) new records must come in and probe.
@@ -729,7 +768,7 @@ class Pipeline:
             elif hold_all or total_over or pending >= s.max_pending_per_partition:
                 to_pause.append(tp)
         if to_pause:
-            consumer.pause(*to_pause)
+            self._pause(to_pause)
             self._paused.update(to_pause)
             log.info(
                 LogEvent.PAUSED,
@@ -739,7 +778,7 @@ class Pipeline:
                 reason="service_condition" if hold_all else "backlog",
             )
         if to_resume:
-            consumer.resume(*to_resume)
+            self._resume(to_resume)
             self._paused.difference_update(to_resume)
             log.info(
                 LogEvent.RESUMED,
@@ -809,8 +848,7 @@ class Pipeline:
                 LogEvent.PARTITION_FENCED, topic=tp.topic, partition=tp.partition, error=str(exc)
             )
             if self._parts.get(tp) is part:
-                with contextlib.suppress(KafkaError, AssertionError):
-                    self._consumer.pause(tp)
+                self._pause({tp})
                 self._forget({tp})
             return
         self._committed(tp, part, position, letters)
@@ -857,12 +895,28 @@ class Pipeline:
         committed offset the committer read after fencing. If the committer cannot
         fence (Kafka away), the partitions stay paused and are tried again.
         """
+        # Every rebalance revokes everything first (eager protocol); state left from
+        # before means that revoke never reached us (a subscription swapped under it).
+        # Its work is dropped uncommitted: the generation it belongs to is gone.
+        leftover = set(self._parts) | self._unready
+        if leftover:
+            log.warning(
+                LogEvent.REVOKED,
+                partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in leftover),
+                implicit=True,
+            )
+            for tp in leftover:
+                part = self._parts.get(tp)
+                if part is not None:
+                    part.revoking = True
+            await self._drain(leftover, self.settings.drain_timeout)
+            self._forget(leftover)
         if not assigned:
             self._report_assignment()
             return
-        consumer = self._consumer
-        with contextlib.suppress(KafkaError, AssertionError):
-            consumer.pause(*assigned)
+        self._pause(assigned)
+        for tp in assigned:
+            self._epochs[tp] = self._epochs.get(tp, 0) + 1
         self._unready.update(assigned)
         if self._unready_since is None:
             self._unready_since = self._clock()
@@ -885,34 +939,51 @@ class Pipeline:
             self._unready_since = None
             self._report_assignment()
             return
+        # An assignment (or a revoke) that lands during the awaits below makes this
+        # round's offsets stale for its partitions: each is checked against its epoch.
+        epochs = {tp: self._epochs.get(tp, 0) for tp in tps}
         try:
             offsets = await self._committer.assign(tps)
         except CommitFailed as exc:
             log.warning(LogEvent.ASSIGN_FAILED, partitions=len(tps), error=str(exc))
             return
-        now = self._clock()
-        still = consumer.assignment()
         ready = []
         for tp in tps:
-            if tp not in still or tp not in self._unready:
-                continue  # the consumer is stopping, or a newer assignment replaced this one
+            if not self._current_epoch(tp, epochs[tp]):
+                continue  # revoked, reassigned or stopping meanwhile: a newer round does it
             found = offsets.get(tp)
             position = None if found is None else found.offset
-            if position is not None:
-                consumer.seek(tp, position)
-            elif self.settings.kafka_auto_offset_reset == "earliest":
-                await consumer.seek_to_beginning(tp)
-            self._parts[tp] = _Part(
-                generation=self.ledger.assign(tp, committed=position), progress_at=now
+            part = _Part(
+                generation=self.ledger.assign(tp, committed=position),
+                progress_at=self._clock(),
+                start=position,
             )
+            await self._seek_start(tp, part)
+            if not self._current_epoch(tp, epochs[tp]):
+                continue
+            self._parts[tp] = part
             self._paused.discard(tp)
+            self._unready.discard(tp)
             ready.append(tp)
-        self._unready.difference_update(ready)
         if not self._unready:
             self._unready_since = None
-        with contextlib.suppress(KafkaError, AssertionError):
-            consumer.resume(*ready)
+        self._resume(ready)
         self._report_assignment()
+
+    async def _seek_start(self, tp: TopicPartition, part: _Part) -> None:
+        """Position the consumer where `part` starts: its committed offset, or the reset."""
+        with contextlib.suppress(KafkaError, AssertionError):
+            if part.start is not None:
+                self._consumer.seek(tp, part.start)
+            elif self.settings.kafka_auto_offset_reset == "earliest":
+                await self._consumer.seek_to_beginning(tp)
+
+    def _current_epoch(self, tp: TopicPartition, epoch: int) -> bool:
+        return (
+            self._epochs.get(tp, 0) == epoch
+            and tp in self._unready
+            and tp in self._consumer.assignment()
+        )
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Start no new sends for `revoked`, drain what is in flight, commit, let go."""
@@ -934,6 +1005,8 @@ class Pipeline:
 
     def _forget(self, tps: set[TopicPartition]) -> None:
         """Drop every trace of `tps`: lanes, works, unwritten letters, ledger, metrics."""
+        for tp in tps:
+            self._epochs[tp] = self._epochs.get(tp, 0) + 1
         self._unready.difference_update(tps)
         if not self._unready:
             self._unready_since = None
@@ -1062,11 +1135,19 @@ class Pipeline:
                 no_base.append(tp)
         ends = await consumer.end_offsets(no_end) if no_end else {}
         starts = await consumer.beginning_offsets(no_base) if no_base else {}
+        positions = {}
+        for tp in list(self._parts):
+            positions[tp] = await consumer.position(tp)
         total = 0
         for tp, part in self._parts.items():
             high = consumer.highwater(tp)
             if high is None:
                 high = ends.get(tp)
+            fetched_to = positions.get(tp)
+            if high is not None and fetched_to is not None:
+                # records not fetched yet: the watchdog's notion of work (a log ending in
+                # a transaction marker keeps committed-based lag at 1, and is done)
+                part.behind = max(high - fetched_to, 0)
             base = self.ledger.committed(tp)
             if base is None:
                 base = self.ledger.position(tp)
@@ -1098,7 +1179,7 @@ class Pipeline:
         limit = self.settings.stall_timeout
         stalled = 0
         for tp, part in self._parts.items():
-            has_work = bool(part.works or part.letters or part.lag > 0)
+            has_work = bool(part.works or part.letters or part.behind > 0)
             if not has_work or self.explain(tp) is not None:
                 part.progress_at = now
             if has_work and now - part.progress_at >= limit:
@@ -1115,6 +1196,7 @@ class Pipeline:
                         unwritten_dead_letters=len(part.letters),
                         lag=part.lag,
                         paused=tp in self._paused,
+                        not_fetched=part.behind,
                         waiting_for=self._waiting_for(tp, part),
                         stalled_for_s=round(now - part.progress_at, 1),
                     )

@@ -18,6 +18,7 @@ Two template syntaxes, on purpose:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -220,8 +221,8 @@ class Route:
             body["html"] = render_template(self.html, context, "html")
         if self.text is not None:
             body["text"] = render_template(self.text, context, "text")
-        if self.tags:
-            body["tags"] = [_tag(name, expr, event) for name, expr in self.tags]
+        tags = [_tag(name, expr, event) for name, expr in self.tags]
+        body["tags"] = [*tags, *source_tags(event)]
         if self.headers:
             headers = {}
             for name, expr in self.headers:
@@ -277,6 +278,59 @@ def _tag(name: str, expr: Interp, event: Event) -> dict[str, str]:
     if not _TAG.match(value):
         raise invalid(Reason.INVALID_TAG, f"tags.{name}: value must be 1-256 of [A-Za-z0-9_-]")
     return {"name": name, "value": value}
+
+
+#: tags every email carries so its webhooks join back to the event (see `source_tags`)
+EVENT_TAG: Final = "rc_event"
+ROUTE_TAG: Final = "rc_route"
+RESERVED_TAGS: Final = frozenset({EVENT_TAG, ROUTE_TAG})
+_TAG_SAFE: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def event_tag(source: str, event_id: str) -> str:
+    """`rc_event`: the first 32 hex digits of SHA-256 over `source`, LF, `id`."""
+    return hashlib.sha256(f"{source}\n{event_id}".encode()).hexdigest()[:32]
+
+
+def encode_tag_value(text: str) -> str:
+    """Text as a tag value: letters, digits and `_` kept, every other UTF-8 byte `-hh`.
+
+    Reversible (`decode_tag_value`) and readable: `order.confirmed` is
+    `order-2econfirmed`. Longer than 256: a 223-character prefix, `-`, 32 hex of a hash
+    (exactly 256, so any shorter value decodes back).
+    """
+    out = "".join(c if c in _TAG_SAFE else "".join(f"-{b:02x}" for b in c.encode()) for c in text)
+    if len(out) > 256:
+        out = out[:223] + "-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+    return out or "-"
+
+
+def decode_tag_value(value: str) -> str | None:
+    """The text `encode_tag_value` made, or None when the value is not one of its outputs."""
+    raw = bytearray()
+    i = 0
+    try:
+        while i < len(value):
+            if value[i] == "-":
+                raw.append(int(value[i + 1 : i + 3], 16))
+                i += 3
+            else:
+                raw += value[i].encode("ascii")
+                i += 1
+        return raw.decode()
+    except (ValueError, IndexError):
+        return None
+
+
+def source_tags(event: Event) -> list[dict[str, str]]:
+    """The tags joining an email's webhooks back to its event: event hash and route.
+
+    Part of the request bytes: stable for the same event and route.
+    """
+    return [
+        {"name": EVENT_TAG, "value": event_tag(event.source, event.id)},
+        {"name": ROUTE_TAG, "value": encode_tag_value(event.type)},
+    ]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -539,7 +593,7 @@ class _RouteLoader:
             text=text,
             hosted_id=hosted_id,
             hosted_variables=variables,
-            tags=self.pairs("tags", spec.get("tags"), _TAG, MAX_TAGS),
+            tags=self.pairs("tags", spec.get("tags"), _TAG, MAX_TAGS - len(RESERVED_TAGS)),
             headers=self.pairs("headers", spec.get("headers"), _HEADER_NAME, 100),
             max_event_age=self.age(policies.get("max_event_age")),
             stale_policy=stale,
@@ -596,6 +650,8 @@ class _RouteLoader:
         for name, item in value.items():
             if not isinstance(name, str) or not name_rule.match(name):
                 raise self.fail(f"{field}.{name}", f"name must match {name_rule.pattern}")
+            if field == "tags" and name in RESERVED_TAGS:
+                raise self.fail(f"{field}.{name}", "is set by the service (joins feedback back)")
             if field == "headers":
                 self.header_name(name)
             if isinstance(item, int) and not isinstance(item, bool):

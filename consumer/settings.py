@@ -26,6 +26,7 @@ StalePolicy = Literal["dead-letter", "skip", "send"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogFormat = Literal["auto", "json", "console"]
+FeedbackMode = Literal["structured", "binary"]
 
 
 class SettingsError(ValueError):
@@ -296,6 +297,16 @@ class Settings:
     drain_timeout: float = 20.0
     shutdown_timeout: float = 25.0
     stall_timeout: float = 300.0
+    # Delivery feedback (`resend-consumer webhooks`)
+    webhook_host: str = "0.0.0.0"  # noqa: S104 - Resend posts from the internet
+    webhook_port: int = 8081
+    resend_webhook_secret: tuple[Secret, ...] = field(default=(), repr=False)
+    resend_webhook_secret_file: Path | None = None
+    feedback_topic: str = "resend-feedback"
+    feedback_mode: FeedbackMode = "structured"
+    webhook_max_bytes: int = 262_144
+    webhook_dedup_window: int = 100_000
+    webhook_produce_timeout: float = 10.0
     # Operations
     health_port: int = 8080
     health_host: str = "0.0.0.0"  # noqa: S104 - probes come from the kubelet
@@ -377,6 +388,8 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise SettingsError(f"{f.env}={value}: must be a finite number")
+        if not 0 <= self.webhook_port <= 65535:
+            raise SettingsError(f"WEBHOOK_PORT={self.webhook_port}: must be a port from 1 to 65535")
         if not 0 <= self.health_port <= 65535:
             raise SettingsError(
                 f"HEALTH_PORT={self.health_port}: must be a port from 1 to 65535 (0: off)"
@@ -454,6 +467,18 @@ class Settings:
                 raise SettingsError(
                     f"RESEND_API_KEY_FILE={key_file}: cannot read ({exc.strerror})"
                 ) from None
+        secret_file = values.get("resend_webhook_secret_file")
+        if secret_file is not None and not values.get("resend_webhook_secret"):
+            try:
+                text = Path(secret_file).read_text()
+            except OSError as exc:
+                raise SettingsError(
+                    f"RESEND_WEBHOOK_SECRET_FILE={secret_file}: cannot read ({exc.strerror})"
+                ) from None
+            try:
+                values["resend_webhook_secret"] = _webhook_secrets(text)
+            except ValueError as exc:
+                raise SettingsError(f"RESEND_WEBHOOK_SECRET_FILE={secret_file}: {exc}") from None
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:
@@ -500,8 +525,37 @@ class Settings:
         return context
 
 
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
+
+
+def _topic(text: str) -> str:
+    if not _TOPIC.match(text) or text in (".", ".."):
+        raise ValueError("a Kafka topic name is 1-249 of [A-Za-z0-9._-]")
+    return text
+
+
 def _secret(text: str) -> Secret:
     return Secret(text)
+
+
+_WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/]{4,}={0,2}\Z")
+
+
+def _webhook_secrets(text: str) -> tuple[Secret, ...]:
+    """One or more `whsec_<base64>` secrets, space- or comma-separated (rotation).
+
+    The message never quotes a secret, only its position.
+    """
+    parts = [p for p in re.split(r"[\s,]+", text) if p]
+    if not parts:
+        raise ValueError("no secret given")
+    for i, part in enumerate(parts, 1):
+        if not _WHSEC.match(part):
+            raise ValueError(
+                f"secret {i} of {len(parts)} is not of the form whsec_<base64> "
+                "(the signing secret Resend shows for the webhook)"
+            )
+    return tuple(Secret(p) for p in dict.fromkeys(parts))
 
 
 FIELDS: Final[tuple[Field, ...]] = (
@@ -719,6 +773,56 @@ FIELDS: Final[tuple[Field, ...]] = (
         "STALL_TIMEOUT",
         _positive_duration,
         "a partition with work that finishes nothing this long, unexplained, fails /healthz",
+    ),
+    Field(
+        "webhook_host",
+        "WEBHOOK_HOST",
+        _host,
+        "address the webhook receiver binds (`webhooks`; also serves its health and metrics)",
+    ),
+    Field("webhook_port", "WEBHOOK_PORT", _port, "port of the webhook receiver (`webhooks`)"),
+    Field(
+        "resend_webhook_secret",
+        "RESEND_WEBHOOK_SECRET",
+        _webhook_secrets,
+        "webhook signing secrets whsec_..., space- or comma-separated for rotation (secret)",
+        secret=True,
+    ),
+    Field(
+        "resend_webhook_secret_file",
+        "RESEND_WEBHOOK_SECRET_FILE",
+        Path,
+        "file holding the webhook signing secrets (Kubernetes secret mount)",
+    ),
+    Field(
+        "feedback_topic",
+        "FEEDBACK_TOPIC",
+        _topic,
+        "topic the webhook receiver writes delivery feedback CloudEvents to",
+    ),
+    Field(
+        "feedback_mode",
+        "FEEDBACK_MODE",
+        _choice("structured", "binary"),
+        "CloudEvents mode of feedback records: structured (JSON envelope) or binary (ce_ headers)",
+    ),
+    Field(
+        "webhook_max_bytes",
+        "WEBHOOK_MAX_BYTES",
+        _positive_int,
+        "larger webhook bodies are refused with 400",
+    ),
+    Field(
+        "webhook_dedup_window",
+        "WEBHOOK_DEDUP_WINDOW",
+        _positive_int,
+        "recent svix-ids remembered to produce a repeated webhook once",
+    ),
+    Field(
+        "webhook_produce_timeout",
+        "WEBHOOK_PRODUCE_TIMEOUT",
+        _positive_duration,
+        "how long a webhook waits for Kafka's ack before it is answered 503",
     ),
     Field("health_port", "HEALTH_PORT", _port, "port of /healthz, /readyz and /metrics (0: off)"),
     Field("health_host", "HEALTH_HOST", _host, "address the health server binds"),

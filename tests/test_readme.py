@@ -51,3 +51,11 @@ def test_every_metric_is_documented() -> None:
     """Each exposed metric family has a row in README."""
     for name in METRIC_NAMES:
         assert f"`{name}`" in README, name
+
+
+def test_every_feedback_metric_is_documented() -> None:
+    """Each family the webhook receiver exposes has a row in README."""
+    from consumer.feedback import FEEDBACK_METRIC_NAMES
+
+    for name in FEEDBACK_METRIC_NAMES:
+        assert f"`{name}`" in README, name

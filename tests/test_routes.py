@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,18 @@ import pytest
 
 from consumer.errors import InvalidEvent
 from consumer.events import Event, Reason
-from consumer.routes import RoutesError, RouteTable, is_address, load_routes
+from consumer.routes import (
+    EVENT_TAG,
+    ROUTE_TAG,
+    RoutesError,
+    RouteTable,
+    decode_tag_value,
+    encode_tag_value,
+    event_tag,
+    is_address,
+    load_routes,
+    source_tags,
+)
 from consumer.settings import SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +143,11 @@ def test_body_has_fields_from_route_and_data(tmp_path: Path) -> None:
         "subject": "Hello Jane",
         "html": "<p>Hi Jane</p>",
         "text": "Hi Jane",
-        "tags": [{"name": "category", "value": "thing"}, {"name": "user", "value": "1"}],
+        "tags": [
+            {"name": "category", "value": "thing"},
+            {"name": "user", "value": "1"},
+            *source_tags(event(GOOD)),
+        ],
         "headers": {"X-Entity-Ref-ID": "thing-1"},
     }
 
@@ -870,3 +887,32 @@ def test_more_than_50_constant_cc_fail_at_load(tmp_path: Path) -> None:
     with pytest.raises(RoutesError, match="at most 50") as info:
         one_route(tmp_path, f"    cc: [{many}]\n")
     assert "field 'cc'" in str(info.value)
+
+
+def test_every_body_carries_the_source_tags(tmp_path: Path) -> None:
+    """A route without tags still sends rc_event (hash of source and id) and rc_route."""
+    table = one_route(tmp_path)
+    body = table.routes["thing.done"].body(event(GOOD))
+    digest = hashlib.sha256(b"https://acme.example\ne-1").hexdigest()[:32]
+    assert body["tags"] == [
+        {"name": EVENT_TAG, "value": digest},
+        {"name": ROUTE_TAG, "value": "thing-2edone"},
+    ]
+    assert event_tag("https://acme.example", "e-1") == digest
+
+
+@pytest.mark.parametrize(
+    "text", ["order.confirmed", "a-b_c", "ünïcode / spaces", "x" * 300, "tab\there"]
+)
+def test_tag_value_encoding_is_valid_and_reversible(text: str) -> None:
+    """Encoded values use only [A-Za-z0-9_-], at most 256; short ones decode back exactly."""
+    value = encode_tag_value(text)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value)
+    if len(value) < 256:
+        assert decode_tag_value(value) == text
+
+
+def test_route_may_not_set_a_reserved_tag(tmp_path: Path) -> None:
+    """A routes file naming rc_event or rc_route as a tag is refused at load."""
+    with pytest.raises(RoutesError, match="rc_event"):
+        one_route(tmp_path, extra="    tags: {rc_event: x}\n")

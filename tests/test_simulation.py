@@ -236,3 +236,57 @@ def test_lag_is_reported_for_a_partition_that_never_fetched() -> None:
         await world.close()
 
     sim.run(scenario, seed=1)
+
+
+def test_an_event_that_ages_while_the_gate_holds_it_is_not_sent() -> None:
+    """Freshness is checked before every attempt: events that outlive MAX_EVENT_AGE behind an
+    auth failure are dead-lettered as stale_event once the key works again, never sent."""
+
+    async def scenario(world: World) -> None:
+        world.resend.chaos = False
+        world.resend.phase = "auth"
+        member = await _start_alone(world)
+        await asyncio.sleep(90.0)  # longer than MAX_EVENT_AGE below
+        before = dict(world.resend.acked)
+        world.resend.phase = "healthy"
+        await asyncio.sleep(30.0)
+        assert world.resend.acked == before, "an event older than MAX_EVENT_AGE was sent"
+        reasons = {letter.reason for letter in world.group.letters}
+        assert "stale_event" in reasons
+        await world.close()
+        assert member.pipeline.pending_bytes == 0
+
+    sim.run(scenario, seed=6, settings=sim.sim_settings(max_event_age=60.0))
+
+
+def test_the_byte_bound_pauses_intake_before_memory_grows() -> None:
+    """MAX_PENDING_BYTES bounds fetched-but-unfinished bytes (values and rendered bodies) even
+    when the count bound is far away; nothing drifts once everything is finished."""
+    peak: list[int] = [0]
+
+    async def scenario(world: World) -> None:
+        world.resend.chaos = False
+        member = world.members[0]
+        pipeline = member.pipeline
+        checks = world.loop.on_step
+
+        def watch() -> None:
+            assert checks is not None
+            checks()
+            peak[0] = max(peak[0], pipeline.pending_bytes)
+
+        world.loop.on_step = watch
+        member.start()
+        await world.settle()
+        await world.close()
+        assert pipeline.pending_bytes == 0
+
+    settings = sim.sim_settings(
+        max_event_bytes=4096,
+        max_pending_bytes=8192,
+        max_pending=1000,
+        max_pending_per_partition=1000,
+    )
+    sim.run(scenario, seed=8, settings=settings)
+    # one fetch may overshoot the bound (at most 12 records of ~1 KiB per partition here)
+    assert 0 < peak[0] <= 8192 + 3 * 12 * 1024

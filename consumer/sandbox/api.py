@@ -72,6 +72,8 @@ class EmailApi:
         self._wall = wall
         self._stopping = stopping
         self.faults = config.faults
+        #: called with every accepted request's deliveries (the webhook sender)
+        self.on_accept: Callable[[list[Delivery]], None] | None = None
         self.ledger = Ledger(max_deliveries=config.max_deliveries)
         self.idem = IdempotencyStore(ttl=config.idempotency_ttl, clock=clock)
         self._quotas = Quotas(daily=config.daily_quota, monthly=config.monthly_quota, wall=wall)
@@ -328,6 +330,8 @@ class EmailApi:
             for i, email in emails
         ]
         self.ledger.record(deliveries, idem)
+        if self.on_accept is not None:
+            self.on_accept(deliveries)
         self._quotas.add(key, len(deliveries))
         if batch:
             answer: dict[str, Any] = {"data": [{"id": d.id} for d in deliveries]}

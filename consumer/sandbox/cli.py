@@ -75,6 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="append accepted emails as JSON lines",
     )
+    hooks = parser.add_argument_group("delivery webhooks (email.sent, then delivered/bounced/...)")
+    hooks.add_argument(
+        "--webhook-url", default=None, help="post signed webhooks for accepted emails here"
+    )
+    hooks.add_argument(
+        "--webhook-secret", default=None, metavar="WHSEC", help="whsec_... secret to sign with"
+    )
+    hooks.add_argument(
+        "--webhook-time-scale",
+        type=float,
+        default=1.0,
+        help="multiply Resend's retry delays (5 s, 5 min, ... 10 h) by this, e.g. 0.001",
+    )
     faults = parser.add_argument_group("faults (also settable at run time: POST /_sandbox/faults)")
     faults.add_argument("--latency-ms", type=float, default=0.0, help="fixed latency")
     faults.add_argument(
@@ -131,6 +144,9 @@ def config_from(args: argparse.Namespace) -> SandboxConfig:
         seed=args.seed,
         log_path=args.log,
         faults=faults,
+        webhook_url=args.webhook_url,
+        webhook_secret=args.webhook_secret,
+        webhook_time_scale=args.webhook_time_scale,
     )
 
 

@@ -194,6 +194,12 @@ class SandboxConfig:
     faults: Faults = field(default_factory=Faults)
     #: oldest deliveries are forgotten beyond this many (memory bound for long runs)
     max_deliveries: int = 1_000_000
+    #: where signed delivery webhooks are posted (None: no webhooks)
+    webhook_url: str | None = None
+    #: the `whsec_...` secret they are signed with
+    webhook_secret: str | None = field(default=None, repr=False)
+    #: Resend's retry delays are multiplied by this (0.001: 5 min becomes 0.3 s)
+    webhook_time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rate_limit <= 0:
@@ -206,3 +212,9 @@ class SandboxConfig:
                 raise ValueError(f"{name} must not be negative, got {value}")
         if self.max_deliveries <= 0:
             raise ValueError("max_deliveries must be positive")
+        if (self.webhook_url is None) != (self.webhook_secret is None):
+            raise ValueError("webhook_url and webhook_secret go together")
+        if self.webhook_secret is not None and not self.webhook_secret.startswith("whsec_"):
+            raise ValueError("webhook_secret must be of the form whsec_<base64>")
+        if not 0 <= self.webhook_time_scale <= 1000:
+            raise ValueError("webhook_time_scale must be within [0, 1000]")

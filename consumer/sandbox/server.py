@@ -20,6 +20,7 @@ from consumer.sandbox.api import BATCH, EMAILS, JSON_TYPE, EmailApi
 from consumer.sandbox.config import Faults, SandboxConfig
 from consumer.sandbox.state import Delivery
 from consumer.sandbox.validation import ApiError
+from consumer.sandbox.webhooks import WebhookPost, WebhookSender
 
 #: paths that exist, for telling 405 (wrong method) from 404 (wrong base URL)
 _KNOWN_PATHS: Final = frozenset(
@@ -31,6 +32,7 @@ _KNOWN_PATHS: Final = frozenset(
         "/_sandbox/reset",
         "/_sandbox/faults",
         "/_sandbox/health",
+        "/_sandbox/webhooks",
     }
 )
 #: seconds in-flight requests get to finish on stop before they are cancelled
@@ -59,6 +61,14 @@ class Sandbox:
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._host = "127.0.0.1"
+        self._webhooks: WebhookSender | None = None
+        if self.config.webhook_url is not None and self.config.webhook_secret is not None:
+            self._webhooks = WebhookSender(
+                url=self.config.webhook_url,
+                secret=self.config.webhook_secret,
+                time_scale=self.config.webhook_time_scale,
+            )
+            self._api.on_accept = self._webhooks.enqueue
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -79,6 +89,7 @@ class Sandbox:
         app.router.add_get("/_sandbox/faults", self._ctl_faults)
         app.router.add_post("/_sandbox/faults", self._ctl_faults)
         app.router.add_get("/_sandbox/health", self._ctl_health)
+        app.router.add_get("/_sandbox/webhooks", self._ctl_webhooks)
         app.router.add_route("*", "/{tail:.*}", self._fallback)
         self._stopping.clear()
         # access_log=None: no per-request logging on the hot path
@@ -86,6 +97,8 @@ class Sandbox:
             app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE
         )
         await runner.setup()
+        if self._webhooks is not None:
+            await self._webhooks.start()
         site = web.TCPSite(runner, host, port)
         await site.start()
         self._runner = runner
@@ -101,6 +114,8 @@ class Sandbox:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        if self._webhooks is not None:
+            await self._webhooks.stop()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -172,6 +187,17 @@ class Sandbox:
     def reset(self) -> None:
         """Forget everything: deliveries, keys, buckets, quotas, stats; faults back to config."""
         self._api.reset()
+        if self._webhooks is not None:
+            self._webhooks.clear()
+
+    def webhook_posts(self) -> list[WebhookPost]:
+        """Every webhook posted (or being retried), oldest first, with its answers."""
+        return self._webhooks.posts() if self._webhooks is not None else []
+
+    @property
+    def webhooks_pending(self) -> int:
+        """Accepted emails whose webhooks are not all answered 2xx or given up yet."""
+        return self._webhooks.pending if self._webhooks is not None else 0
 
     # -- HTTP ----------------------------------------------------------------------
 
@@ -222,6 +248,16 @@ class Sandbox:
             except (orjson.JSONDecodeError, ValueError) as exc:
                 return _json({"error": str(exc)}, status=400)
         return _json(self._api.faults.to_dict())
+
+    async def _ctl_webhooks(self, request: web.Request) -> web.StreamResponse:
+        posts = self.webhook_posts()
+        return _json(
+            {
+                "count": len(posts),
+                "pending": self.webhooks_pending,
+                "data": [p.to_dict() for p in posts],
+            }
+        )
 
     async def _ctl_health(self, request: web.Request) -> web.StreamResponse:
         return _json({"ok": True})
