@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import orjson
 import pytest
 
 from consumer.prepare import Preparer
-from consumer.sandbox import Faults, Sandbox, SandboxConfig
+from consumer.sandbox import Faults, Sandbox
 from consumer.service import run_service
 from consumer.settings import Settings
 from tests.conftest import NewTopicFactory, Produce
@@ -26,6 +24,7 @@ from tests.pipeline_support import (
     FaultProxy,
     ServiceProcess,
     committed,
+    delivered_keys,
     end_offsets,
     order_event,
     order_records,
@@ -37,21 +36,6 @@ from tests.pipeline_support import (
 )
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture
-async def fast_sandbox() -> AsyncIterator[Sandbox]:
-    """A sandbox with no practical rate limit, so the pipeline is what is measured."""
-    sb = Sandbox(config=SandboxConfig(api_key=API_KEY, rate_limit=100_000.0, seed=7))
-    await sb.start(host="127.0.0.1", port=0)
-    try:
-        yield sb
-    finally:
-        await sb.stop()
-
-
-def delivered_keys(sb: Sandbox) -> Counter[str]:
-    return Counter(d.idempotency_key for d in sb.deliveries())
 
 
 async def _service(settings: Settings, stop: asyncio.Event) -> asyncio.Task[int]:
