@@ -70,6 +70,8 @@ COMMIT_METADATA: Final = f"resend-consumer/{__version__}"
 
 #: seconds between two broker reachability checks (and their timeout)
 BROKER_CHECK_INTERVAL: Final = 5.0
+#: where an idle gate's probe goes (an empty body: refused, nothing is sent)
+PROBE_ENDPOINT: Final = "/emails"
 #: records admitted between two yields to the event loop
 ADMIT_SLICE: Final = 256
 
@@ -1107,6 +1109,7 @@ class Pipeline:
         while not stop.is_set():
             await asyncio.sleep(interval)
             try:
+                await self._probe_idle_gate()
                 if self._unready:
                     await self._make_ready()
                 with contextlib.suppress(KafkaError, TimeoutError, OSError, AssertionError):
@@ -1119,6 +1122,28 @@ class Pipeline:
                     error=type(exc).__name__,
                     exc_info=exc,
                 )
+
+    async def _probe_idle_gate(self) -> None:
+        """Probe an open gate that no delivery waits at (all were cancelled by a revoke,
+        or refused as stale), so the service turns ready again by itself while idle.
+
+        The probe is a request Resend refuses without sending anything: an empty body
+        and no idempotency key. A validation answer shows Resend reachable and the key
+        accepted, which closes the gate; 401, 5xx or a quota answer keep it open.
+        """
+        if self._delivering > 0:
+            return  # a waiting delivery takes the probe turn itself
+        ticket = self.gate.try_probe()
+        if ticket is None:
+            return
+        try:
+            answer = await self.client.send(
+                endpoint=PROBE_ENDPOINT, body=b"{}", idempotency_key=None
+            )
+        except BaseException:
+            self.gate.abandon(ticket)
+            raise
+        self.gate.record(ticket, answer)
 
     async def _update_lag(self) -> int:
         """End offset minus committed offset, for every assigned partition.

@@ -379,6 +379,7 @@ class FakeResend:
     on_wire: list[tuple[str, str]] = field(default_factory=list)
     chaos: bool = True
     requests: int = 0
+    probes: int = 0
     #: invariant breaches seen inside send (an assert there would be caught as a bug)
     violations: list[str] = field(default_factory=list)
 
@@ -408,6 +409,15 @@ class FakeResend:
             return answer_from_response(status, extra, orjson.dumps(payload), endpoint=endpoint)
         finally:
             self.on_wire.remove(entry)
+
+    async def probe(self, endpoint: str) -> Answer:
+        self.probes += 1
+        await asyncio.sleep(self.rng.choice((0.001, 0.02)))
+        if self.phase in ("auth", "outage"):
+            status, payload, extra = self._answer("")
+        else:
+            status, payload, extra = 422, {"name": "validation_error", "message": "from"}, {}
+        return answer_from_response(status, extra, orjson.dumps(payload), endpoint=endpoint)
 
     def _answer(self, key: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         if self.phase == "auth":
@@ -444,7 +454,8 @@ class MemberClient:
         headers: Mapping[str, str] | None = None,
         paced: bool = False,
     ) -> Answer:
-        assert idempotency_key is not None
+        if idempotency_key is None:  # the gate's idle probe: refused, nothing sent
+            return await self.resend.probe(endpoint)
         return await self.resend.send(self.member, endpoint, idempotency_key)
 
 

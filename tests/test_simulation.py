@@ -290,3 +290,30 @@ def test_the_byte_bound_pauses_intake_before_memory_grows() -> None:
     sim.run(scenario, seed=8, settings=settings)
     # one fetch may overshoot the bound (at most 12 records of ~1 KiB per partition here)
     assert 0 < peak[0] <= 8192 + 3 * 12 * 1024
+
+
+def test_an_idle_open_gate_probes_by_itself_and_turns_ready() -> None:
+    """The gate opened, then every waiting delivery was refused as stale: with nothing left
+    to send, the gate still probes (a request that sends nothing) and closes once Resend is
+    back, so the pod turns ready again without new events."""
+
+    async def scenario(world: World) -> None:
+        world.resend.chaos = False
+        world.resend.phase = "auth"
+        member = await _start_alone(world)
+        await asyncio.sleep(90.0)  # every event ages past MAX_EVENT_AGE at the gate
+        world.resend.phase = "healthy"
+        await world.settle()  # all dead-lettered as stale_event: nothing waits any more
+        assert member.pipeline._delivering == 0
+        probes = world.resend.probes
+        for _ in range(60):
+            if member.pipeline.gate.state == "closed":
+                break
+            await asyncio.sleep(1.0)
+        assert member.pipeline.gate.state == "closed"
+        assert member.pipeline.health.ready()[0]
+        assert world.resend.probes >= probes
+        assert not world.resend.acked, "a probe or a stale event was sent as an email"
+        await world.close()
+
+    sim.run(scenario, seed=6, settings=sim.sim_settings(max_event_age=60.0))
