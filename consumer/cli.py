@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "quickstart",
         cmd_quickstart,
-        "start local Kafka and the sandbox, run the service, publish the examples",
+        "start local Kafka, the sandbox and the webhook receiver, run the service, "
+        "publish the examples",
     )
     _lazy_arguments(p, "consumer.quickstart")
 

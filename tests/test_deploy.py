@@ -7,6 +7,7 @@ consumer/settings.py (variable names, defaults, timeouts).
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import re
@@ -21,11 +22,16 @@ import pytest
 import yaml
 
 from consumer import observe, publish
+from consumer.feedback import WEBHOOK_PATH
+from consumer.health import HEALTHZ, READYZ
 from consumer.settings import FIELDS, Settings, parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+#: the two Deployments: the consumer (`run`) and the webhook receiver (`webhooks`)
+CONSUMER = "resend-consumer"
+RECEIVER = "resend-consumer-webhooks"
 ENV_NAMES = {f.env for f in FIELDS}
 DEFAULTS = Settings()
 
@@ -228,7 +234,9 @@ def test_compose_creates_the_topics_the_consumer_reads_and_dead_letters_to() -> 
     settings = Settings.from_env(resolved_env("consumer"))
     for topic in (*settings.kafka_topics, settings.dlq_topic_for(settings.kafka_topics[0])):
         assert f"--topic {topic} " in script
-    assert script.count("--if-not-exists") == script.count("--create") == 2
+    feedback = Settings.from_env(resolved_env("webhooks")).feedback_topic
+    assert f"--topic {feedback} " in script
+    assert script.count("--if-not-exists") == script.count("--create") == 3
     partitions = int(re.search(r"--topic domain-events --partitions (\d+)", script).group(1))
     assert partitions >= 1
 
@@ -261,6 +269,39 @@ def test_compose_consumer_agrees_with_settings_and_the_other_services() -> None:
     assert settings.resend_base_url == f"http://sandbox:{sandbox_port}"
     assert sandbox["healthcheck"] == {"disable": True}
     assert sandbox["image"] == consumer["image"]
+
+
+def test_compose_webhooks_receiver_agrees_with_settings_and_the_sandbox() -> None:
+    """The receiver runs `webhooks` on WEBHOOK_PORT; the sandbox signs with its secret."""
+    services = compose()["services"]
+    receiver = services["webhooks"]
+    env = resolved_env("webhooks")
+    assert set(env) <= ENV_NAMES
+    settings = Settings.from_env(env)
+    assert receiver["command"] == ["webhooks"]
+    assert receiver["image"] == services["consumer"]["image"]
+    assert settings.webhook_host == "0.0.0.0"  # other containers post to it
+    assert f"{settings.webhook_port}:{settings.webhook_port}" in receiver["ports"]
+    assert settings.kafka_bootstrap_servers == resolved_env("consumer")["KAFKA_BOOTSTRAP_SERVERS"]
+    assert receiver["depends_on"]["create-topics"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert parse_duration(receiver["stop_grace_period"]) > settings.webhook_produce_timeout
+    # the image's health check probes HEALTH_PORT: the receiver's own one probes WEBHOOK_PORT
+    probe = receiver["healthcheck"]["test"]
+    assert probe[:3] == ["CMD", script_name(), "health"]
+    url = probe[probe.index("--url") + 1]
+    assert url == f"http://127.0.0.1:{settings.webhook_port}{HEALTHZ}"
+    parser = argparse.ArgumentParser()
+    observe.add_arguments(parser)
+    parser.parse_args(probe[3:])
+    # the sandbox posts to the receiver's path, signed with the secret the receiver checks
+    command = [_INTERPOLATION.sub(lambda m: m.group(2), c) for c in services["sandbox"]["command"]]
+    target = command[command.index("--webhook-url") + 1]
+    assert target == f"http://webhooks:{settings.webhook_port}{WEBHOOK_PATH}"
+    secret = command[command.index("--webhook-secret") + 1]
+    assert [s.get() for s in settings.resend_webhook_secret] == [secret]
+    assert "${RESEND_WEBHOOK_SECRET:-" in receiver["environment"]["RESEND_WEBHOOK_SECRET"]
 
 
 def test_compose_publish_tool_uses_the_publish_command_on_shipped_examples() -> None:
@@ -298,8 +339,8 @@ def only(kind: str, name: str | None = None) -> dict[str, Any]:
     return found[0]
 
 
-def container() -> dict[str, Any]:
-    (c,) = only("Deployment")["spec"]["template"]["spec"]["containers"]
+def container(name: str = "resend-consumer") -> dict[str, Any]:
+    (c,) = only("Deployment", name)["spec"]["template"]["spec"]["containers"]
     return c
 
 
@@ -317,14 +358,19 @@ def test_every_manifest_parses_and_kustomization_lists_them() -> None:
                 continue
             assert doc["apiVersion"]
             assert doc["metadata"]["name"]
-            assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "resend-consumer"
+            labels = doc["metadata"]["labels"]
+            assert labels["app.kubernetes.io/name"] in {CONSUMER, RECEIVER}
+            if labels["app.kubernetes.io/name"] == RECEIVER:
+                assert labels["app.kubernetes.io/part-of"] == CONSUMER
     applied = set(manifests()) - {"kustomization.yaml", "secret.example.yaml"}
     assert set(kustomization["resources"]) == applied
 
 
 def test_deployment_grace_period_exceeds_shutdown_and_drain() -> None:
     """terminationGracePeriodSeconds (40) is above SHUTDOWN_TIMEOUT and DRAIN_TIMEOUT."""
-    grace = only("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    grace = only("Deployment", CONSUMER)["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ]
     settings = env_settings()
     assert grace == 40
     assert grace > settings.shutdown_timeout >= DEFAULTS.shutdown_timeout
@@ -342,7 +388,7 @@ def test_deployment_probes_port_and_image_agree_with_the_service() -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
     assert c["args"] == ["run"]
     assert c["image"] == f"resend-consumer:{pyproject()['project']['version']}"
-    annotations = only("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    annotations = only("Deployment", CONSUMER)["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(settings.health_port)
     assert annotations["prometheus.io/path"] == "/metrics"
 
@@ -369,7 +415,7 @@ def test_deployment_env_secret_and_static_membership() -> None:
 
 def test_deployment_runs_non_root_read_only() -> None:
     """Pod and container security contexts forbid root and privilege escalation."""
-    pod = only("Deployment")["spec"]["template"]["spec"]
+    pod = only("Deployment", CONSUMER)["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] >= 1000
     sc = container()["securityContext"]
@@ -382,7 +428,7 @@ def test_replicas_do_not_exceed_partitions() -> None:
     """replicas <= the partitions compose creates for the topic (extra members would idle)."""
     script = " ".join(compose()["services"]["create-topics"]["command"])
     partitions = int(re.search(r"--topic domain-events --partitions (\d+)", script).group(1))
-    deployment = only("Deployment")
+    deployment = only("Deployment", CONSUMER)
     assert 1 <= deployment["spec"]["replicas"] <= partitions
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
     assert "replicas" in (K8S / "deployment.yaml").read_text().split("apiVersion")[0]
@@ -390,16 +436,100 @@ def test_replicas_do_not_exceed_partitions() -> None:
 
 def test_selectors_of_pdb_and_service_match_the_pods() -> None:
     """PodDisruptionBudget and Service select exactly the Deployment's pods."""
-    deployment = only("Deployment")
+    deployment = only("Deployment", CONSUMER)
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"] == labels
-    pdb = only("PodDisruptionBudget")
+    pdb = only("PodDisruptionBudget", CONSUMER)
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["spec"]["selector"]["matchLabels"] == labels
     assert pdb["spec"]["maxUnavailable"] == 1
-    service = only("Service")
+    service = only("Service", "resend-consumer-metrics")
     assert service["spec"]["selector"] == labels
     assert service["spec"]["ports"][0]["targetPort"] == container()["ports"][0]["name"]
+
+
+def test_receiver_deployment_probes_and_port_are_webhook_port() -> None:
+    """`webhooks` on WEBHOOK_PORT: readiness /readyz, liveness and startup /healthz, scraped."""
+    c = container(RECEIVER)
+    settings = env_settings()
+    (port,) = c["ports"]
+    assert c["args"] == ["webhooks"]
+    assert c["image"] == container()["image"]
+    assert port["containerPort"] == settings.webhook_port == DEFAULTS.webhook_port
+    assert port["containerPort"] != settings.health_port
+    assert c["readinessProbe"]["httpGet"] == {"path": READYZ, "port": port["name"]}
+    assert c["livenessProbe"]["httpGet"] == {"path": HEALTHZ, "port": port["name"]}
+    assert c["startupProbe"]["httpGet"] == {"path": HEALTHZ, "port": port["name"]}
+    annotations = only("Deployment", RECEIVER)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.webhook_port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert settings.feedback_topic == "resend-feedback"
+
+
+def test_receiver_secret_comes_from_the_secret_and_kafka_from_the_shared_configmap() -> None:
+    """RESEND_WEBHOOK_SECRET by secretKeyRef (never a value); Kafka settings as the consumer's."""
+    c = container(RECEIVER)
+    env = {e["name"]: e for e in c["env"]}
+    assert set(env) <= ENV_NAMES
+    assert "value" not in env["RESEND_WEBHOOK_SECRET"]
+    ref = env["RESEND_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
+    secret = only("Secret")
+    assert ref["name"] == secret["metadata"]["name"]
+    assert ref["key"] in secret["stringData"]
+    assert not secret["stringData"][ref["key"]].startswith("whsec_"), "no real secret here"
+    # it never needs the API key, and the ConfigMap holds no secret
+    assert "RESEND_API_KEY" not in env
+    data = only("ConfigMap", "resend-consumer-env")["data"]
+    assert not {"RESEND_WEBHOOK_SECRET", "RESEND_API_KEY"} & set(data)
+    assert c["envFrom"] == container()["envFrom"]
+
+
+def test_receiver_runs_non_root_read_only_with_resources() -> None:
+    """The receiver's pod is locked down like the consumer's and has requests and a limit."""
+    consumer_pod = only("Deployment", CONSUMER)["spec"]["template"]["spec"]
+    pod = only("Deployment", RECEIVER)["spec"]["template"]["spec"]
+    assert pod["securityContext"] == consumer_pod["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    c = container(RECEIVER)
+    assert c["securityContext"] == container()["securityContext"]
+    assert c["resources"]["requests"]["cpu"]
+    assert c["resources"]["requests"]["memory"]
+    assert c["resources"]["limits"]["memory"]
+
+
+def test_receiver_grace_period_covers_the_pre_stop_pause_and_a_produce() -> None:
+    """terminationGracePeriodSeconds > preStop sleep + WEBHOOK_PRODUCE_TIMEOUT; no lost capacity."""
+    deployment = only("Deployment", RECEIVER)
+    pod = deployment["spec"]["template"]["spec"]
+    command = container(RECEIVER)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    settings = env_settings()
+    assert pod["terminationGracePeriodSeconds"] > int(command[1]) + settings.webhook_produce_timeout
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_receiver_service_and_pdb_select_only_receiver_pods() -> None:
+    """Its Service and PDB select the receiver's pods; no consumer selector matches them."""
+    deployment = only("Deployment", RECEIVER)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    service = only("Service", RECEIVER)
+    assert service["spec"]["selector"].items() <= labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == container(RECEIVER)["ports"][0]["name"]
+    pdb = only("PodDisruptionBudget", RECEIVER)
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+    consumer_labels = only("Deployment", CONSUMER)["spec"]["template"]["metadata"]["labels"]
+    for selector in (
+        only("Deployment", CONSUMER)["spec"]["selector"]["matchLabels"],
+        only("PodDisruptionBudget", CONSUMER)["spec"]["selector"]["matchLabels"],
+        only("Service", "resend-consumer-metrics")["spec"]["selector"],
+    ):
+        assert not selector.items() <= labels.items(), selector
+        assert selector.items() <= consumer_labels.items()
+    assert not service["spec"]["selector"].items() <= consumer_labels.items()
 
 
 @cache
@@ -420,7 +550,7 @@ def test_routes_configmap_is_mounted_at_routes_file() -> None:
     (mount,) = container()["volumeMounts"]
     assert mount["mountPath"] == str(routes_file.parent)
     assert mount["readOnly"] is True
-    (volume,) = only("Deployment")["spec"]["template"]["spec"]["volumes"]
+    (volume,) = only("Deployment", CONSUMER)["spec"]["template"]["spec"]["volumes"]
     assert volume["name"] == mount["name"]
     assert volume["configMap"]["name"] == "resend-consumer-routes"
     data = only("ConfigMap", "resend-consumer-routes")["data"]

@@ -1,4 +1,4 @@
-"""The one-command quickstart: local Kafka, sandbox, service, examples, clean Ctrl-C."""
+"""The one-command quickstart: local Kafka, sandbox, service, receiver, examples, clean Ctrl-C."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _alive(pid: int) -> bool:
 def test_quickstart_delivers_every_example_then_ctrl_c_leaves_nothing_running(
     tmp_path: Path,
 ) -> None:
-    """Every example becomes one sandbox delivery; SIGINT exits 0 and stops the broker."""
+    """Every example becomes one delivery and its feedback events; SIGINT exits 0, stops all."""
     state = tmp_path / "qs"
     proc = subprocess.Popen(
         [
@@ -51,6 +51,8 @@ def test_quickstart_delivers_every_example_then_ctrl_c_leaves_nothing_running(
             "0",
             "--health-port",
             "0",
+            "--webhook-port",
+            "0",
             "--state-dir",
             str(state),
         ],
@@ -60,17 +62,21 @@ def test_quickstart_delivers_every_example_then_ctrl_c_leaves_nothing_running(
         stderr=subprocess.PIPE,
     )
     try:
-        deliveries = state / "deliveries.jsonl"
+        deliveries, feedback_log = state / "deliveries.jsonl", state / "feedback.jsonl"
         deadline = time.monotonic() + 90
         lines: list[bytes] = []
+        feedback: list[bytes] = []
         while time.monotonic() < deadline:
             if deliveries.exists():
                 lines = [ln for ln in deliveries.read_bytes().splitlines() if ln.strip()]
-                if len(lines) >= 4:
-                    break
+            if feedback_log.exists():
+                feedback = [ln for ln in feedback_log.read_bytes().splitlines() if ln.strip()]
+            if len(lines) >= 4 and len(feedback) >= 8:
+                break
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             time.sleep(0.2)
         assert len(lines) == 4, "the four shipped examples are delivered"
+        assert len(feedback) == 8, "each delivery gets email.sent and email.delivered back"
         broker_pid = int((state / "kafka" / "broker.pid").read_text())
         assert _alive(broker_pid)
         proc.send_signal(signal.SIGINT)
@@ -83,6 +89,22 @@ def test_quickstart_delivers_every_example_then_ctrl_c_leaves_nothing_running(
     subjects = {orjson.loads(ln).get("body", {}).get("subject") for ln in lines}
     assert "Your Acme sign-in link" in subjects
     assert b"service stopped" in err
+    assert b"webhook receiver stopped" in err
+    # the loop closes: each email's webhooks come back from Kafka as feedback CloudEvents
+    ids = {orjson.loads(ln)["id"] for ln in lines}
+    events = [orjson.loads(ln) for ln in feedback]
+    by_email: dict[str, list[str]] = {}
+    for event in events:
+        by_email.setdefault(event["subject"], []).append(event["type"])
+    assert set(by_email) == ids
+    assert all(
+        types == ["com.resend.email.sent", "com.resend.email.delivered"]
+        for types in by_email.values()
+    )
+    assert {e["sourceroute"] for e in events} >= {"order.confirmed", "magic_link.requested"}
+    printed = [ln for ln in err.splitlines() if b"feedback email." in ln]
+    assert len(printed) == 8
+    assert any(b"email.delivered" in ln and b"(route order.confirmed" in ln for ln in printed)
     assert b"local Kafka stopped" in err
     outcomes = [
         orjson.loads(ln)
