@@ -32,6 +32,7 @@ from tests.pipeline_support import (
     pipeline_settings,
     wait_for,
 )
+from tests.test_dashboard import queries as dashboard_queries
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
@@ -241,6 +242,15 @@ async def test_rules_evaluate_against_a_real_scrape_of_the_running_service(
 
     await wait_for(all_evaluated, 30, "every rule evaluated without error")
     assert await prom.alerts() == {}
+    # the dashboard's queries, as Grafana would send them: all valid, the main ones with data
+    empty = []
+    for expr in dashboard_queries():
+        if expr.startswith("label_values("):
+            continue  # Grafana's own function, not PromQL
+        promql = expr.replace("$job", JOB).replace("$__rate_interval", "1m")
+        if not await prom.query(promql):
+            empty.append(expr)
+    assert not [e for e in empty if "events_total" in e or "send_latency" in e], empty
 
     # Resend refuses the key: the auth circuit opens, readiness goes, and an
     # event 500 s old (MAX_EVENT_AGE 600 s) waits unfinished.
