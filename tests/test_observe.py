@@ -243,8 +243,10 @@ def test_log_outcome_writes_the_canonical_line() -> None:
         "latency": 0.1234,
     }
     log_outcome(log, outcome="sent", email_id="em_1", **common)
-    log_outcome(log, outcome="dead_lettered", reason="schema", **common)
+    log_outcome(log, outcome="dead_lettered", reason="schema", trace_id="ab" * 16, **common)
     sent, dead = json_lines(buf)
+    assert "trace_id" not in sent  # tracing off: no field
+    assert dead["trace_id"] == "ab" * 16
     assert sent["event"] == LogEvent.OUTCOME == "event.outcome"
     assert sent["latency_ms"] == 123.4
     assert sent["email_id"] == "em_1"
