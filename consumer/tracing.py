@@ -53,6 +53,10 @@ if TYPE_CHECKING:
     from consumer.resend import Answer
 
 __all__ = [
+    "NO_ATTEMPT",
+    "NO_COMMIT",
+    "NO_EVENT",
+    "NO_LETTER",
     "NO_TRACER",
     "AttemptTrace",
     "CommitTrace",
@@ -178,11 +182,11 @@ class EventTrace:
 
     def attempt(self, *, endpoint: str, number: int) -> AttemptTrace:
         """Start the span of HTTP attempt `number` (1 for the first) to `endpoint`."""
-        return _NO_ATTEMPT
+        return NO_ATTEMPT
 
     def dead_letter(self, *, topic: str, reason: str) -> LetterTrace:
         """Start the span of this event's dead-letter write to `topic`."""
-        return _NO_LETTER
+        return NO_LETTER
 
     def end(self, outcome: str, *, reason: str | None = None, email_id: str | None = None) -> None:
         """The event's outcome is final (sent, dead_lettered, skipped)."""
@@ -215,13 +219,13 @@ class Tracer:
         Called once the record is prepared, with `started` taken by `clock()`
         just before preparing it: the `prepare` span runs from `started` to now.
         """
-        return _NO_EVENT
+        return NO_EVENT
 
     def commit(
         self, *, topic: str, partition: int, position: int, events: Iterable[EventTrace] = ()
     ) -> CommitTrace:
         """Open the span of a commit up to `position`, linked to the `events` it covers."""
-        return _NO_COMMIT
+        return NO_COMMIT
 
     def shutdown(self) -> None:
         """Flush and stop exporting (at service stop)."""
@@ -230,10 +234,11 @@ class Tracer:
         return f"<{type(self).__name__} enabled={self.enabled}>"
 
 
-_NO_ATTEMPT: Final = AttemptTrace()
-_NO_LETTER: Final = LetterTrace()
-_NO_COMMIT: Final = CommitTrace()
-_NO_EVENT: Final = EventTrace()
+#: the shared no-op objects (defaults for fields that hold a trace)
+NO_ATTEMPT: Final = AttemptTrace()
+NO_LETTER: Final = LetterTrace()
+NO_COMMIT: Final = CommitTrace()
+NO_EVENT: Final = EventTrace()
 #: the tracer while tracing is off
 NO_TRACER: Final = Tracer()
 
