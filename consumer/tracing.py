@@ -189,7 +189,10 @@ class EventTrace:
         return NO_LETTER
 
     def end(self, outcome: str, *, reason: str | None = None, email_id: str | None = None) -> None:
-        """The event's outcome is final (sent, dead_lettered, skipped)."""
+        """The event's outcome is final (sent, dead_lettered, skipped), or `revoked` here.
+
+        Ending twice is harmless: the first outcome stays.
+        """
 
 
 class Tracer:
@@ -281,6 +284,8 @@ class _OtelAttempt(AttemptTrace):
             span.set_status(StatusCode.ERROR, answer.reason)
 
     def end(self) -> None:
+        if not self._span.is_recording():
+            return
         if not self._answered:
             from opentelemetry.trace import StatusCode
 
@@ -297,6 +302,8 @@ class _OtelSpanEnd(LetterTrace, CommitTrace):
         self._span = span
 
     def end(self, error: str | None = None) -> None:
+        if not self._span.is_recording():
+            return  # ended already, or not sampled
         if error is not None:
             from opentelemetry.trace import StatusCode
 
@@ -357,6 +364,8 @@ class _OtelEvent(EventTrace):
 
     def end(self, outcome: str, *, reason: str | None = None, email_id: str | None = None) -> None:
         span = self._span
+        if not span.is_recording():
+            return  # ended already (a revoke ended it, then the lane finished), or not sampled
         span.set_attribute("resend_consumer.outcome", outcome)
         if reason is not None:
             span.set_attribute("resend_consumer.reason", reason)

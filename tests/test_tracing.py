@@ -384,3 +384,16 @@ def test_a_replayed_dead_letter_continues_the_same_trace(
     parent = by_name(exporter)["process orders"].parent
     assert parent is not None
     assert hexid(parent.span_id, 16) == PARENT_ID
+
+
+def test_ending_an_event_twice_keeps_the_first_outcome(
+    spans: tuple[OtelTracer, InMemorySpanExporter], preparer: Preparer
+) -> None:
+    """A revoke ends the span as revoked; the lane finishing later changes nothing."""
+    tracer, exporter = spans
+    event, _ = start(tracer, preparer, order_event(12))
+    event.end("revoked")
+    event.end("sent", email_id="em_late")
+    (process,) = [s for s in exporter.get_finished_spans() if s.name == "process orders"]
+    assert (process.attributes or {})["resend_consumer.outcome"] == "revoked"
+    assert "resend_consumer.email_id" not in (process.attributes or {})
