@@ -357,7 +357,7 @@ class _OtelEvent(EventTrace):
                 "messaging.operation.type": "send",
                 "messaging.operation.name": "send",
                 "messaging.destination.name": topic,
-                "resend_consumer.reason": reason,
+                "resend_consumer.reason": _plain(reason),
             },
         )
         return _OtelSpanEnd(span)
@@ -368,6 +368,7 @@ class _OtelEvent(EventTrace):
             return  # ended already (a revoke ended it, then the lane finished), or not sampled
         span.set_attribute("resend_consumer.outcome", outcome)
         if reason is not None:
+            reason = _plain(reason)
             span.set_attribute("resend_consumer.reason", reason)
         if email_id is not None:
             span.set_attribute("resend_consumer.email_id", email_id)
@@ -439,7 +440,7 @@ class OtelTracer(Tracer):
         context = set_span_in_context(span)
         child = self.tracer.start_span("prepare", context=context, start_time=start)
         if isinstance(prepared, Rejected | Skipped):
-            child.set_attribute("resend_consumer.reason", prepared.reason)
+            child.set_attribute("resend_consumer.reason", _plain(prepared.reason))
         child.end()
         return _OtelEvent(self, span, context)
 
@@ -472,6 +473,11 @@ class OtelTracer(Tracer):
 
     def shutdown(self) -> None:
         self.provider.shutdown()
+
+
+def _plain(text: str) -> str:
+    """A plain str: reason codes may be StrEnum members, which exporters need not know."""
+    return str.__str__(text)
 
 
 def _host(url: str) -> str:

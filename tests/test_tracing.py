@@ -276,7 +276,11 @@ def test_dead_letter_and_commit_spans(
     commit.end()
     got = by_name(exporter)
     process, write, link = got["process orders"], got["send orders.dlq"], got["commit orders"]
-    assert (got["prepare"].attributes or {})["resend_consumer.reason"] == result.reason
+    reason = (got["prepare"].attributes or {})["resend_consumer.reason"]
+    assert reason == result.reason
+    assert type(reason) is str  # not the StrEnum member: exporters know plain types only
+    assert type((process_attrs := dict(process.attributes or {}))["resend_consumer.reason"]) is str
+    assert process_attrs["error.type"] == result.reason
     assert process.status.status_code is StatusCode.ERROR
     assert (process.attributes or {})["resend_consumer.outcome"] == "dead_lettered"
     assert write.kind is SpanKind.PRODUCER
