@@ -359,11 +359,13 @@ def log_outcome(
     latency: float,
     email_id: str | None = None,
     reason: str | None = None,
+    trace_id: str | None = None,
 ) -> None:
     """Write the canonical line of one event's outcome (field names fixed here, once).
 
     Dead letters log at WARNING, everything else at INFO. `latency` is seconds
-    from fetch to outcome; it is logged in milliseconds.
+    from fetch to outcome; it is logged in milliseconds. `trace_id` (32 hex
+    digits, from `consumer.tracing`) is there only while tracing is on.
     """
     fields = {
         "outcome": outcome,
@@ -378,6 +380,7 @@ def log_outcome(
         "latency_ms": round(latency * 1000.0, 1),
         "email_id": email_id,
         "reason": reason,
+        "trace_id": trace_id,
     }
     method = logger.warning if outcome == "dead_lettered" else logger.info
     method(LogEvent.OUTCOME.value, **{k: v for k, v in fields.items() if v is not None})

@@ -10,10 +10,13 @@ progress line (`snapshot()`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from consumer import __version__
 
@@ -48,6 +51,12 @@ DEAD_LETTERS: Final = _P + "dead_letters"
 ASSIGNED_PARTITIONS: Final = _P + "assigned_partitions"
 STALLED_PARTITIONS: Final = _P + "stalled_partitions"
 BUILD_INFO: Final = _P + "build_info"
+READY: Final = _P + "ready"
+OLDEST_EVENT: Final = _P + "oldest_event_timestamp_seconds"
+MAX_EVENT_AGE: Final = _P + "max_event_age_seconds"
+
+#: one row per partition with unfinished work: topic, partition, event time (epoch seconds)
+OldestEvents = Callable[[], Iterable[tuple[str, int, float]]]
 
 #: every family as exposed on /metrics (README's list and the tests use this)
 METRIC_NAMES: Final = (
@@ -66,6 +75,9 @@ METRIC_NAMES: Final = (
     CIRCUIT_OPEN,
     DEAD_LETTERS + "_total",
     BUILD_INFO,
+    READY,
+    OLDEST_EVENT,
+    MAX_EVENT_AGE,
 )
 
 # Resend answers in tens to hundreds of milliseconds; the tail reaches the
@@ -153,6 +165,23 @@ class Metrics:
         )
         build = Gauge(BUILD_INFO, "Always 1; the version as a label.", ["version"], registry=r)
         build.labels(version=__version__).set(1)
+        self.max_event_age = Gauge(
+            MAX_EVENT_AGE,
+            "MAX_EVENT_AGE in force: older events are not sent blindly (STALE_POLICY).",
+            registry=r,
+        )
+        # read at scrape time from the wiring's callables (see `observe_*`): nothing
+        # on the event path pays for them
+        self._scraped = _ScrapeTime()
+        r.register(self._scraped)
+
+    def observe_readiness(self, probe: Callable[[], bool]) -> None:
+        """`resend_consumer_ready` is `probe()` at each scrape (1 while /readyz answers 200)."""
+        self._scraped.ready = probe
+
+    def observe_oldest_events(self, source: OldestEvents) -> None:
+        """`resend_consumer_oldest_event_timestamp_seconds` per partition, from `source()`."""
+        self._scraped.oldest = source
 
     def forget_partition(self, topic: str, partition: int) -> None:
         """Drop the per-partition series of a revoked partition (no stale lag)."""
@@ -194,3 +223,32 @@ class Metrics:
             f"<Metrics events={s.events:.0f} in_flight={s.in_flight:.0f} "
             f"retries={s.retries:.0f} dead_letters={s.dead_letters:.0f}>"
         )
+
+
+class _ScrapeTime(Collector):
+    """The families computed when /metrics is read: readiness and the oldest events."""
+
+    def __init__(self) -> None:
+        self.ready: Callable[[], bool] | None = None
+        self.oldest: OldestEvents | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(live=True))
+
+    def _families(self, *, live: bool = False) -> Iterator[Metric]:
+        ready = GaugeMetricFamily(READY, "1 while /readyz answers 200 (the pod is ready).")
+        if live and self.ready is not None:
+            ready.add_metric([], 1.0 if self.ready() else 0.0)
+        yield ready
+        oldest = GaugeMetricFamily(
+            OLDEST_EVENT,
+            "Event time of the oldest unfinished event of the partition (epoch seconds).",
+            labels=["topic", "partition"],
+        )
+        if live and self.oldest is not None:
+            for topic, partition, when in self.oldest():
+                oldest.add_metric([topic, str(partition)], when)
+        yield oldest

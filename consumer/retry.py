@@ -358,6 +358,7 @@ async def deliver(
     pace: Callable[[], Awaitable[None]] | None = None,
     check: Callable[[], str | None] | None = None,
     refused_as: Refusal = "dead_letter",
+    on_answer: Callable[[Answer], None] | None = None,
 ) -> DeliveryResult:
     """Send one prepared request until it is sent or must be dead-lettered.
 
@@ -375,6 +376,9 @@ async def deliver(
     token) and again with the slot held, the last moment before the request goes
     out. A reason string ends the delivery at once, nothing sent, in outcome
     `refused_as` with that reason; the gate's probe turn, if held, is handed on.
+
+    `on_answer(answer)` sees each attempt's answer before `on_attempt(False)`
+    (a tracing span records the status, then ends).
     """
     attempts = 0  # every HTTP attempt
     budgeted = 0  # attempts that spend the retry budget
@@ -421,6 +425,8 @@ async def deliver(
                             idempotency_key=idempotency_key,
                             headers=headers,
                         )
+                    if on_answer is not None:
+                        on_answer(answer)
                 finally:
                     if on_attempt is not None:
                         on_attempt(False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Iterator
 from typing import Any, Final
 
 import structlog
@@ -126,6 +127,27 @@ def observe_client(client: ResendClient, metrics: Metrics, limiter: RateLimiter)
     client.on_rate_wait = on_rate_wait
 
 
+def oldest_events(pipeline: Pipeline) -> Iterator[tuple[str, int, float]]:
+    """Per partition with unfinished work: the oldest event time among that work.
+
+    The event time is the one MAX_EVENT_AGE is measured from (the CloudEvent's
+    `time`), else the Kafka record timestamp. Read at scrape time only.
+    """
+    # TODO(pipeline owner): replace with a public Pipeline.oldest_events() once the
+    # engine rewrite lands; this reads the driver's per-partition work directly.
+    for tp, part in list(getattr(pipeline, "_parts", {}).items()):
+        oldest: float | None = None
+        for work in list(part.works.values()):
+            prepared = work.prepared
+            when = prepared.event_time if prepared is not None else None
+            if when is None and work.timestamp_ms is not None:
+                when = work.timestamp_ms / 1000
+            if when is not None and (oldest is None or when < oldest):
+                oldest = when
+        if oldest is not None:
+            yield tp.topic, tp.partition, oldest
+
+
 def _unavailable(settings: Settings, exc: BaseException) -> KafkaUnavailable:
     s = settings
     how: str = s.kafka_security_protocol
@@ -194,6 +216,7 @@ async def run_pipeline(
         consumer=consumer,
         committer=committer,
     )
+    metrics.observe_oldest_events(lambda: oldest_events(pipeline))
     if ready is not None:
         ready(pipeline)
     try:
@@ -218,6 +241,8 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> int:
     preparer = Preparer.from_settings(settings)
     metrics = Metrics()
     health = Health(liveness_window=max(60.0, settings.kafka_max_poll_interval / 2))
+    metrics.max_event_age.set(settings.max_event_age)
+    metrics.observe_readiness(lambda: health.ready()[0])
     gate = ServiceGate(
         probe_initial=settings.probe_initial,
         probe_max=settings.probe_max,

@@ -243,8 +243,10 @@ def test_log_outcome_writes_the_canonical_line() -> None:
         "latency": 0.1234,
     }
     log_outcome(log, outcome="sent", email_id="em_1", **common)
-    log_outcome(log, outcome="dead_lettered", reason="schema", **common)
+    log_outcome(log, outcome="dead_lettered", reason="schema", trace_id="ab" * 16, **common)
     sent, dead = json_lines(buf)
+    assert "trace_id" not in sent  # tracing off: no field
+    assert dead["trace_id"] == "ab" * 16
     assert sent["event"] == LogEvent.OUTCOME == "event.outcome"
     assert sent["latency_ms"] == 123.4
     assert sent["email_id"] == "em_1"
@@ -533,3 +535,19 @@ def test_default_bounds_are_set() -> None:
     """By default a request must arrive within 5 s and at most 128 connections are open."""
     srv = HealthServer(health=Health(), metrics=Metrics())
     assert (srv.header_timeout, srv.max_connections) == (5.0, 128)
+
+
+def test_scrape_time_families_read_their_sources_at_each_render() -> None:
+    """`ready` and the oldest event times come from the wiring's callables, read per scrape."""
+    m = Metrics()
+    assert "\nresend_consumer_ready " not in m.render().decode()  # not wired: no sample
+    state = {"ready": False, "oldest": [("t", 2, 1_700_000_000.5)]}
+    m.observe_readiness(lambda: bool(state["ready"]))
+    m.observe_oldest_events(lambda: list(state["oldest"]))  # type: ignore[arg-type]
+    text = m.render().decode()
+    assert "\nresend_consumer_ready 0.0" in text
+    assert 'resend_consumer_oldest_event_timestamp_seconds{partition="2",topic="t"} 1.7' in text
+    state["ready"], state["oldest"] = True, []
+    text = m.render().decode()
+    assert "\nresend_consumer_ready 1.0" in text
+    assert "resend_consumer_oldest_event_timestamp_seconds{" not in text
