@@ -57,6 +57,17 @@ from consumer.offsets import OffsetLedger
 from consumer.prepare import Prepared, Preparer, Rejected, Skipped
 from consumer.retry import DeliveryResult, RetryPolicy, ServiceGate, deliver
 from consumer.settings import Settings
+from consumer.tracing import (
+    NO_ATTEMPT,
+    NO_COMMIT,
+    NO_EVENT,
+    NO_LETTER,
+    NO_TRACER,
+    AttemptTrace,
+    EventTrace,
+    LetterTrace,
+    Tracer,
+)
 
 log = structlog.get_logger("consumer.pipeline")
 
@@ -194,6 +205,10 @@ class Work:
     rejected: Rejected | None = None
     #: an HTTP attempt is under way: a drain waits for it
     busy: bool = False
+    #: its `process` span (a shared no-op while tracing is off)
+    trace: EventTrace = NO_EVENT
+    attempt_trace: AttemptTrace = NO_ATTEMPT
+    attempts_traced: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -228,6 +243,9 @@ class _Part:
     lag: int = 0
     #: end offset minus the consumer's fetch position
     behind: int = 0
+    #: finished events' spans, linked from the commit that covers them (tracing on)
+    traced: list[tuple[int, EventTrace]] = field(default_factory=list)
+    letter_traces: dict[int, LetterTrace] = field(default_factory=dict)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -258,6 +276,7 @@ class Pipeline:
         committer: Committer,
         clock: Callable[[], float] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.settings = settings
         self.preparer = preparer
@@ -273,6 +292,7 @@ class Pipeline:
         self._clock = clock or time.monotonic
         #: epoch seconds, for event ages (the simulation moves it with virtual time)
         self._wall = wall_clock
+        self.tracer = tracer
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._lanes: dict[tuple[TopicPartition, object], Lane] = {}
         self._key_locks: dict[str, list[Any]] = {}  # key -> [lock, users]
@@ -460,6 +480,7 @@ class Pipeline:
             timestamp_ms=record.timestamp,
             fetched_at=now,
         )
+        started = self.tracer.clock()
         result = self.preparer.prepare(
             record.value,
             work.headers,
@@ -468,6 +489,16 @@ class Pipeline:
             offset=record.offset,
             timestamp_ms=record.timestamp,
             now=self._wall(),
+        )
+        work.trace = self.tracer.start_event(
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=record.offset,
+            key=record.key,
+            headers=work.headers,
+            value=record.value,
+            prepared=result,
+            started=started,
         )
         work.size = len(record.value or b"")
         if isinstance(result, Prepared):
@@ -514,6 +545,15 @@ class Pipeline:
             fetched_at=now,
             size=len(bad.value or b""),
             rejected=bad.rejected(),
+        )
+        work.trace = self.tracer.start_event(
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=bad.offset,
+            key=bad.key,
+            headers=work.headers,
+            value=bad.value,
+            prepared=work.rejected,
         )
         part.works[bad.offset] = work
         self.pending_bytes += work.size
@@ -604,6 +644,7 @@ class Pipeline:
                         gate=self.gate,
                         slots=self._slots,
                         on_attempt=lambda busy: self._on_attempt(work, busy),
+                        on_answer=lambda answer: work.attempt_trace.answer(answer),
                         pace=self.client.pace,
                         clock=self._clock,
                         # Resend forgets keys after 24 h: gate pauses and 429 waits are
@@ -648,6 +689,13 @@ class Pipeline:
     def _on_attempt(self, work: Work, busy: bool) -> None:
         """An attempt starts (True) or ends (False): `in_flight` counts attempts on the wire."""
         work.busy = busy
+        if busy:
+            work.attempts_traced += 1
+            endpoint = work.prepared.endpoint if work.prepared is not None else ""
+            work.attempt_trace = work.trace.attempt(endpoint=endpoint, number=work.attempts_traced)
+        else:
+            work.attempt_trace.end()
+            work.attempt_trace = NO_ATTEMPT
         self.in_flight += 1 if busy else -1
         self.metrics.in_flight.set(self.in_flight)
 
@@ -684,6 +732,10 @@ class Pipeline:
             event_type=payload.event_type if payload is not None else None,
         )
         size = len(work.value or b"")
+        if self.tracer.enabled:
+            part.letter_traces[id(letter)] = work.trace.dead_letter(
+                topic=self.settings.dlq_topic_for(work.tp.topic), reason=reason
+            )
         part.letters.append(letter)
         part.letter_bytes += size
         self.pending_bytes += size
@@ -708,11 +760,15 @@ class Pipeline:
         if payload is not None:
             event_id, event_type = payload.event_id, payload.event_type
         self._count_event(event_type, outcome)
+        final_reason = reason or (result.reason if result is not None else None)
+        work.trace.end(outcome, reason=final_reason, email_id=result.email_id if result else None)
+        if self.tracer.enabled and part is not None:
+            part.traced.append((work.offset, work.trace))
         prepared = work.prepared
         log_outcome(
             self._log,
             outcome=outcome,
-            reason=reason or (result.reason if result is not None else None),
+            reason=final_reason,
             event_id=event_id,
             event_type=event_type,
             source=prepared.source if prepared else None,
@@ -723,6 +779,7 @@ class Pipeline:
             attempts=result.attempts if result else 0,
             latency=self._clock() - work.fetched_at,
             email_id=result.email_id if result else None,
+            trace_id=work.trace.trace_id,
         )
         if not accepted:
             log.debug(LogEvent.LATE_COMPLETION, topic=work.tp.topic, offset=work.offset)
@@ -825,6 +882,16 @@ class Pipeline:
         letters: list[DeadLetter],
         reason: str,
     ) -> None:
+        trace = (
+            self.tracer.commit(
+                topic=tp.topic,
+                partition=tp.partition,
+                position=position,
+                events=[t for offset, t in part.traced if offset < position],
+            )
+            if self.tracer.enabled
+            else NO_COMMIT
+        )
         try:
             if letters:
                 # What comes before the first letter goes first, so that a dead-letter
@@ -836,15 +903,18 @@ class Pipeline:
                     self._committed(tp, part, first, [])
             await self._committer.commit(tp, position, COMMIT_METADATA, letters)
         except DeadLetterUnavailable as exc:
+            trace.end(type(exc).__name__)
             if not part.dlq_failed:
                 part.dlq_failed = True
                 log.error(LogEvent.DLQ_UNAVAILABLE, error=str(exc), topic=tp.topic)
             return
         except CommitFailed as exc:
+            trace.end(type(exc).__name__)
             # a rebalance or a coordinator move: keep the positions, try again later
             log.warning(LogEvent.COMMIT_FAILED, reason=reason, error=str(exc))
             return
         except PartitionFenced as exc:
+            trace.end(type(exc).__name__)
             # a newer owner has it (we are the zombie): nothing more of ours may land
             log.warning(
                 LogEvent.PARTITION_FENCED, topic=tp.topic, partition=tp.partition, error=str(exc)
@@ -853,6 +923,7 @@ class Pipeline:
                 self._pause({tp})
                 self._forget({tp})
             return
+        trace.end()
         self._committed(tp, part, position, letters)
         if letters and part.dlq_failed:
             part.dlq_failed = False
@@ -865,6 +936,8 @@ class Pipeline:
             return  # revoked meanwhile: its state is gone
         self.ledger.mark_committed(tp, position, part.generation)
         self.metrics.committed_offset.labels(topic=tp.topic, partition=tp.partition).set(position)
+        if part.traced:
+            part.traced = [(offset, t) for offset, t in part.traced if offset >= position]
         if not letters:
             return
         written = {id(letter) for letter in letters}
@@ -874,6 +947,7 @@ class Pipeline:
             part.letter_bytes -= size
             self.pending_bytes -= size
             self.metrics.dead_letters.labels(reason=letter.reason).inc()
+            part.letter_traces.pop(id(letter), NO_LETTER).end()
         self.dead_lettered += len(letters)
 
     def _refresh_dlq_state(self) -> None:
@@ -1020,6 +1094,10 @@ class Pipeline:
         for tp in tps:
             part = self._parts.pop(tp, None)
             if part is not None:
+                for work in part.works.values():
+                    work.trace.end("revoked")
+                for letter_trace in part.letter_traces.values():
+                    letter_trace.end("revoked")
                 self.pending_bytes -= part.letter_bytes
                 self.pending_bytes -= sum(work.size for work in part.works.values())
             self.ledger.revoke(tp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -29,6 +30,7 @@ from consumer.ratelimit import RateLimiter
 from consumer.resend import RULES, Answer, ResendClient
 from consumer.retry import GateCondition, GateState, OnChange, RetryPolicy, ServiceGate
 from consumer.settings import Settings, SettingsError
+from consumer.tracing import NO_TRACER, Tracer, tracer_from_env
 
 log = structlog.get_logger("consumer.service")
 
@@ -170,6 +172,7 @@ async def run_pipeline(
     metrics: Metrics,
     health: Health,
     ready: Any = None,
+    tracer: Tracer = NO_TRACER,
 ) -> Pipeline:
     """Make the Kafka clients, run a pipeline until stop, close them; returns the pipeline.
 
@@ -215,6 +218,7 @@ async def run_pipeline(
         health=health,
         consumer=consumer,
         committer=committer,
+        tracer=tracer,
     )
     metrics.observe_oldest_events(lambda: oldest_events(pipeline))
     if ready is not None:
@@ -250,6 +254,10 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> int:
     )
     limiter = RateLimiter(rate=settings.rate_limit)
     policy = RetryPolicy.from_settings(settings)
+    # OpenTelemetry is configured by its own standard OTEL_* variables, read here once
+    tracer = tracer_from_env(
+        os.environ, group=settings.kafka_group_id, resend_base_url=settings.resend_base_url
+    )
     server = None
     if settings.health_port:
         server = HealthServer(
@@ -280,8 +288,10 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> int:
                 policy=policy,
                 metrics=metrics,
                 health=health,
+                tracer=tracer,
             )
     finally:
+        tracer.shutdown()
         if server is not None:
             await server.stop()
     return 0

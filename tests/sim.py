@@ -599,8 +599,10 @@ class World:
         partitions: int = 3,
         per_partition: int = 12,
         settings: Settings | None = None,
+        tracer: Any = None,
     ) -> None:
         self.loop = loop
+        self.tracer = tracer
         self.seed = seed
         #: epoch time at virtual 0: event ages follow virtual time
         self.wall_start = time.time()
@@ -644,6 +646,7 @@ class World:
             committer=committer,
             clock=loop.time,
             wall_clock=lambda: self.wall_start + loop.time(),
+            **({"tracer": self.tracer} if self.tracer is not None else {}),
         )
         return Member(consumer, committer, pipeline, asyncio.Event())
 

@@ -401,3 +401,40 @@ def test_ending_an_event_twice_keeps_the_first_outcome(
     (process,) = [s for s in exporter.get_finished_spans() if s.name == "process orders"]
     assert (process.attributes or {})["resend_consumer.outcome"] == "revoked"
     assert "resend_consumer.email_id" not in (process.attributes or {})
+
+
+def test_the_engine_traces_every_event_attempt_dead_letter_and_commit(
+    spans: tuple[OtelTracer, InMemorySpanExporter],
+) -> None:
+    """The pipeline's calls into the tracer, in the engine simulation: one `process` span
+    per record, its attempts and dead-letter writes as children, commits linking them."""
+    from tests import sim
+
+    tracer, exporter = spans
+
+    async def scenario(world: sim.World) -> None:
+        world.resend.chaos = False
+        world.members[0].start()
+        await world.settle()
+        await world.close()
+
+    world_records: list[int] = []
+
+    def run(world: sim.World) -> Any:
+        world_records.append(sum(len(r) for r in world.group.records.values()))
+        return scenario(world)
+
+    sim.run(run, seed=3, tracer=tracer)
+    finished = exporter.get_finished_spans()
+    process = [s for s in finished if s.name.startswith("process ")]
+    assert len(process) == world_records[0]
+    ids = {s.context.span_id for s in process}
+    attempts = [s for s in finished if s.name.startswith("POST ")]
+    letters = [s for s in finished if s.name.startswith("send ")]
+    commits = [s for s in finished if s.name.startswith("commit ")]
+    assert attempts
+    assert letters
+    assert all(s.parent is not None and s.parent.span_id in ids for s in attempts + letters)
+    linked = {link.context.span_id for c in commits for link in c.links}
+    assert linked <= ids
+    assert len(linked) == len(ids)  # every finished event is covered by a commit
