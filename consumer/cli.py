@@ -17,14 +17,27 @@ from typing import Any
 
 from consumer import __version__
 from consumer.errors import ConsumerError
+from consumer.exitcodes import (  # re-exported: scripts and tests use cli.EXIT_*
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 from consumer.settings import FIELDS, Settings, SettingsError, defaults_table
 
-#: exit codes, stable for scripts and probes
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_BAD_INPUT = 3
-EXIT_INTERRUPTED = 130
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "build_parser",
+    "flag_for",
+    "main",
+    "run_async",
+    "settings_from",
+]
 
 
 def flag_for(env: str) -> str:

@@ -42,8 +42,8 @@ import orjson
 from aiokafka.errors import MessageSizeTooLargeError
 
 from consumer import __version__
-from consumer.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from consumer.errors import DeadLetterUnavailable
+from consumer.exitcodes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from consumer.logs import mask_email
 from consumer.prepare import CLOCK_SKEW
 from consumer.settings import Secret, Settings, parse_duration

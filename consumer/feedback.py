@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from consumer import __version__
+from consumer.exitcodes import EXIT_OK
 from consumer.health import HealthServer
 from consumer.logs import configure_logging
 from consumer.metrics import BUILD_INFO
@@ -539,4 +540,4 @@ async def run_webhooks(settings: Settings, stop: asyncio.Event) -> int:
     finally:
         await receiver.stop()
     log.info("service.stopped", command="webhooks", **receiver.counts)
-    return 0
+    return EXIT_OK

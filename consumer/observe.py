@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import structlog
 
+from consumer.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from consumer.health import HEALTHZ, READYZ, Health, HealthServer
 from consumer.logs import (
     LogEvent,
@@ -139,7 +140,7 @@ def health_command(settings: Settings, args: argparse.Namespace) -> int:
     quiet = bool(getattr(args, "quiet", False))
     if not url.startswith(("http://", "https://")):
         print(f"resend-consumer health: not an http(s) URL: {url}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - scheme checked
             status, body = resp.status, resp.read()
@@ -149,7 +150,7 @@ def health_command(settings: Settings, args: argparse.Namespace) -> int:
         if not quiet:
             reason = getattr(exc, "reason", exc)
             print(f"resend-consumer health: {url}: {reason}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     if not quiet:
         print(f"{status} {body.decode('utf-8', 'replace').strip()}")
-    return 0 if status == 200 else 1
+    return EXIT_OK if status == 200 else EXIT_FAILURE

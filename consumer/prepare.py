@@ -23,14 +23,11 @@ import orjson
 
 from consumer.errors import InvalidEvent
 from consumer.events import Decoder, Reason, invalid, mask_addresses, validate_data
+from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 from consumer.routes import MAX_AGE_LIMIT, RoutesError, RouteTable, load_routes
 from consumer.settings import Settings, StalePolicy
 
 ENDPOINT: Final = "/emails"
-#: render/check exit codes (mirror consumer.cli, which imports this module lazily)
-EXIT_OK: Final = 0
-EXIT_USAGE: Final = 2
-EXIT_BAD_INPUT: Final = 3
 #: a file holding one Kafka record (binary mode): {"headers": {...}, "value": ...}
 RECORD_KEYS: Final = frozenset({"headers", "value", "key"})
 #: how far an event's time may be ahead of this host's clock before it is not trusted

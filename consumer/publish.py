@@ -38,6 +38,13 @@ from typing import IO, Any, Final
 
 import orjson
 
+from consumer.exitcodes import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 from consumer.settings import Settings
 
 __all__ = [
@@ -61,12 +68,6 @@ STRUCTURED_CONTENT_TYPE: Final = "application/cloudevents+json; charset=UTF-8"
 CE_PREFIX: Final = "ce_"
 CONTENT_TYPE_HEADER: Final = "content-type"
 REQUIRED: Final = ("specversion", "id", "source", "type")
-
-EXIT_OK: Final = 0
-EXIT_FAILURE: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_BAD_INPUT: Final = 3
-EXIT_INTERRUPTED: Final = 130
 
 # the envelope schema's pattern (schemas/envelope.schema.json)
 _RFC3339: Final = re.compile(
