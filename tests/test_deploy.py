@@ -362,7 +362,9 @@ def test_every_manifest_parses_and_kustomization_lists_them() -> None:
             assert labels["app.kubernetes.io/name"] in {CONSUMER, RECEIVER}
             if labels["app.kubernetes.io/name"] == RECEIVER:
                 assert labels["app.kubernetes.io/part-of"] == CONSUMER
-    applied = set(manifests()) - {"kustomization.yaml", "secret.example.yaml"}
+    # the ScaledObject needs KEDA's CRDs: applied on its own once KEDA is installed
+    separate = {"kustomization.yaml", "secret.example.yaml", "keda-scaledobject.yaml"}
+    applied = set(manifests()) - separate
     assert set(kustomization["resources"]) == applied
 
 
@@ -586,3 +588,28 @@ def test_image_installs_the_uv_that_deploy_dev_pins() -> None:
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert f"ARG UV_VERSION={pinned.group(1)}" in dockerfile
     assert 'pip install "uv==${UV_VERSION}"' in dockerfile
+
+
+def test_keda_scaled_object_scales_the_consumer_on_its_group_lag() -> None:
+    """The ScaledObject targets the consumer Deployment, reads the group and topic the
+    ConfigMap configures, and never scales past the source topic's partition count."""
+    scaled = yaml.safe_load((DEPLOY / "k8s" / "keda-scaledobject.yaml").read_text())
+    assert scaled["kind"] == "ScaledObject"
+    deployments = [
+        doc
+        for doc in yaml.safe_load_all((DEPLOY / "k8s" / "deployment.yaml").read_text())
+        if doc and doc.get("kind") == "Deployment"
+    ]
+    assert scaled["spec"]["scaleTargetRef"]["name"] in {d["metadata"]["name"] for d in deployments}
+    config = yaml.safe_load((DEPLOY / "k8s" / "configmap.yaml").read_text())["data"]
+    (trigger,) = scaled["spec"]["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "kafka"
+    assert meta["consumerGroup"] == config["KAFKA_GROUP_ID"]
+    assert meta["topic"] == config["KAFKA_TOPICS"]
+    assert meta["bootstrapServers"] == config["KAFKA_BOOTSTRAP_SERVERS"]
+    assert int(meta["activationLagThreshold"]) < int(meta["lagThreshold"])
+    create = " ".join(compose()["services"]["create-topics"]["command"])
+    partitions = int(create.split(f"--topic {config['KAFKA_TOPICS']} --partitions ")[1].split()[0])
+    spec = scaled["spec"]
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions

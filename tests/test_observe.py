@@ -551,3 +551,25 @@ def test_scrape_time_families_read_their_sources_at_each_render() -> None:
     text = m.render().decode()
     assert "\nresend_consumer_ready 1.0" in text
     assert "resend_consumer_oldest_event_timestamp_seconds{" not in text
+
+
+def test_metric_families_follow_prometheus_naming_conventions() -> None:
+    """One prefix, base units (seconds), `_total` on counters only, bounded labels."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    metrics = Metrics()
+    bounded = {"type", "outcome", "status", "reason", "condition", "topic", "partition", "version"}
+    families = list(metrics.registry.collect())
+    assert families
+    for family in families:
+        assert family.name.startswith("resend_consumer_"), family.name
+        if family.type == "counter":
+            assert not family.name.endswith("_total")  # the exposition appends it
+        elif family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+        else:
+            assert not family.name.endswith("_total"), family.name
+        assert not any(unit in family.name for unit in ("_ms", "_milliseconds", "_minutes"))
+    for collector in metrics.registry._collector_to_names:
+        if isinstance(collector, Counter | Gauge | Histogram):
+            assert set(collector._labelnames) <= bounded, collector._labelnames
