@@ -91,7 +91,8 @@ def test_text_that_is_not_a_plan_of_ours_decodes_to_none(text: str) -> None:
 def test_a_batch_key_is_a_valid_resend_key_no_natural_key_can_equal() -> None:
     """The key fits Resend's limit and the project's character set, and starts with `.:`."""
     key = batch_key(100, batch_digest(f"k{i}" for i in range(100)))
-    assert key.startswith(BATCH_KEY_PREFIX) and len(key) <= MAX_KEY_LENGTH
+    assert key.startswith(BATCH_KEY_PREFIX)
+    assert len(key) <= MAX_KEY_LENGTH
     assert KEY_PATTERN.match(key)
     assert batch_digest(["a", "b"]) != batch_digest(["b", "a"])
 
@@ -114,22 +115,26 @@ def test_recovery_of_a_plan_of_ours_drops_what_was_committed_past() -> None:
     old = PlannedBatch((3, 4), batch_digest("ab"))
     live = PlannedBatch((8, 9), batch_digest("cd"))
     plan, ours = recover(Plan(5, (old, live)).encode(), committed=7, end=20)
-    assert ours and plan == Plan(7, (live,))
+    assert ours
+    assert plan == Plan(7, (live,))
 
 
 def test_metadata_of_another_writer_makes_everything_up_to_the_end_single() -> None:
     """An older version may have sent anything it had read: all of it goes singly."""
     plan, ours = recover("resend-consumer/0.4.0", committed=10, end=50)
-    assert not ours and plan == Plan(50, ())
+    assert not ours
+    assert plan == Plan(50, ())
     planner: PartitionPlanner[None] = PartitionPlanner(plan)
     units, dup = planner.admit(item(10), now=0.0)
-    assert not dup and [u.batch for u in units] == [None]
+    assert not dup
+    assert [u.batch for u in units] == [None]
 
 
 def test_nothing_committed_means_nothing_was_sent() -> None:
     """A fresh group plans from the first offset it reads."""
     plan, ours = recover(None, committed=None, end=50)
-    assert plan == Plan(None, ()) and not ours
+    assert plan == Plan(None, ())
+    assert not ours
 
 
 # -- the planner ------------------------------------------------------------------
@@ -145,7 +150,8 @@ def test_a_batch_closes_when_full_and_goes_only_once_recorded() -> None:
     text, units = record(planner)
     assert [[i.offset for i in u.items] for u in units] == [[0, 1, 2]]
     batch = units[0].batch
-    assert batch is not None and Plan.decode(text) == Plan(None, (batch,))
+    assert batch is not None
+    assert Plan.decode(text) == Plan(None, (batch,))
     assert not planner.needs_record()
 
 
@@ -156,7 +162,8 @@ def test_linger_closes_a_partial_batch_and_a_lone_member_goes_singly() -> None:
     assert not planner.due(0.4)
     assert planner.due(0.5)
     text, units = record(planner)
-    assert units[0].batch is None and Plan.decode(text) == Plan(1, ())
+    assert units[0].batch is None
+    assert Plan.decode(text) == Plan(1, ())
 
 
 def test_a_single_in_the_lane_of_the_open_batch_closes_it_first() -> None:
@@ -184,7 +191,8 @@ def test_a_single_in_another_lane_does_not_wait_for_the_open_batch() -> None:
     planner.flush()
     text, units = record(planner)
     plan = Plan.decode(text)
-    assert plan is not None and [b.members for b in plan.batches] == [(0, 2)]
+    assert plan is not None
+    assert [b.members for b in plan.batches] == [(0, 2)]
 
 
 def test_a_duplicate_of_a_batched_email_is_not_sent_again() -> None:
@@ -212,14 +220,16 @@ def test_the_budget_holds_a_batch_back_until_commits_make_room() -> None:
     for offset in range(6):
         planner.admit(item(offset, size=2), now=0.0)
     text, units = record(planner)
-    assert len(text) <= 90 and len(units) == 2
+    assert len(text) <= 90
+    assert len(units) == 2
     _, units = record(planner)
     assert units == []
     planner.committed(4)
     text, units = record(planner, floor=4)
     assert [u.first for u in units] == [4]
     plan = Plan.decode(text)
-    assert plan is not None and [b.members for b in plan.batches] == [(4, 5)]
+    assert plan is not None
+    assert [b.members for b in plan.batches] == [(4, 5)]
 
 
 def test_a_recovered_batch_missing_a_compacted_member_goes_without_it() -> None:
@@ -261,7 +271,6 @@ def _owner(
     committed = start
     metadata = plan.encode()
     now = 0.0
-    steps = 0
 
     def send(units: list[Unit[None]]) -> None:
         for u in units:
@@ -270,8 +279,7 @@ def _owner(
                 assert i.offset not in sent, "an offset sent twice by one owner"
                 sent[i.offset] = way
 
-    for offset in range(start, len(keys)):
-        steps += 1
+    for steps, offset in enumerate(range(start, len(keys)), start=1):
         if crash_at is not None and steps > crash_at:
             return sent, metadata, committed
         units, dup = planner.admit(
