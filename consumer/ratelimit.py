@@ -24,6 +24,8 @@ an idle one.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -86,7 +88,7 @@ class RateLimiter:
         self._max_block = max_block
         self._clock = clock
         self._sleep = sleep
-        self._lock = asyncio.Lock()
+        self._lock = _PriorityLock()
         # GCRA: theoretical arrival time of the next request
         self._tat = clock()
         self._blocked_until = 0.0
@@ -112,9 +114,15 @@ class RateLimiter:
         """The advertised team limit (or the starting rate before any header)."""
         return self._ceiling
 
-    async def acquire(self) -> None:
-        """Wait for this process's next request slot (FIFO among waiters)."""
-        async with self._lock:
+    async def acquire(self, priority: int = 1) -> None:
+        """Wait for this process's next request slot.
+
+        Waiters are served by `priority` (lower first: urgent mail before bulk),
+        FIFO within one priority. The waiter at the front sleeps until its slot, so
+        an urgent request arriving meanwhile waits for at most that one slot.
+        """
+        await self._lock.acquire(priority)
+        try:
             while True:
                 now = self._clock()
                 interval = 1.0 / self._rate
@@ -125,6 +133,8 @@ class RateLimiter:
                 await self._sleep(ready - now)
             self._tat = max(self._tat, now) + interval
             self.acquired += 1
+        finally:
+            self._lock.release()
 
     def observe(
         self, headers: Mapping[str, str], status: int | None, *, name: str | None = None
@@ -174,3 +184,33 @@ class RateLimiter:
 
     def _block(self, now: float, seconds: float) -> None:
         self._blocked_until = max(self._blocked_until, now + min(seconds, self._max_block))
+
+
+class _PriorityLock:
+    """A lock handed to the most urgent waiter (lowest priority number), FIFO within one."""
+
+    def __init__(self) -> None:
+        self._locked = False
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if not self._locked:  # released with nobody live waiting: free
+            self._locked = True
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._seq), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # handed over as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            *_, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)  # the lock passes straight to it
+                return
+        self._locked = False

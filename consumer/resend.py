@@ -454,12 +454,15 @@ class ResendClient:
                 self._api_key = Secret(fresh)
         return self._api_key.get()
 
-    async def pace(self) -> None:
-        """Wait for a token of the shared rate limiter (reported to on_rate_wait)."""
+    async def pace(self, priority: int = 1) -> None:
+        """Wait for a token of the shared rate limiter (reported to on_rate_wait).
+
+        Lower `priority` numbers are served first (urgent mail before bulk).
+        """
         if self.limiter is None:
             return
         waited = time.monotonic()
-        await self.limiter.acquire()
+        await self.limiter.acquire(priority)
         if self.on_rate_wait is not None:
             self.on_rate_wait(time.monotonic() - waited)
 

@@ -4,6 +4,7 @@ Resend's headers, and three replicas settling on one team limit against the sand
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 
@@ -255,3 +256,48 @@ async def test_three_replicas_settle_near_the_team_limit(make_sandbox) -> None: 
     assert result["duplicates"] == 0
     assert result["share_429"] < 0.05
     assert result["steady_rate"] >= 8.0
+
+
+async def test_urgent_waiters_are_served_before_bulk_ones() -> None:
+    """Queued bulk requests do not hold back an urgent one: it takes the next slot."""
+    t = FakeTime()
+    slot = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        t.now += seconds
+        await slot.wait()  # time passes only when the test says so
+
+    lim = RateLimiter(rate=1.0, clock=t.clock, sleep=sleep)
+    order: list[str] = []
+
+    async def take(name: str, priority: int) -> None:
+        await lim.acquire(priority)
+        order.append(name)
+
+    await lim.acquire()  # the next slot is a second away: everyone below queues
+    bulk = [asyncio.create_task(take(f"bulk{i}", 2)) for i in range(3)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    urgent = asyncio.create_task(take("urgent", 0))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    slot.set()
+    await asyncio.gather(*bulk, urgent)
+    # bulk0 already held the lock, sleeping for its slot; urgent goes right after it
+    assert order == ["bulk0", "urgent", "bulk1", "bulk2"]
+
+
+async def test_a_cancelled_waiter_does_not_keep_the_lock() -> None:
+    """Cancelling a queued acquire (a revoke) hands the slot on, nothing hangs."""
+    t = FakeTime()
+    lim = limiter(t, rate=1.0)
+    await lim.acquire()
+    first = asyncio.create_task(lim.acquire(2))
+    second = asyncio.create_task(lim.acquire(2))
+    await asyncio.sleep(0)
+    second.cancel()
+    await first
+    with contextlib.suppress(asyncio.CancelledError):
+        await second
+    await asyncio.wait_for(lim.acquire(1), 5)
+    assert lim.acquired == 3
