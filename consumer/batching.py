@@ -48,6 +48,10 @@ PLAN_VERSION: Final = "rc1"
 PLAN_BUDGET: Final = 3000
 #: emails per request Resend accepts on /emails/batch
 MAX_BATCH: Final = 100
+#: request fields the batch endpoint refuses: such an email is always sent singly
+UNBATCHABLE_FIELDS: Final = frozenset({"attachments", "scheduled_at"})
+#: the longest a batch may wait to fill (BATCH_LINGER, a route's batch.linger)
+MAX_LINGER: Final = 10.0
 #: characters of the digest over the member keys (130 bits of SHA-256)
 DIGEST_CHARS: Final = 26
 #: starts every batch key; no natural idempotency key can start so (see consumer.keys)

@@ -21,10 +21,11 @@ from typing import Any, Final, Literal
 
 import orjson
 
+from consumer.batching import UNBATCHABLE_FIELDS, Priority
 from consumer.errors import InvalidEvent
 from consumer.events import Decoder, Reason, invalid, mask_addresses, validate_data
 from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
-from consumer.routes import MAX_AGE_LIMIT, RoutesError, RouteTable, load_routes
+from consumer.routes import MAX_AGE_LIMIT, Route, RoutesError, RouteTable, load_routes
 from consumer.settings import Settings, StalePolicy
 
 ENDPOINT: Final = "/emails"
@@ -56,6 +57,11 @@ class Prepared:
     stale: bool
     max_age: float = float("inf")
     stale_policy: StalePolicy = "send"
+    #: lower is served first (consumer.batching.Priority)
+    priority: int = 1
+    #: the largest batch its route allows (1: always singly) and the linger
+    batch_size: int = 1
+    batch_linger: float = 0.0
 
     def stale_reason(self, now: float) -> str | None:
         """The reason code if this event must not be sent at `now` (epoch seconds), else None.
@@ -100,7 +106,15 @@ Outcome = Prepared | Rejected | Skipped
 class Preparer:
     """Turns records into requests with the loaded routes; `prepare` never raises."""
 
-    __slots__ = ("_counts", "_decoder", "_max_age", "_stale_policy", "table")
+    __slots__ = (
+        "_batch_linger",
+        "_batch_size",
+        "_counts",
+        "_decoder",
+        "_max_age",
+        "_stale_policy",
+        "table",
+    )
 
     def __init__(
         self,
@@ -109,8 +123,12 @@ class Preparer:
         max_event_bytes: int,
         max_event_age: float,
         stale_policy: StalePolicy,
+        batch_size: int = 1,
+        batch_linger: float = 0.0,
     ) -> None:
         self.table = table
+        self._batch_size = batch_size
+        self._batch_linger = batch_linger
         self._decoder = Decoder(envelope=table.envelope, max_bytes=max_event_bytes)
         self._max_age = max_event_age
         self._stale_policy: StalePolicy = stale_policy
@@ -124,6 +142,8 @@ class Preparer:
             max_event_bytes=settings.max_event_bytes,
             max_event_age=settings.max_event_age,
             stale_policy=settings.stale_policy,
+            batch_size=settings.batch_size,
+            batch_linger=settings.batch_linger,
         )
 
     def __repr__(self) -> str:
@@ -217,7 +237,18 @@ class Preparer:
             stale=stale,
             max_age=max_age,
             stale_policy=policy,
+            priority=route.priority,
+            batch_size=self._batch_size_for(route, body),
+            # urgent mail never waits to fill a batch
+            batch_linger=0.0
+            if route.priority == Priority.URGENT
+            else (route.batch_linger if route.batch_linger is not None else self._batch_linger),
         )
+
+    def _batch_size_for(self, route: Route, body: dict[str, Any]) -> int:
+        if UNBATCHABLE_FIELDS.intersection(body):
+            return 1  # the batch endpoint refuses attachments and scheduled_at
+        return route.batch_size if route.batch_size is not None else self._batch_size
 
     def _unknown(self, event_id: str, event_type: str) -> Rejected | Skipped:
         if self.table.unknown_type == "skip":

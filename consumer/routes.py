@@ -29,6 +29,7 @@ import jinja2
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from consumer.batching import MAX_BATCH, MAX_LINGER, PRIORITIES, Priority
 from consumer.events import (
     Event,
     Interp,
@@ -82,6 +83,8 @@ _ROUTE_KEYS: Final = frozenset(
         "tags",
         "headers",
         "policies",
+        "priority",
+        "batch",
     }
 )
 _DEFAULT_KEYS: Final = frozenset({"from", "reply_to", "tags", "headers"})
@@ -183,6 +186,11 @@ class Route:
     headers: tuple[tuple[str, Interp], ...]
     max_event_age: float | None
     stale_policy: StalePolicy | None
+    #: served first by the shared rate budget when urgent (see consumer.batching)
+    priority: Priority = Priority.NORMAL
+    #: BATCH_SIZE / BATCH_LINGER for this route (None: the settings)
+    batch_size: int | None = None
+    batch_linger: float | None = None
 
     def body(self, event: Event) -> dict[str, Any]:
         """The request body as a dict; InvalidEvent with a Reason when it cannot be built."""
@@ -573,6 +581,7 @@ class _RouteLoader:
         self.loader.unknown_keys(
             policies, frozenset({"max_event_age", "stale"}), route=self.route, field="policies"
         )
+        priority, batch_size, batch_linger = self.batching(spec)
         stale = policies.get("stale")
         if stale is not None and stale not in STALE_POLICIES:
             raise self.fail(
@@ -597,7 +606,36 @@ class _RouteLoader:
             headers=self.pairs("headers", spec.get("headers"), _HEADER_NAME, 100),
             max_event_age=self.age(policies.get("max_event_age")),
             stale_policy=stale,
+            priority=priority,
+            batch_size=batch_size,
+            batch_linger=batch_linger,
         )
+
+    def batching(self, spec: Mapping[str, Any]) -> tuple[Priority, int | None, float | None]:
+        """`priority: urgent|normal|bulk` and `batch: {size: 1..100, linger: 250ms}`."""
+        name = spec.get("priority", "normal")
+        if name not in PRIORITIES:
+            raise self.fail("priority", f"{name!r} is not one of {', '.join(PRIORITIES)}")
+        batch = spec.get("batch") or {}
+        if not isinstance(batch, dict):
+            raise self.fail("batch", "must be a mapping")
+        self.loader.unknown_keys(
+            batch, frozenset({"size", "linger"}), route=self.route, field="batch"
+        )
+        size = batch.get("size")
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH
+        ):
+            raise self.fail("batch.size", f"must be a whole number from 1 to {MAX_BATCH}")
+        linger: float | None = None
+        if batch.get("linger") is not None:
+            try:
+                linger = parse_duration(str(batch["linger"]))
+            except ValueError as exc:
+                raise self.fail("batch.linger", str(exc)) from None
+            if not 0 <= linger <= MAX_LINGER:
+                raise self.fail("batch.linger", f"must be from 0 to {MAX_LINGER:.0f}s")
+        return PRIORITIES[name], size, linger
 
     def string(self, spec: Mapping[str, Any], field: str, *, required: bool = False) -> str | None:
         value = spec.get(field)

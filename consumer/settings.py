@@ -111,6 +111,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_size(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise ValueError(f"must be from 1 to 100 (Resend's batch limit), got {value}")
+    return value
+
+
+def _linger(text: str) -> float:
+    value = parse_duration(text)
+    if not 0 <= value <= 10:
+        raise ValueError(f"must be from 0 to 10s, got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _finite(float(text), text)
     if value <= 0:
@@ -289,6 +303,8 @@ class Settings:
     # Pipeline
     max_in_flight: int = 64
     ordering: Ordering = "key"
+    batch_size: int = 100
+    batch_linger: float = 0.2
     max_pending: int = 10_000
     max_pending_per_partition: int = 2_000
     max_pending_bytes: int = 256 * 1_048_576
@@ -730,6 +746,18 @@ FIELDS: Final[tuple[Field, ...]] = (
         "ORDERING",
         _choice("key", "partition", "none"),
         "ordering of sends: per Kafka/idempotency key, per partition, or none",
+    ),
+    Field(
+        "batch_size",
+        "BATCH_SIZE",
+        _batch_size,
+        "emails per request to /emails/batch, 1 to 100 (1: batching off); routes may override",
+    ),
+    Field(
+        "batch_linger",
+        "BATCH_LINGER",
+        _linger,
+        "how long a batch waits to fill (urgent routes never wait); routes may override",
     ),
     Field(
         "max_pending",

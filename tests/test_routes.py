@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from consumer.batching import Priority
 from consumer.errors import InvalidEvent
 from consumer.events import Event, Reason
 from consumer.routes import (
@@ -359,6 +360,30 @@ ROUTE_ERRORS = [
         "thing.done",
         "policies.stale",
         "not one of",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE + "    priority: asap\n",
+        "thing.done",
+        "priority",
+        "not one of",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE + "    batch: {size: 101}\n",
+        "thing.done",
+        "batch.size",
+        "from 1 to 100",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE + "    batch: {linger: 11s}\n",
+        "thing.done",
+        "batch.linger",
+        "from 0 to 10s",
+    ),
+    (
+        "routes:\n  thing.done:" + BASE_ROUTE + "    batch: {max: 3}\n",
+        "thing.done",
+        "batch",
+        "max",
     ),
     (
         "routes:\n  thing.done:" + BASE_ROUTE + "    tags: {category: 'has space'}\n",
@@ -916,3 +941,14 @@ def test_route_may_not_set_a_reserved_tag(tmp_path: Path) -> None:
     """A routes file naming rc_event or rc_route as a tag is refused at load."""
     with pytest.raises(RoutesError, match="rc_event"):
         one_route(tmp_path, extra="    tags: {rc_event: x}\n")
+
+
+def test_priority_and_batch_overrides_are_read_per_route(tmp_path: Path) -> None:
+    """A route's priority and batch settings reach the compiled route."""
+    table = one_route(tmp_path, "    priority: urgent\n    batch: {size: 10, linger: 50ms}\n")
+    route = table.routes["thing.done"]
+    assert route.priority is Priority.URGENT
+    assert (route.batch_size, route.batch_linger) == (10, 0.05)
+    plain = one_route(tmp_path)
+    assert plain.routes["thing.done"].priority is Priority.NORMAL
+    assert plain.routes["thing.done"].batch_size is None
