@@ -299,7 +299,7 @@ class PartitionPlanner(Generic[P]):
         if assembly is not None:
             assembly.found[item.offset] = item
             self._remember(item.idempotency_key, True)
-            if all(o in assembly.found for o in assembly.batch.members):
+            if all(o in assembly.found or o < item.offset for o in assembly.batch.members):
                 ready.append(self._assembled(assembly))
             return ready, False
         seen = self._batched_keys.get(item.idempotency_key)
@@ -337,6 +337,10 @@ class PartitionPlanner(Generic[P]):
 
     # -- recording ----------------------------------------------------------------
 
+    def assembling(self) -> bool:
+        """A recovered batch still waits for members: its partition must keep fetching."""
+        return bool(self._pending)
+
     def needs_record(self) -> bool:
         return bool(self._unrecorded)
 
@@ -368,6 +372,23 @@ class PartitionPlanner(Generic[P]):
             if unit.batch is not None:
                 self._listed.append(unit.batch)
         return units
+
+    def safe_position(self, position: int) -> int:
+        """The highest commit position at or below `position` that splits no batch.
+
+        A batch is re-sent whole by the next owner (same members, same bytes), so it
+        must be able to read every member: the position never lands inside one.
+        """
+        moved = True
+        while moved:
+            moved = False
+            for b in self._listed:
+                if b.first < position <= b.last:
+                    position, moved = b.first, True
+        for u in self._unrecorded:
+            if u.batch is not None and u.batch.first < position <= u.batch.last:
+                position = u.batch.first
+        return position
 
     def committed(self, position: int) -> None:
         self._listed = [b for b in self._listed if b.last >= position]

@@ -64,6 +64,8 @@ class LogEvent(StrEnum):
     COMMITTED = "offsets.committed"
     FETCH_FAILED = "fetch.failed"
     DUPLICATE_RECORD = "fetch.duplicate_record"
+    #: a recovered batch plan names records the log no longer holds (compacted away)
+    BATCH_MEMBERS_MISSING = "batch.members_missing"
     BROKER_UNREACHABLE = "broker.unreachable"
     BROKER_REACHABLE = "broker.reachable"
     INTERNAL_ERROR = "internal_error"

@@ -54,12 +54,14 @@ BUILD_INFO: Final = _P + "build_info"
 READY: Final = _P + "ready"
 OLDEST_EVENT: Final = _P + "oldest_event_timestamp_seconds"
 MAX_EVENT_AGE: Final = _P + "max_event_age_seconds"
+BATCH_EMAILS: Final = _P + "batch_emails"
 
 #: one row per partition with unfinished work: topic, partition, event time (epoch seconds)
 OldestEvents = Callable[[], Iterable[tuple[str, int, float]]]
 
 #: every family as exposed on /metrics (README's list and the tests use this)
 METRIC_NAMES: Final = (
+    BATCH_EMAILS,
     EVENTS + "_total",
     SENDS + "_total",
     SEND_LATENCY,
@@ -118,6 +120,12 @@ class Metrics:
             SEND_LATENCY,
             "Duration of one send attempt to Resend.",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            BATCH_EMAILS,
+            "Emails per batch request sent to /emails/batch.",
+            buckets=(2, 5, 10, 25, 50, 75, 100),
             registry=r,
         )
         self.retries = Counter(RETRIES, "Retried send attempts by reason.", ["reason"], registry=r)

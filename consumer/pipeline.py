@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -47,6 +48,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from consumer import __version__
+from consumer.batching import Item, PartitionPlanner, Plan, PlannedBatch, Priority, Unit, recover
 from consumer.deadletter import DeadLetter, DeadLetterWriter
 from consumer.errors import CommitFailed, DeadLetterUnavailable, PartitionFenced
 from consumer.events import Reason
@@ -55,6 +57,7 @@ from consumer.logs import LogEvent
 from consumer.observe import Health, Metrics, ProgressReporter, log_outcome
 from consumer.offsets import OffsetLedger
 from consumer.prepare import Prepared, Preparer, Rejected, Skipped
+from consumer.resend import ENDPOINT_BATCH, HEADER_BATCH_VALIDATION
 from consumer.retry import DeliveryResult, RetryPolicy, ServiceGate, deliver
 from consumer.settings import Settings
 from consumer.tracing import (
@@ -76,8 +79,16 @@ SENT: Final = "sent"
 DEAD_LETTERED: Final = "dead_lettered"
 SKIPPED: Final = "skipped"
 
-#: commit metadata, readable back through the admin client
+#: commit metadata of versions before batch plans (a plan replaced it, see consumer.batching)
 COMMIT_METADATA: Final = f"resend-consumer/{__version__}"
+#: how early a timer may fire and still count as on time (asyncio fires within the clock resolution)
+_TIMER_SLACK: Final = 0.001
+#: outcome reason of a second copy of an email that went out in a batch
+REASON_DUPLICATE: Final = "duplicate"
+#: reason of a batch member Resend refused (as for a single send answered 422)
+REASON_MEMBER_REFUSED: Final = "validation_error"
+#: per-member errors instead of refusing a whole batch for one bad email
+BATCH_HEADERS: Final = {HEADER_BATCH_VALIDATION: "permissive"}
 
 #: seconds between two broker reachability checks (and their timeout)
 BROKER_CHECK_INTERVAL: Final = 5.0
@@ -154,15 +165,17 @@ class ConsumerCommitter:
     ) -> dict[TopicPartition, OffsetAndMetadata | None]:
         tps = sorted(partitions)
         try:
+            # offsets with their metadata (the batch plan): `committed()` drops it
             found = await asyncio.wait_for(
-                asyncio.gather(*(self._consumer.committed(tp) for tp in tps)), self._timeout
+                self._consumer._coordinator.fetch_committed_offsets(tps), self._timeout
             )
         except (KafkaError, TimeoutError) as exc:
             raise CommitFailed(f"committed offsets not read: {type(exc).__name__}") from None
-        return {
-            tp: None if offset is None else OffsetAndMetadata(offset, "")
-            for tp, offset in zip(tps, found, strict=True)
-        }
+        out: dict[TopicPartition, OffsetAndMetadata | None] = {}
+        for tp in tps:
+            meta = found.get(tp)
+            out[tp] = meta if meta is not None and meta.offset >= 0 else None
+        return out
 
     async def commit(
         self, tp: TopicPartition, position: int, metadata: str, letters: Sequence[DeadLetter]
@@ -215,12 +228,27 @@ class Work:
 class Lane:
     """Work that must go one at a time, in offset order."""
 
-    queue: deque[Work] = field(default_factory=deque)
+    queue: deque[Work | BatchJob] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
-    current: Work | None = None
+    current: Work | BatchJob | None = None
 
     def alive(self) -> bool:
         return self.task is not None and not self.task.done()
+
+
+@dataclass(slots=True, eq=False)
+class BatchJob:
+    """A recorded batch on its way: one request for its members, in every member's lane."""
+
+    tp: TopicPartition
+    generation: int
+    batch: PlannedBatch
+    works: list[Work]
+    lanes: int
+    priority: int = 1
+    arrived: int = 0
+    busy: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(slots=True, eq=False)
@@ -246,6 +274,10 @@ class _Part:
     #: finished events' spans, linked from the commit that covers them (tracing on)
     traced: list[tuple[int, EventTrace]] = field(default_factory=list)
     letter_traces: dict[int, LetterTrace] = field(default_factory=dict)
+    #: how each offset is sent, decided once and recorded before sending (batches)
+    planner: PartitionPlanner[Work] = field(default_factory=lambda: PartitionPlanner(Plan()))
+    #: it carried an urgent event: bulk back-pressure does not pause it
+    urgent: bool = False
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -306,6 +338,8 @@ class Pipeline:
         #: bumped by every assignment and revoke of a partition (see `_make_ready`)
         self._epochs: dict[TopicPartition, int] = {}
         self._commit_lock = asyncio.Lock()
+        #: set when a partition has decisions to record (or a batch to close) now
+        self._plan_due = asyncio.Event()
         self._dlq_down = False
         self._broker_ok = True
         #: deliveries inside deliver(): while the gate is open, one of them probes it
@@ -353,6 +387,7 @@ class Pipeline:
         self.health.set_broker_ok(True)
         background = (
             asyncio.create_task(self._commit_loop(stop), name="committer"),
+            asyncio.create_task(self._plan_loop(stop), name="planner"),
             asyncio.create_task(self._progress_loop(stop), name="progress"),
             asyncio.create_task(self._watch_broker(stop), name="broker-watch"),
             asyncio.create_task(self._watchdog(stop), name="watchdog"),
@@ -392,12 +427,12 @@ class Pipeline:
 
     # -- ownership --------------------------------------------------------------------
 
-    def _current(self, work: Work) -> _Part | None:
+    def _current(self, work: Work | BatchJob) -> _Part | None:
         """The partition state `work` belongs to, if its generation is still assigned."""
         part = self._parts.get(work.tp)
         return part if part is not None and part.generation == work.generation else None
 
-    def _may_start(self, work: Work) -> bool:
+    def _may_start(self, work: Work | BatchJob) -> bool:
         """New sends start only for partitions owned and not being revoked."""
         part = self._current(work)
         return part is not None and not part.revoking
@@ -517,11 +552,10 @@ class Pipeline:
             return
         if isinstance(result, Rejected):
             work.rejected = result
-            lane_key: object = ("offset", record.offset)
-        else:
-            work.prepared = result
-            lane_key = self._lane_key(work, result)
-        self._enqueue(tp, lane_key, work)
+            self._enqueue(tp, ("offset", record.offset), work)
+            return
+        work.prepared = result
+        self._plan(tp, part, work, result)
 
     def admit_undecodable(self, tp: TopicPartition, bad: Undecodable) -> None:
         """A record the client could not decode: dead-letter what could be read of it."""
@@ -559,6 +593,103 @@ class Pipeline:
         self.pending_bytes += work.size
         self._enqueue(tp, ("offset", bad.offset), work)
 
+    # -- plans (consumer.batching) --------------------------------------------------
+
+    def _plan(self, tp: TopicPartition, part: _Part, work: Work, prepared: Prepared) -> None:
+        """Hand a prepared record to its partition's planner; send what is decided."""
+        if prepared.priority == Priority.URGENT:
+            part.urgent = True
+        item = Item(
+            offset=work.offset,
+            idempotency_key=prepared.idempotency_key,
+            lane=self._lane_key(work, prepared),
+            batchable=prepared.batch_size > 1,
+            batch_size=prepared.batch_size,
+            linger=prepared.batch_linger,
+            priority=Priority(prepared.priority),
+            payload=work,
+        )
+        units, duplicate = part.planner.admit(item, self._clock())
+        for unit in units:
+            self._submit(tp, part, unit)
+        if duplicate:
+            # Its first copy went out in a batch, where it has no key of its own at
+            # Resend: sending it again (singly or in another batch) would send it twice.
+            self.skipped += 1
+            self._finish(work, SKIPPED, reason=REASON_DUPLICATE)
+        if part.planner.needs_record() or part.planner.deadline() is not None:
+            self._plan_due.set()
+
+    def _submit(self, tp: TopicPartition, part: _Part, unit: Unit[Work]) -> None:
+        """A unit whose decision is recorded goes to its lanes."""
+        if part.revoking or self._parts.get(tp) is not part:
+            return  # no new sends while revoking: the next owner sends it as recorded
+        works = [item.payload for item in unit.items if item.payload is not None]
+        if unit.batch is None:
+            work = works[0]
+            assert work.prepared is not None
+            self._enqueue(tp, self._lane_key(work, work.prepared), work)
+            return
+        mode = self.settings.ordering
+        if mode == "key":
+            keys: list[object] = list(dict.fromkeys(item.lane for item in unit.items))
+        elif mode == "partition":
+            keys = ["partition"]
+        else:
+            keys = [("batch", unit.batch.first)]
+        job = BatchJob(
+            tp=tp,
+            generation=part.generation,
+            batch=unit.batch,
+            works=works,
+            lanes=len(keys),
+            priority=int(unit.priority),
+        )
+        if unit.missing:
+            log.warning(
+                LogEvent.BATCH_MEMBERS_MISSING,
+                topic=tp.topic,
+                partition=tp.partition,
+                batch_key=unit.batch.key,
+                missing=len(unit.missing),
+            )
+        for key in keys:
+            self._enqueue(tp, key, job)
+
+    async def _plan_loop(self, stop: asyncio.Event) -> None:
+        """Close batches whose linger ran out and record new decisions as soon as made."""
+        while not stop.is_set():
+            now = self._clock()
+            deadlines = [
+                d for part in self._parts.values() if (d := part.planner.deadline()) is not None
+            ]
+            wait = min(deadlines) - now if deadlines else 1.0
+            if wait > _TIMER_SLACK:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._plan_due.wait(), min(wait, 1.0))
+            self._plan_due.clear()
+            # timers may fire up to the clock's resolution early: a deadline that
+            # close counts as reached, or this loop would spin without time passing
+            now = self._clock() + _TIMER_SLACK
+            try:
+                dirty = set()
+                for tp, part in list(self._parts.items()):
+                    part.planner.due(now)
+                    if part.planner.needs_record() and not part.revoking:
+                        dirty.add(tp)
+                if dirty:
+                    await self._commit(reason="plan", only=dirty)
+                    if any(
+                        p.planner.needs_record() for tp, p in self._parts.items() if tp in dirty
+                    ):
+                        await asyncio.sleep(0.05)  # not recorded (commit failed): retry soon
+                        self._plan_due.set()
+            except Exception as exc:  # a bug here must not end recording for good
+                log.error(
+                    LogEvent.INTERNAL_ERROR, stage="plan", error=type(exc).__name__, exc_info=exc
+                )
+                await asyncio.sleep(0.5)
+
     def _count_event(self, event_type: str | None, outcome: str) -> None:
         key = (self._type_label(event_type), outcome)
         child = self._event_counters.get(key)
@@ -585,7 +716,7 @@ class Pipeline:
 
     # -- lanes ------------------------------------------------------------------------
 
-    def _enqueue(self, tp: TopicPartition, lane_key: object, work: Work) -> None:
+    def _enqueue(self, tp: TopicPartition, lane_key: object, work: Work | BatchJob) -> None:
         lane = self._lanes.get((tp, lane_key))
         if lane is None:
             lane = self._lanes[(tp, lane_key)] = Lane()
@@ -603,9 +734,16 @@ class Pipeline:
                     continue  # revoked: no new sends; the next owner picks it up
                 lane.current = work
                 try:
-                    await self._process(work)
+                    if isinstance(work, BatchJob):
+                        await self._run_batch(work)
+                    else:
+                        await self._process(work)
                 except Exception as exc:  # a bug must not silently stall the partition
-                    self._on_bug(work, exc)
+                    if isinstance(work, BatchJob):
+                        for member in work.works:
+                            self._on_bug(member, exc)
+                    else:
+                        self._on_bug(work, exc)
                 finally:
                     lane.current = None
         finally:
@@ -645,7 +783,7 @@ class Pipeline:
                         slots=self._slots,
                         on_attempt=lambda busy: self._on_attempt(work, busy),
                         on_answer=lambda answer: work.attempt_trace.answer(answer),
-                        pace=self.client.pace,
+                        pace=lambda: self.client.pace(prepared.priority),
                         clock=self._clock,
                         # Resend forgets keys after 24 h: gate pauses and 429 waits are
                         # unbounded, so the age is checked again before every attempt
@@ -661,16 +799,127 @@ class Pipeline:
         if result.outcome == "sent":
             self.done += 1
             self._finish(work, SENT, result=result)
-        elif result.outcome == "skipped":  # aged while waiting, and STALE_POLICY=skip
+        else:
+            self._finish_delivery(work, result)
+
+    async def _run_batch(self, job: BatchJob) -> None:
+        """Every member lane reaches the job; the last to arrive sends it, the others wait.
+
+        Lanes are filled in decision order, so the job is at the head of all its
+        lanes at once: what came before it in each key's lane has finished.
+        """
+        job.arrived += 1
+        if job.arrived < job.lanes:
+            await job.done.wait()
+            return
+        try:
+            await self._process_batch(job)
+        finally:
+            job.done.set()
+
+    async def _process_batch(self, job: BatchJob) -> None:
+        works = job.works
+        key = job.batch.key
+        body = b"[" + b",".join(w.prepared.body for w in works if w.prepared) + b"]"
+        prepared = [w.prepared for w in works if w.prepared is not None]
+        # every member stays fresh, or none is sent: the oldest decides
+        policies = {p.stale_outcome for p in prepared}
+        refused_as: Literal["dead_letter", "skipped"] = (
+            "skipped" if policies == {"skipped"} else "dead_letter"
+        )
+
+        def check() -> str | None:
+            now = self._wall()
+            return next((r for p in prepared if (r := p.stale_reason(now)) is not None), None)
+
+        def on_attempt(busy: bool) -> None:
+            job.busy = busy
+            for work in works:
+                work.busy = busy
+                if busy:
+                    work.attempts_traced += 1
+                    work.attempt_trace = work.trace.attempt(
+                        endpoint=ENDPOINT_BATCH, number=work.attempts_traced
+                    )
+                else:
+                    work.attempt_trace.end()
+                    work.attempt_trace = NO_ATTEMPT
+            self.in_flight += 1 if busy else -1
+            self.metrics.in_flight.set(self.in_flight)
+
+        def on_answer(answer: Any) -> None:
+            for work in works:
+                work.attempt_trace.answer(answer)
+
+        entry = self._key_locks.get(key)
+        if entry is None:
+            entry = self._key_locks[key] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                if not self._may_start(job):
+                    return
+                self._delivering += 1
+                try:
+                    result = await deliver(
+                        self.client,
+                        endpoint=ENDPOINT_BATCH,
+                        body=body,
+                        idempotency_key=key,
+                        headers=BATCH_HEADERS,
+                        policy=self.policy,
+                        gate=self.gate,
+                        slots=self._slots,
+                        on_attempt=on_attempt,
+                        on_answer=on_answer,
+                        pace=lambda: self.client.pace(job.priority),
+                        clock=self._clock,
+                        check=check,
+                        refused_as=refused_as,
+                    )
+                finally:
+                    self._delivering -= 1
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._key_locks[key]
+        self.metrics.batch_size.observe(len(works))
+        if result.outcome != "sent":
+            for work in works:
+                self._finish_delivery(work, result)
+            return
+        errors = dict(result.last.batch_errors or ()) if result.last is not None else {}
+        ids = list(result.email_ids or ())
+        # Resend lists the ids of the emails it took, in input order (all of them
+        # without errors); a permissive answer leaves out the refused ones
+        aligned = len(ids) == len(works)
+        taken = iter(ids)
+        for index, work in enumerate(works):
+            if index in errors:
+                if aligned:
+                    next(taken, None)
+                self._dead_letter(
+                    work, reason=REASON_MEMBER_REFUSED, message=errors[index], result=result
+                )
+                continue
+            email_id = next(taken, None)
+            self.done += 1
+            self._finish(work, SENT, result=dataclasses.replace(result, email_id=email_id))
+
+    def _finish_delivery(self, work: Work, result: DeliveryResult) -> None:
+        """A delivery ended without being sent: skipped, or a dead letter with its reason."""
+        prepared = work.prepared
+        assert prepared is not None
+        if result.outcome == "skipped":  # aged while waiting, and STALE_POLICY=skip
             self.skipped += 1
             self._finish(work, SKIPPED, result=result, reason=result.reason)
+            return
+        last = result.last
+        if result.reason == Reason.STALE_EVENT or last is None:
+            message = f"event aged past {prepared.max_age:.0f}s while waiting to be sent"
         else:
-            last = result.last
-            if result.reason == Reason.STALE_EVENT or last is None:
-                message = f"event aged past {prepared.max_age:.0f}s while waiting to be sent"
-            else:
-                message = last.message
-            self._dead_letter(work, reason=result.reason, message=message, result=result)
+            message = last.message
+        self._dead_letter(work, reason=result.reason, message=message, result=result)
 
     def _on_bug(self, work: Work, exc: Exception) -> None:
         """An unexpected exception while processing: log it, then dead-letter the record."""
@@ -818,13 +1067,21 @@ class Pipeline:
         )
         to_pause: list[TopicPartition] = []
         to_resume: list[TopicPartition] = []
-        for tp in self._parts:
+        for tp, part in self._parts.items():
             pending = self.ledger.pending(tp)
+            # A recovered batch is sent only whole: its partition fetches on until
+            # every member is in (at most a batch beyond the bound). A partition that
+            # carries urgent mail is not held back by other partitions' backlog.
+            assembling = part.planner.assembling()
+            exempt = assembling or part.urgent
             if tp in self._paused:
                 below = pending < s.max_pending_per_partition * s.resume_ratio
-                if below and total_low and not hold_all:
+                if (assembling or (below and (total_low or part.urgent))) and not hold_all:
                     to_resume.append(tp)
-            elif hold_all or total_over or pending >= s.max_pending_per_partition:
+            elif hold_all or (
+                not assembling
+                and ((total_over and not exempt) or pending >= s.max_pending_per_partition)
+            ):
                 to_pause.append(tp)
         if to_pause:
             self._pause(to_pause)
@@ -866,13 +1123,47 @@ class Pipeline:
                     continue
                 position = self.ledger.position(tp)
                 committed = self.ledger.committed(tp)
-                if position is None or (committed is not None and position <= committed):
+                if position is None:
+                    continue
+                position = max(part.planner.safe_position(position), committed or 0)
+                if part.planner.needs_record():
+                    # Decisions wait for this commit before anything of them is sent: it
+                    # carries no letters, so a dead-letter outage cannot hold sends back.
+                    first = min((letter.offset for letter in part.letters), default=position)
+                    position = max(min(position, first), committed or 0)
+                    jobs.append(self._record_one(tp, part, position, reason))
+                    continue
+                if committed is not None and position <= committed:
                     continue
                 letters = [letter for letter in part.letters if letter.offset < position]
                 jobs.append(self._commit_one(tp, part, position, letters, reason))
             if jobs:
                 await asyncio.gather(*jobs)
             self._refresh_dlq_state()
+
+    async def _record_one(
+        self, tp: TopicPartition, part: _Part, position: int, reason: str
+    ) -> None:
+        """Commit `position` (never past a letter) with the partition's new decisions."""
+        metadata, token, plan = part.planner.snapshot(position)
+        try:
+            await self._committer.commit(tp, position, metadata, ())
+        except (CommitFailed, DeadLetterUnavailable) as exc:
+            log.warning(LogEvent.COMMIT_FAILED, reason=reason, error=str(exc))
+            return
+        except PartitionFenced as exc:
+            log.warning(
+                LogEvent.PARTITION_FENCED, topic=tp.topic, partition=tp.partition, error=str(exc)
+            )
+            if self._parts.get(tp) is part:
+                self._pause({tp})
+                self._forget({tp})
+            return
+        if self._parts.get(tp) is not part:
+            return  # revoked meanwhile: the next owner honours what was recorded
+        self._committed(tp, part, position, [])
+        for unit in part.planner.recorded(token, plan):
+            self._submit(tp, part, unit)
 
     async def _commit_one(
         self,
@@ -896,12 +1187,12 @@ class Pipeline:
             if letters:
                 # What comes before the first letter goes first, so that a dead-letter
                 # topic that is slow or gone holds back only what it must.
-                first = min(letter.offset for letter in letters)
+                first = part.planner.safe_position(min(letter.offset for letter in letters))
                 committed = self.ledger.committed(tp)
                 if committed is None or first > committed:
-                    await self._committer.commit(tp, first, COMMIT_METADATA, ())
+                    await self._committer.commit(tp, first, part.planner.metadata(first), ())
                     self._committed(tp, part, first, [])
-            await self._committer.commit(tp, position, COMMIT_METADATA, letters)
+            await self._committer.commit(tp, position, part.planner.metadata(position), letters)
         except DeadLetterUnavailable as exc:
             trace.end(type(exc).__name__)
             if not part.dlq_failed:
@@ -935,6 +1226,7 @@ class Pipeline:
         if self._parts.get(tp) is not part:
             return  # revoked meanwhile: its state is gone
         self.ledger.mark_committed(tp, position, part.generation)
+        part.planner.committed(position)
         self.metrics.committed_offset.labels(topic=tp.topic, partition=tp.partition).set(position)
         if part.traced:
             part.traced = [(offset, t) for offset, t in part.traced if offset >= position]
@@ -1023,16 +1315,32 @@ class Pipeline:
         except CommitFailed as exc:
             log.warning(LogEvent.ASSIGN_FAILED, partitions=len(tps), error=str(exc))
             return
+        # Committed by a writer that records no plans (an older version): whatever it
+        # had read may have gone out singly, so up to the end offset all goes singly.
+        foreign = [
+            tp
+            for tp in tps
+            if (found := offsets.get(tp)) is not None and Plan.decode(found.metadata) is None
+        ]
+        ends: Mapping[TopicPartition, int] = {}
+        if foreign:
+            try:
+                ends = await self._consumer.end_offsets(foreign)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning(LogEvent.ASSIGN_FAILED, partitions=len(tps), error=type(exc).__name__)
+                return
         ready = []
         for tp in tps:
             if not self._current_epoch(tp, epochs[tp]):
                 continue  # revoked, reassigned or stopping meanwhile: a newer round does it
             found = offsets.get(tp)
             position = None if found is None else found.offset
+            plan, _ = recover(found.metadata if found else None, position, ends.get(tp))
             part = _Part(
                 generation=self.ledger.assign(tp, committed=position),
                 progress_at=self._clock(),
                 start=position,
+                planner=PartitionPlanner(plan),
             )
             await self._seek_start(tp, part)
             if not self._current_epoch(tp, epochs[tp]):
@@ -1272,7 +1580,10 @@ class Pipeline:
         if not self._broker_ok:
             return "broker_unreachable"
         for (lane_tp, _), lane in self._lanes.items():
-            if lane_tp == tp and lane.current is not None and lane.alive():
+            current = lane.current
+            if lane_tp == tp and current is not None and lane.alive():
+                if isinstance(current, BatchJob) and current.arrived < current.lanes:
+                    continue  # waiting for its other lanes is no progress of its own
                 return "delivering"
         return None
 
@@ -1329,12 +1640,22 @@ class Pipeline:
         position = self.ledger.position(tp)
         head = part.works.get(position) if position is not None else None
         if head is not None:
-            lane = next(
-                (ln for (ltp, _), ln in self._lanes.items() if ltp == tp and head in ln.queue),
-                None,
-            )
-            if lane is None:
+
+            def holds(lane: Lane) -> bool:
+                return any(
+                    w is head or (isinstance(w, BatchJob) and head in w.works)
+                    for w in (*lane.queue, lane.current)
+                )
+
+            lanes = [ln for (ltp, _), ln in self._lanes.items() if ltp == tp and holds(ln)]
+            if not lanes:
                 return f"offset {head.offset} is in no lane"
+            job = lanes[0].current
+            if isinstance(job, BatchJob) and head in job.works:
+                return (
+                    f"offset {head.offset} is in batch {job.batch.key} that reached "
+                    f"{job.arrived} of its {job.lanes} lanes"
+                )
             return f"offset {head.offset} is queued in a lane without a running task"
         if part.letters:
             return "dead letters wait for a commit"

@@ -86,9 +86,26 @@ def order_key(n: int) -> str:
     return f"order-confirmation:ord-{n}"
 
 
+def email_key(d: Any) -> str:
+    """The idempotency key of the event an accepted email came from.
+
+    A single send carries it; a batch member carries only the batch's key, so its
+    event is read from the email itself: the shipped routes set `X-Entity-Ref-ID`
+    on order confirmations, and every email has its `rc_event` tag.
+    """
+    key = d.idempotency_key
+    if key is not None and not key.startswith(".:"):
+        return str(key)
+    ref = (d.body.get("headers") or {}).get("X-Entity-Ref-ID")
+    if ref is not None:
+        return f"order-confirmation:{ref}"
+    tags = {t["name"]: t["value"] for t in d.body.get("tags") or ()}
+    return f"event:{tags.get('rc_event')}"
+
+
 def delivered_keys(sb: Any) -> Counter[str]:
-    """Accepted emails per idempotency key in a sandbox's delivery ledger (replays not counted)."""
-    return Counter(d.idempotency_key for d in sb.deliveries())
+    """Accepted emails per event key in a sandbox's delivery ledger (replays not counted)."""
+    return Counter(email_key(d) for d in sb.deliveries())
 
 
 def pipeline_settings(bootstrap: str, topic: str, base_url: str, **overrides: Any) -> Settings:

@@ -33,6 +33,7 @@ from tests.conftest import NewTopicFactory, Produce
 from tests.pipeline_support import (
     API_KEY,
     ROOT,
+    email_key,
     order_event,
     pipeline_settings,
     wait_for,
@@ -152,7 +153,7 @@ async def test_every_accepted_email_comes_back_once_as_feedback_with_its_source_
     assert set(by_email) == {d.id for d in deliveries}
     # each feedback event names the domain event that caused its email
     expected_fate = {bounced: "email.bounced", complained: "email.complained"}
-    order_of = {d.id: int(d.idempotency_key.rsplit("-", 1)[1]) for d in deliveries}
+    order_of = {d.id: int(email_key(d).rsplit("-", 1)[1]) for d in deliveries}
     for event in events:
         i = order_of[event["subject"]]
         assert event["sourceeventhash"] == event_tag("shop/orders", f"evt-{i}")

@@ -28,6 +28,7 @@ from tests.pipeline_support import (
     API_KEY,
     ServiceProcess,
     committed,
+    email_key,
     order_records,
     pipeline_settings,
     wait_for,
@@ -287,5 +288,5 @@ async def test_service_consumes_and_delivers_over_sasl_ssl_scram_sha_512(
     finally:
         await sb.stop()
     assert code == 0
-    keys = [d.idempotency_key for d in sb.deliveries()]
+    keys = [email_key(d) for d in sb.deliveries()]
     assert len(keys) == len(set(keys)) == n

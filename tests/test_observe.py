@@ -554,7 +554,7 @@ def test_scrape_time_families_read_their_sources_at_each_render() -> None:
 
 
 def test_metric_families_follow_prometheus_naming_conventions() -> None:
-    """One prefix, base units (seconds), `_total` on counters only, bounded labels."""
+    """One prefix, base units (seconds, emails), `_total` on counters only, bounded labels."""
     from prometheus_client import Counter, Gauge, Histogram
 
     metrics = Metrics()
@@ -566,7 +566,7 @@ def test_metric_families_follow_prometheus_naming_conventions() -> None:
         if family.type == "counter":
             assert not family.name.endswith("_total")  # the exposition appends it
         elif family.type == "histogram":
-            assert family.name.endswith("_seconds"), family.name
+            assert family.name.endswith(("_seconds", "_emails")), family.name
         else:
             assert not family.name.endswith("_total"), family.name
         assert not any(unit in family.name for unit in ("_ms", "_milliseconds", "_minutes"))

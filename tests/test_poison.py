@@ -19,6 +19,7 @@ from tests.conftest import NewTopicFactory
 from tests.pipeline_support import (
     API_KEY,
     ServiceProcess,
+    email_key,
     end_offsets,
     order_event,
     pipeline_settings,
@@ -88,7 +89,7 @@ async def test_every_poison_kind_is_dead_lettered_and_every_valid_event_sent_onc
     sent = Counter(
         int(m.group(1))
         for d in sandbox.deliveries()
-        if (m := re.fullmatch(r"order-confirmation:ord-(\d+)", d.idempotency_key or ""))
+        if (m := re.fullmatch(r"order-confirmation:ord-(\d+)", email_key(d)))
     )
     assert set(sent) == valid
     assert set(sent.values()) == {1}

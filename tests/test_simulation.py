@@ -17,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from consumer.logs import LogEvent
+from consumer.pipeline import BatchJob
 from tests import sim
 from tests.sim import World
 
@@ -177,8 +178,8 @@ def test_a_stalled_partition_is_logged_counted_and_fails_liveness() -> None:
         sabotaged: list[object] = []
 
         def enqueue(tp, lane_key, work):  # type: ignore[no-untyped-def]
-            if tp.partition == 1 and not sabotaged:
-                sabotaged.append(work)  # dropped: in no lane, never finished
+            if tp.partition == 1 and (not sabotaged or work is sabotaged[0]):
+                sabotaged.append(work)  # dropped from all its lanes: never finished
                 return
             pipeline_enqueue(tp, lane_key, work)
 
@@ -209,6 +210,44 @@ def test_a_stalled_partition_is_logged_counted_and_fails_liveness() -> None:
     timeout = sim.sim_settings().stall_timeout
     # reported within one watchdog interval after STALL_TIMEOUT (virtual seconds)
     assert timeout <= found["after"] <= timeout + 5.0 + 1.0
+
+
+def test_a_batch_one_of_whose_lanes_never_reaches_it_is_a_stall_not_a_delivery() -> None:
+    """Lanes waiting at a batch's barrier are not progress: if one member lane never gets
+    there, the watchdog reports the batch instead of calling it 'delivering' for ever."""
+    found: list[dict[str, object]] = []
+
+    async def scenario(world: World) -> None:
+        world.resend.chaos = False
+        member = world.members[0]
+        pipeline = member.pipeline
+        pipeline_enqueue = pipeline._enqueue
+        dropped: list[object] = []
+
+        def enqueue(tp, lane_key, work):  # type: ignore[no-untyped-def]
+            if isinstance(work, BatchJob) and work.lanes > 1 and not dropped:
+                dropped.append(work)  # one lane of a multi-lane batch loses it
+                return
+            pipeline_enqueue(tp, lane_key, work)
+
+        pipeline._enqueue = enqueue  # type: ignore[method-assign]
+        world.loop.on_step = None
+        member.start()
+        started = world.loop.time()
+        with capture_logs() as logs:
+            while pipeline.health.live()[0]:
+                await asyncio.sleep(0.5)
+                assert world.loop.time() - started < 600, "the stall was never reported"
+        found.extend(e for e in logs if e["event"] == LogEvent.PARTITION_STALLED)
+        assert dropped
+        pipeline._enqueue = pipeline_enqueue  # type: ignore[method-assign]
+        await world.group.rebalance()
+        await world.settle()
+        await world.close()
+
+    sim.run(scenario, seed=4, settings=sim.sim_settings(batch_linger=5.0))
+    assert len(found) == 1
+    assert "lanes" in str(found[0]["waiting_for"]), found[0]
 
 
 def test_lag_is_reported_for_a_partition_that_never_fetched() -> None:
