@@ -1130,7 +1130,8 @@ class Pipeline:
                     # Decisions wait for this commit before anything of them is sent: it
                     # carries no letters, so a dead-letter outage cannot hold sends back.
                     first = min((letter.offset for letter in part.letters), default=position)
-                    position = max(min(position, first), committed or 0)
+                    # (a letter between two members of a batch: stop before the batch)
+                    position = max(part.planner.safe_position(min(position, first)), committed or 0)
                     jobs.append(self._record_one(tp, part, position, reason))
                     continue
                 if committed is not None and position <= committed:

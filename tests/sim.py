@@ -38,6 +38,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import OffsetAndMetadata
 
+from consumer.batching import Plan
 from consumer.deadletter import DeadLetter
 from consumer.errors import CommitFailed, DeadLetterUnavailable
 from consumer.observe import Health, Metrics
@@ -146,6 +147,9 @@ class FakeGroup:
         #: the metadata of each committed offset (batch plans)
         self.metadata: dict[TopicPartition, str] = {}
         self.letters: list[DeadLetter] = []
+        #: commits whose position fell inside a recorded batch (the next owner could
+        #: not read all of its members back)
+        self.split_commits: list[str] = []
         self.members: list[FakeConsumer] = []
         self.generation = 0
         self.owner: dict[TopicPartition, FakeConsumer] = {}
@@ -363,6 +367,13 @@ class FakeCommitter:
         # the generation stays valid until every member has revoked (owner cleared then)
         if self.group.owner.get(tp) is not self.consumer:
             raise CommitFailed("not the owner (stale generation)")
+        for text in (self.group.metadata.get(tp), metadata):
+            plan = Plan.decode(text)
+            for batch in plan.batches if plan is not None else ():
+                if batch.first < position <= batch.last:
+                    self.group.split_commits.append(
+                        f"{tp} committed {position} inside batch {batch.members}"
+                    )
         self.group.letters.extend(letters)
         self.group.committed[tp] = position
         self.group.metadata[tp] = metadata
@@ -548,6 +559,7 @@ class Invariants:
     def check(self) -> None:
         group = self.group
         assert not self.resend.violations, self.resend.violations[0]
+        assert not group.split_commits, group.split_commits[0]
         for tp, pos in group.committed.items():
             before = self.last.get(tp, 0)
             assert pos >= before, f"{tp} committed went backwards: {before} -> {pos}"

@@ -89,9 +89,10 @@ async def test_broker_restart_mid_run_loses_nothing_and_sends_nothing_twice(
         await producer.flush()
     finally:
         await producer.stop()
-    # slow enough (about 100 sends/s) that the broker is down while work remains
-    sandbox.set_faults(Faults(latency_uniform_ms=(20.0, 60.0)))
-    settings = pipeline_settings(bootstrap, "chaos", sandbox.url, max_in_flight=4)
+    # slow enough (batches of 10, about 150 emails/s) that the broker is down while
+    # work remains: batches are recorded, sent and committed across the outage
+    sandbox.set_faults(Faults(latency_uniform_ms=(150.0, 350.0)))
+    settings = pipeline_settings(bootstrap, "chaos", sandbox.url, max_in_flight=4, batch_size=10)
     stop = asyncio.Event()
     task = asyncio.create_task(run_service(settings, stop))
     try:
