@@ -1131,8 +1131,8 @@ class Pipeline:
                     # carries no letters, so a dead-letter outage cannot hold sends back.
                     first = min((letter.offset for letter in part.letters), default=position)
                     # (a letter between two members of a batch: stop before the batch)
-                    position = max(part.planner.safe_position(min(position, first)), committed or 0)
-                    jobs.append(self._record_one(tp, part, position, reason))
+                    at = max(part.planner.safe_position(min(position, first)), committed or 0)
+                    jobs.append(self._record_then_letters(tp, part, at, reason))
                     continue
                 if committed is not None and position <= committed:
                     continue
@@ -1141,6 +1141,30 @@ class Pipeline:
             if jobs:
                 await asyncio.gather(*jobs)
             self._refresh_dlq_state()
+
+    async def _record_then_letters(
+        self, tp: TopicPartition, part: _Part, position: int, reason: str
+    ) -> None:
+        """Record new decisions, then write waiting letters and move past them.
+
+        The letters cannot wait for a round with nothing to record: while intake
+        goes on there always is, and a letter between members of a recorded batch
+        holds the commit before that batch, so the plan would fill its metadata
+        budget and stop deciding anything.
+        """
+        await self._record_one(tp, part, position, reason)
+        if self._parts.get(tp) is not part or not part.letters:
+            return
+        current = self.ledger.position(tp)
+        committed = self.ledger.committed(tp)
+        if current is None:
+            return
+        current = max(part.planner.safe_position(current), committed or 0)
+        if committed is not None and current <= committed:
+            return
+        letters = [letter for letter in part.letters if letter.offset < current]
+        if letters:
+            await self._commit_one(tp, part, current, letters, reason)
 
     async def _record_one(
         self, tp: TopicPartition, part: _Part, position: int, reason: str

@@ -203,13 +203,15 @@ async def test_churning_member_under_load_and_outage_loses_nothing_and_stalls_no
     await produce(topic, records)
     bad = coordinates(await read_to_end(kafka_bootstrap, topic), b"bad-")
     assert len(bad) == len(bad_ns) == 60
-    latency = Faults(latency_ms=80.0)
+    # batches of 5 at about 200 emails/s: the churn lasts the whole run
+    latency = Faults(latency_ms=200.0)
     fast_sandbox.set_faults(latency)
     settings = pipeline_settings(
         kafka_bootstrap,
         topic,
         fast_sandbox.url,
         max_in_flight=8,
+        batch_size=5,
         log_level="info",
         kafka_session_timeout=6.0,
         health_host="127.0.0.1",
@@ -356,12 +358,15 @@ async def test_kill_minus_nine_five_times_writes_each_dead_letter_once(
     await produce(topic, records)
     bad = coordinates(await read_to_end(kafka_bootstrap, topic), b"bad-")
     assert len(bad) == len(bad_ns) == n_bad
-    fast_sandbox.set_faults(Faults(latency_uniform_ms=(5.0, 30.0)))
+    # batches of 10, four on the wire (about 200 emails/s): kills land with batches
+    # recorded, in flight and acknowledged but not yet committed
+    fast_sandbox.set_faults(Faults(latency_uniform_ms=(100.0, 300.0)))
     settings = pipeline_settings(
         kafka_bootstrap,
         topic,
         fast_sandbox.url,
-        max_in_flight=32,
+        max_in_flight=4,
+        batch_size=10,
         log_level="info",
         kafka_transactions=os.environ.get("KILL9_TRANSACTIONS", "true") != "false",
         kafka_session_timeout=6.0,

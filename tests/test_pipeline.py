@@ -91,6 +91,7 @@ async def test_event_stuck_in_retry_holds_its_partition_commit_right_before_it(
         ordering="none",
         retry_max_attempts=10_000,
         retry_max_elapsed=3600.0,
+        batch_size=1,  # one event stuck on its own (a batch holds all its members)
     )
     stop = asyncio.Event()
     task = None
@@ -191,9 +192,10 @@ async def test_consumers_joining_and_leaving_mid_run_deliver_each_event_once(
     n = 2000
     topic = await new_topic(6)
     await produce(topic, order_records(range(n)))
-    fast_sandbox.set_faults(Faults(latency_uniform_ms=(20.0, 60.0)))
+    # batches of 5 at about 200 emails/s: members join and leave while batches fly
+    fast_sandbox.set_faults(Faults(latency_uniform_ms=(100.0, 300.0)))
     settings = pipeline_settings(
-        kafka_bootstrap, topic, fast_sandbox.url, max_in_flight=8, log_level="info"
+        kafka_bootstrap, topic, fast_sandbox.url, max_in_flight=8, log_level="info", batch_size=5
     )
     procs: list[ServiceProcess] = []
     try:
@@ -418,7 +420,12 @@ async def test_health_and_metrics_follow_the_running_service(
     topic = await new_topic(2)
     await produce(topic, order_records(range(20)))
     settings = pipeline_settings(
-        kafka_bootstrap, topic, fast_sandbox.url, health_port=port, health_host="127.0.0.1"
+        kafka_bootstrap,
+        topic,
+        fast_sandbox.url,
+        health_port=port,
+        health_host="127.0.0.1",
+        batch_size=1,  # it counts requests: one per email
     )
     base = f"http://127.0.0.1:{port}"
     stop = asyncio.Event()
@@ -466,19 +473,31 @@ async def test_health_and_metrics_follow_the_running_service(
         assert await _stop(task, stop) == 0
 
 
+@pytest.mark.parametrize(("batch_size", "held_at"), [(1, 1), (100, 0)])
 async def test_unwritable_dead_letter_topic_pauses_instead_of_skipping(
-    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+    kafka_bootstrap: str,
+    new_topic: NewTopicFactory,
+    produce: Produce,
+    fast_sandbox: Sandbox,
+    batch_size: int,
+    held_at: int,
 ) -> None:
-    """With no DLQ topic a bad record holds its offset; once the topic exists it moves on."""
+    """With no DLQ topic a bad record holds its offset; once the topic exists it moves on.
+
+    Batched, the two good events go out together around the letter, so the commit
+    waits before their batch: a next owner must read both members back.
+    """
     topic = await new_topic(1)
     await produce(topic, [order_records([0])[0], (b"bad", b"not json", []), order_records([1])[0]])
-    settings = pipeline_settings(kafka_bootstrap, topic, fast_sandbox.url, probe_max=0.5)
+    settings = pipeline_settings(
+        kafka_bootstrap, topic, fast_sandbox.url, probe_max=0.5, batch_size=batch_size
+    )
     stop = asyncio.Event()
     task = await _service(settings, stop)
     try:
         await wait_for(lambda: len(fast_sandbox.deliveries()) >= 2, 30, "both good events sent")
         await asyncio.sleep(3.0)  # many commit intervals and dead-letter retries later
-        assert (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == 1
+        assert (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) == held_at
         await new_topic(1, name=f"{topic}.dlq")
 
         await wait_committed(
@@ -549,15 +568,26 @@ async def test_partition_ordering_sends_one_partition_in_offset_order(
     assert sent == [f"order-confirmation:ord-{i}" for i in range(25)]
 
 
+@pytest.mark.parametrize("batch_size", [1, 100])
 async def test_same_idempotency_key_under_different_kafka_keys_is_sent_one_at_a_time(
-    kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
+    kafka_bootstrap: str,
+    new_topic: NewTopicFactory,
+    produce: Produce,
+    fast_sandbox: Sandbox,
+    batch_size: int,
 ) -> None:
-    """A duplicate publish (same event, other Kafka key) never races its twin: no 409."""
+    """A duplicate publish (same event, other Kafka key) never races its twin: no 409.
+
+    Singly, the copies replay the first send. Batched, the first copy goes out in a
+    batch (no key of its own at Resend), so the other copies are skipped as duplicates.
+    """
     topic = await new_topic(1)
     twin = order_event(7)
     await produce(topic, [(f"k-{i}".encode(), twin, []) for i in range(6)])
     fast_sandbox.set_faults(Faults(latency_ms=100.0))
-    settings = pipeline_settings(kafka_bootstrap, topic, fast_sandbox.url, ordering="key")
+    settings = pipeline_settings(
+        kafka_bootstrap, topic, fast_sandbox.url, ordering="key", batch_size=batch_size
+    )
     stop = asyncio.Event()
     task = await _service(settings, stop)
     try:
@@ -568,8 +598,9 @@ async def test_same_idempotency_key_under_different_kafka_keys_is_sent_one_at_a_
         assert await _stop(task, stop) == 0
     stats = fast_sandbox.stats()
     assert len(fast_sandbox.deliveries()) == 1
-    assert stats["outcomes"].get("replayed", 0) == 5
+    assert stats["outcomes"].get("replayed", 0) == (5 if batch_size == 1 else 0)
     assert stats["outcomes"].get("idempotency_concurrent", 0) == 0
+    assert stats["outcomes"].get("idempotency_conflict", 0) == 0
 
 
 class _FailingCommits:
@@ -604,6 +635,7 @@ async def test_revoke_drains_in_flight_then_commits_the_finished_prefix(
         ordering="none",
         max_in_flight=4,
         commit_interval=3600.0,  # only the revoke commits
+        batch_size=1,  # singles: no plan to record, and one request is one email
     )
     async with running_pipeline(settings) as pipeline:
         real = pipeline._committer
@@ -615,7 +647,8 @@ async def test_revoke_drains_in_flight_then_commits_the_finished_prefix(
             pipeline._committer = failing  # type: ignore[assignment]
             await pipeline.on_revoked({tp})  # type: ignore[arg-type]
             assert failing.failures == 1
-            assert (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0) is None
+            # (singles were recorded before they went out, at offset 0: nothing moved)
+            assert (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0, 0) == 0
             in_flight_at_revoke = len(fast_sandbox.deliveries())
         finally:
             pipeline._committer = real

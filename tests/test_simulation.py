@@ -356,3 +356,22 @@ def test_an_idle_open_gate_probes_by_itself_and_turns_ready() -> None:
         await world.close()
 
     sim.run(scenario, seed=6, settings=sim.sim_settings(max_event_age=60.0))
+
+
+def test_a_dead_letter_inside_a_batch_does_not_wedge_a_long_partition() -> None:
+    """Hundreds of small batches with bad records between their members: the letters are
+    written while decisions keep coming, so commits pass the batches and the plan's
+    metadata budget never fills up for good (it did: the commit waited before the first
+    batch around a letter, the letter waited for a round with nothing new to record)."""
+
+    async def scenario(world: World) -> None:
+        world.resend.chaos = False
+        world.members[0].start()
+        await world.settle()
+        await world.close()
+        world.check_exactly_once()
+
+    settings = sim.sim_settings(
+        batch_size=5, max_pending=2000, max_pending_per_partition=2000, commit_interval=0.2
+    )
+    sim.run(scenario, seed=5, partitions=1, per_partition=1500, settings=settings)
