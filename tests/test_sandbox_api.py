@@ -174,6 +174,9 @@ async def test_batch_permissive_sends_valid_and_lists_errors(
     sent = sandbox.deliveries()
     assert [d.id for d in sent] == [e["id"] for e in body["data"]]
     assert [d.batch_index for d in sent] == [0, 2]
+    # the ledger says which request (which batch) each email came in
+    assert len({d.request_id for d in sent}) == 1
+    assert sent[0].request_id.startswith("req_")
     assert sent[1].body["subject"] == "third"
 
 
@@ -333,6 +336,9 @@ _BATCH = st.sampled_from([False, False, True])
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(body=st.one_of(_ONE_FIELD, _SCHEDULED_EMAIL, _EMAILS, _JSON), batch=_BATCH)
+# hypothesis 6.170 sometimes flags `st.recursive`'s extend as not using its argument
+# (it does: see _JSON); a warning about the strategy, not a finding about the sandbox
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 async def test_hostile_json_never_answers_500(
     unlimited: Sandbox, http: aiohttp.ClientSession, body: Any, batch: bool
 ) -> None:
@@ -354,3 +360,29 @@ async def test_hostile_json_never_answers_500(
         assert answer["statusCode"] == status
         assert isinstance(answer["name"], str)
         assert isinstance(answer["message"], str)
+
+
+async def test_refused_recipients_fail_alone_in_a_permissive_batch_and_as_a_single(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """The `refuse_to` fault: a single send is answered 422; in a permissive batch only
+    that member is listed in `errors`; a strict batch is refused whole."""
+    from consumer.sandbox import Faults
+
+    sandbox.set_faults(Faults.from_dict({"refuse_to": ["Blocked@"]}))
+    assert sandbox.faults.to_dict()["refuse_to"] == ["blocked@"]
+    refused = {**EMAIL, "to": "blocked@example.com"}
+    status, body, _ = await post(http, sandbox, refused)
+    assert (status, body["name"]) == (422, "validation_error")
+    headers = {**AUTH, "x-batch-validation": "permissive"}
+    status, body, _ = await post(
+        http, sandbox, [EMAIL, refused, EMAIL], path="/emails/batch", headers=headers
+    )
+    assert status == 200
+    assert [e["index"] for e in body["errors"]] == [1]
+    assert [d.batch_index for d in sandbox.deliveries()] == [0, 2]
+    status, body, _ = await post(http, sandbox, [EMAIL, refused], path="/emails/batch")
+    assert status == 422
+    assert "emails[1]" in body["message"]
+    with pytest.raises(ValueError, match="refuse_to"):
+        Faults.from_dict({"refuse_to": "blocked@"})

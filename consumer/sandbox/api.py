@@ -68,6 +68,8 @@ class EmailApi:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        #: accepted requests so far (names each in the ledger)
+        self._requests = 0
         self._clock = clock
         self._wall = wall
         self._stopping = stopping
@@ -236,7 +238,7 @@ class EmailApi:
                 )
                 return await self._reject(err, Outcome.CONCURRENT, headers, delay)
 
-        emails, errors, invalid = self._validate(request, body, endpoint)
+        emails, errors, invalid = self._validate(request, body, endpoint, faults)
         if invalid is not None:
             return await self._reject(invalid, Outcome.INVALID, headers, delay)
 
@@ -251,11 +253,11 @@ class EmailApi:
                 self.idem.finish(scope)
 
     def _validate(
-        self, request: web.Request, body: Any, endpoint: str
+        self, request: web.Request, body: Any, endpoint: str, faults: Faults
     ) -> tuple[list[tuple[int, dict[str, Any]]], list[dict[str, Any]] | None, ApiError | None]:
         """(emails to send with their index, permissive errors or None, whole-request error)."""
         if endpoint == EMAILS:
-            err = validate_email(body)
+            err = validate_email(body) or faults.refuses(body)
             return ([(0, body)], None, None) if err is None else ([], None, err)
         err = batch_shape(body)
         if err is not None:
@@ -269,7 +271,7 @@ class EmailApi:
         emails: list[tuple[int, dict[str, Any]]] = []
         errors: list[dict[str, Any]] = []
         for i, item in enumerate(body):
-            problem = validate_email(item, in_batch=True)
+            problem = validate_email(item, in_batch=True) or faults.refuses(item)
             if problem is None:
                 emails.append((i, item))
             elif mode == "strict":
@@ -318,6 +320,8 @@ class EmailApi:
 
         now = self._wall()
         batch = endpoint == BATCH
+        self._requests += 1
+        request_id = f"req_{self._requests}"
         deliveries = [
             Delivery(
                 id=self._new_id(),
@@ -326,6 +330,7 @@ class EmailApi:
                 body=email,
                 received_at=now,
                 batch_index=i if batch else None,
+                request_id=request_id,
             )
             for i, email in emails
         ]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
+from consumer.sandbox.validation import ApiError
+
 #: error names the sandbox answers with, declared once
 SERVICE_UNAVAILABLE: Final = "service_unavailable"
 APPLICATION_ERROR: Final = "application_error"
@@ -96,8 +98,12 @@ class Faults:
     storm_429_rate: float = 0.0
     #: answer every `/emails` request with this while set; a mapping is converted
     force_status: ForcedStatus | Mapping[str, Any] | None = None
+    #: recipients refused with 422 validation_error, one email at a time (a batch in
+    #: permissive mode lists them in `errors` and sends the rest)
+    refuse_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "refuse_to", tuple(str(a).lower() for a in self.refuse_to))
         for name in _RATES:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -144,10 +150,17 @@ class Faults:
         try:
             for name, value in data.items():
                 if value is None:
+                    if name == "refuse_to":
+                        kwargs[name] = ()
+                        continue
                     kwargs[name] = None if name not in _RATES and name != "latency_ms" else 0.0
                 elif name in ("latency_uniform_ms", "latency_lognormal"):
                     a, b = value
                     kwargs[name] = (float(a), float(b))
+                elif name == "refuse_to":
+                    if isinstance(value, str) or not all(isinstance(a, str) for a in value):
+                        raise ValueError("refuse_to must be a list of addresses")
+                    kwargs[name] = tuple(value)
                 elif name == "force_status":
                     if not isinstance(value, Mapping):
                         raise ValueError("force_status must be an object or null")
@@ -172,7 +185,22 @@ class Faults:
             "hang_rate": self.hang_rate,
             "storm_429_rate": self.storm_429_rate,
             "force_status": forced.to_dict() if forced else None,
+            "refuse_to": list(self.refuse_to),
         }
+
+    def refuses(self, email: Any) -> ApiError | None:
+        """The 422 for an email to a refused recipient, None otherwise."""
+        if not self.refuse_to or not isinstance(email, Mapping):
+            return None
+        to = email.get("to")
+        for address in [to] if isinstance(to, str) else to if isinstance(to, list) else []:
+            if isinstance(address, str) and any(r in address.lower() for r in self.refuse_to):
+                return ApiError(
+                    422,
+                    "validation_error",
+                    "Invalid `to` field. The recipient is not allowed (sandbox refuse_to).",
+                )
+        return None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

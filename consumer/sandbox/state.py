@@ -54,6 +54,8 @@ class Delivery:
     received_at: float
     #: position within its batch, None for single sends
     batch_index: int | None = None
+    #: the accepted request it came in (all members of one batch share it)
+    request_id: str | None = None
 
     def created_at(self) -> str:
         """Resend's timestamp format, e.g. `2023-04-03 22:13:42.674981+00`."""
@@ -65,6 +67,7 @@ class Delivery:
             "idempotency_key": self.idempotency_key,
             "endpoint": self.endpoint,
             "batch_index": self.batch_index,
+            "request_id": self.request_id,
             "received_at": self.received_at,
             "created_at": self.created_at(),
             "body": self.body,
