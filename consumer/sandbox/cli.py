@@ -121,6 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STATUS:NAME",
         help="answer every /emails request with this, e.g. 503:service_unavailable",
     )
+    faults.add_argument(
+        "--refuse-to",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="refuse (422 validation_error) each email whose `to` contains TEXT; repeatable",
+    )
 
 
 def config_from(args: argparse.Namespace) -> SandboxConfig:
@@ -134,6 +141,7 @@ def config_from(args: argparse.Namespace) -> SandboxConfig:
         hang_rate=args.hang_rate,
         storm_429_rate=args.storm_429_rate,
         force_status=args.force_status,
+        refuse_to=tuple(args.refuse_to),
     )
     return SandboxConfig(
         api_key=args.api_key,
