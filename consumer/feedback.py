@@ -49,8 +49,9 @@ from consumer.exitcodes import EXIT_OK
 from consumer.health import HealthServer
 from consumer.logs import configure_logging
 from consumer.metrics import BUILD_INFO
-from consumer.routes import EVENT_TAG, ROUTE_TAG, decode_tag_value
+from consumer.routes import EVENT_TAG, ROUTE_TAG, TRACE_TAG, decode_tag_value
 from consumer.settings import FeedbackMode, Settings, SettingsError
+from consumer.tracecontext import TRACEPARENT, traceparent_from_tag
 
 __all__ = [
     "SOURCE",
@@ -240,14 +241,22 @@ def feedback_record(webhook_id: str, body: bytes, mode: FeedbackMode) -> Feedbac
     route = decode_tag_value(tags[ROUTE_TAG]) if ROUTE_TAG in tags else None
     if route is not None:
         attrs[EXT_ROUTE] = route
+    # the send's trace (the producer's context the email was tagged with): the
+    # CloudEvents tracing extension, and the plain header instrumentation reads
+    traceparent = traceparent_from_tag(tags.get(TRACE_TAG))
+    trace_headers: list[tuple[str, bytes]] = []
+    if traceparent is not None:
+        attrs[TRACEPARENT] = traceparent
+        trace_headers.append((TRACEPARENT, traceparent.encode()))
     key = (subject or webhook_id).encode()
     if mode == "binary":
         headers = [(f"ce_{name}", value.encode()) for name, value in attrs.items()]
         headers.append(("content-type", JSON_TYPE))
-        return FeedbackRecord(key, orjson.dumps(data), headers, kind)
+        return FeedbackRecord(key, orjson.dumps(data), [*headers, *trace_headers], kind)
     envelope = {**attrs, "datacontenttype": "application/json", "data": data}
     value = orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS)
-    return FeedbackRecord(key, value, [("content-type", STRUCTURED_TYPE)], kind)
+    headers = [("content-type", STRUCTURED_TYPE), *trace_headers]
+    return FeedbackRecord(key, value, headers, kind)
 
 
 class _Window:

@@ -27,6 +27,7 @@ from consumer.events import Decoder, Reason, invalid, mask_addresses, validate_d
 from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 from consumer.routes import MAX_AGE_LIMIT, Route, RoutesError, RouteTable, load_routes
 from consumer.settings import Settings, StalePolicy
+from consumer.tracecontext import TRACEPARENT, carrier, trace_tag
 
 ENDPOINT: Final = "/emails"
 #: a file holding one Kafka record (binary mode): {"headers": {...}, "value": ...}
@@ -211,7 +212,7 @@ class Preparer:
                     message = f"event is {age:.0f}s old, above the {max_age:.0f}s limit"
                     raise invalid(Reason.STALE_EVENT, message)
                 stale = True
-            body = route.body(event)
+            body = route.body(event, trace_tag(carrier(headers, value).get(TRACEPARENT)))
             data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
         except InvalidEvent as exc:
             return self._rejected(exc.reason, str(exc), event_id, event_type, key)

@@ -192,8 +192,11 @@ class Route:
     batch_size: int | None = None
     batch_linger: float | None = None
 
-    def body(self, event: Event) -> dict[str, Any]:
-        """The request body as a dict; InvalidEvent with a Reason when it cannot be built."""
+    def body(self, event: Event, trace: str | None = None) -> dict[str, Any]:
+        """The request body as a dict; InvalidEvent with a Reason when it cannot be built.
+
+        `trace`: the record's trace context as a tag value, if it carried one.
+        """
         sender = self.sender.constant
         if sender is None:
             sender = self.sender.one(event, field="from", reason=Reason.INVALID_SENDER)
@@ -230,7 +233,7 @@ class Route:
         if self.text is not None:
             body["text"] = render_template(self.text, context, "text")
         tags = [_tag(name, expr, event) for name, expr in self.tags]
-        body["tags"] = [*tags, *source_tags(event)]
+        body["tags"] = [*tags, *source_tags(event, trace)]
         if self.headers:
             headers = {}
             for name, expr in self.headers:
@@ -291,7 +294,9 @@ def _tag(name: str, expr: Interp, event: Event) -> dict[str, str]:
 #: tags every email carries so its webhooks join back to the event (see `source_tags`)
 EVENT_TAG: Final = "rc_event"
 ROUTE_TAG: Final = "rc_route"
-RESERVED_TAGS: Final = frozenset({EVENT_TAG, ROUTE_TAG})
+#: the producer's trace context, when the record carried one (consumer.tracecontext)
+TRACE_TAG: Final = "rc_trace"
+RESERVED_TAGS: Final = frozenset({EVENT_TAG, ROUTE_TAG, TRACE_TAG})
 _TAG_SAFE: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 
 
@@ -330,15 +335,19 @@ def decode_tag_value(value: str) -> str | None:
         return None
 
 
-def source_tags(event: Event) -> list[dict[str, str]]:
-    """The tags joining an email's webhooks back to its event: event hash and route.
+def source_tags(event: Event, trace: str | None = None) -> list[dict[str, str]]:
+    """The tags joining an email's webhooks back to its event: event hash and route,
+    and the producer's trace (`trace`, from `consumer.tracecontext.trace_tag`).
 
-    Part of the request bytes: stable for the same event and route.
+    Part of the request bytes: stable for the same record and route.
     """
-    return [
+    tags = [
         {"name": EVENT_TAG, "value": event_tag(event.source, event.id)},
         {"name": ROUTE_TAG, "value": encode_tag_value(event.type)},
     ]
+    if trace is not None:
+        tags.append({"name": TRACE_TAG, "value": trace})
+    return tags
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -37,13 +37,15 @@ ends it with the outcome, and wraps each commit in `Tracer.commit`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
-
-import orjson
 
 from consumer.logs import mask_email
 from consumer.prepare import Prepared, Rejected, Skipped
+from consumer.tracecontext import (
+    Headers,
+    carrier,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -69,72 +71,15 @@ __all__ = [
     "tracer_from_env",
 ]
 
-TRACEPARENT: Final = "traceparent"
-TRACESTATE: Final = "tracestate"
-#: CloudEvents binary mode on Kafka: extension attributes are `ce_` headers
-CE_TRACEPARENT: Final = "ce_traceparent"
-CE_TRACESTATE: Final = "ce_tracestate"
 #: what an OTLP-configured environment sets (any one turns tracing on)
 _ENDPOINT_VARS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 #: a commit span links to at most this many events (the SDK's default link limit)
 MAX_COMMIT_LINKS: Final = 128
 _SCOPE: Final = "resend_consumer"
 
-Headers = Sequence[tuple[str, bytes | None]]
-
 
 class TracingUnavailable(RuntimeError):
     """OTEL_* asks for tracing but the `otel` extra is not installed. Fatal at start-up."""
-
-
-# -- the trace context of a record ----------------------------------------------------------
-
-
-def _text(raw: bytes | None) -> str | None:
-    if raw is None:
-        return None
-    try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-
-
-def carrier(headers: Headers, value: bytes | None) -> dict[str, str]:
-    """The W3C trace context of a record, as a propagator carrier (maybe empty).
-
-    Kafka headers first (what a producer's instrumentation injects), then the
-    CloudEvents binary-mode headers, then the structured-mode envelope's
-    extension attributes. Values that are not ASCII text are ignored; the
-    propagator validates the rest.
-    """
-    found: dict[str, str] = {}
-    ce: dict[str, str] = {}
-    for name, raw in headers:
-        low = name.lower()
-        if low in (TRACEPARENT, TRACESTATE):
-            text = _text(raw)
-            if text is not None:
-                found.setdefault(low, text)
-        elif low in (CE_TRACEPARENT, CE_TRACESTATE):
-            text = _text(raw)
-            if text is not None:
-                ce.setdefault(low.removeprefix("ce_"), text)
-    if TRACEPARENT in found:
-        return found
-    if TRACEPARENT in ce:
-        return ce
-    # the substring test keeps orjson off every record that carries no context
-    if value and b'"traceparent"' in value:
-        try:
-            envelope = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            return {}
-        if isinstance(envelope, dict) and isinstance(envelope.get(TRACEPARENT), str):
-            out = {TRACEPARENT: envelope[TRACEPARENT]}
-            if isinstance(envelope.get(TRACESTATE), str):
-                out[TRACESTATE] = envelope[TRACESTATE]
-            return out
-    return {}
 
 
 # -- the interface, and what it does when tracing is off ----------------------------------

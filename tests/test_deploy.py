@@ -127,6 +127,22 @@ def test_dockerfile_installs_from_the_lock_file_without_dev_tools() -> None:
     assert "pyproject.toml" in copied
 
 
+def test_dockerfile_extras_build_arg_installs_a_real_extra_from_the_lock() -> None:
+    """`--build-arg EXTRAS=otel` reaches every `uv sync`, and `otel` is an extra of
+    pyproject.toml that the lock file resolves (so the tracing image installs as tested)."""
+    builder = stages()[0]
+    assert ("ARG", 'EXTRAS=""') in builder
+    syncs = [args for ins, args in builder if ins == "RUN" and args.startswith("uv sync")]
+    assert syncs
+    assert all('${EXTRAS:+--extra "$EXTRAS"}' in args for args in syncs)
+    extras = pyproject()["project"]["optional-dependencies"]
+    assert "otel" in extras
+    lock = (ROOT / "uv.lock").read_text()
+    for requirement in extras["otel"]:
+        name = re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        assert f'name = "{name}"' in lock, name
+
+
 def test_dockerfile_copies_only_what_exists_and_the_dockerignore_lets_through() -> None:
     """Every COPY source exists in the repository and is not excluded from the context."""
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()

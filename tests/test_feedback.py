@@ -431,3 +431,39 @@ def test_record_without_email_id_is_keyed_by_webhook_id() -> None:
     assert "subject" not in event
     assert "time" not in event
     assert event["type"] == "com.resend.domain.updated"
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_feedback_continues_the_trace_the_email_was_tagged_with(mode: str) -> None:
+    """An email tagged `rc_trace` (the producer's trace context) comes back as a record
+    carrying that traceparent: the plain header instrumentation reads, and the
+    CloudEvents tracing extension attribute."""
+    data = {
+        "email_id": "em_1",
+        "tags": {"rc_event": "e" * 32, "rc_trace": f"{TRACE_ID}-{PARENT_ID}"},
+    }
+    body = orjson.dumps({"type": "email.delivered", "created_at": "x", "data": data})
+    record = feedback_record("msg_t", body, mode)  # type: ignore[arg-type]
+    headers = dict(record.headers)
+    expected = f"00-{TRACE_ID}-{PARENT_ID}-01"
+    assert headers["traceparent"] == expected.encode()
+    if mode == "binary":
+        assert headers["ce_traceparent"] == expected.encode()
+    else:
+        assert orjson.loads(record.value)["traceparent"] == expected
+
+
+@pytest.mark.parametrize(
+    "value", [None, "", "nothex", f"{'0' * 32}-{PARENT_ID}", f"{TRACE_ID}-{'0' * 16}", TRACE_ID]
+)
+def test_feedback_ignores_a_trace_tag_that_is_not_one(value: str | None) -> None:
+    tags = {"rc_event": "e" * 32} if value is None else {"rc_trace": value}
+    body = orjson.dumps({"type": "email.sent", "data": {"email_id": "em_2", "tags": tags}})
+    record = feedback_record("msg_u", body, "binary")
+    names = {name for name, _ in record.headers}
+    assert "traceparent" not in names
+    assert "ce_traceparent" not in names

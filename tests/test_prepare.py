@@ -936,3 +936,35 @@ def test_run_refuses_to_start_with_a_broken_routes_file(tmp_path: Path) -> None:
     assert str(broken) in done.stderr
     assert "not valid YAML" in done.stderr
     assert "re_dummy" not in done.stderr + done.stdout
+
+
+TRACEPARENT_HEADER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(
+    ("headers", "tag"),
+    [
+        ([("traceparent", TRACEPARENT_HEADER.encode())], TRACEPARENT_HEADER[3:-3]),
+        ([("ce_traceparent", TRACEPARENT_HEADER.encode())], TRACEPARENT_HEADER[3:-3]),
+        # later versions may append fields; version ff and all-zero ids are invalid
+        ([("traceparent", (TRACEPARENT_HEADER.replace("00-", "01-", 1) + "-x").encode())], None),
+        ([("traceparent", TRACEPARENT_HEADER.replace("00-", "ff-", 1).encode())], None),
+        ([("traceparent", b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01")], None),
+        ([("traceparent", b"garbage")], None),
+        ([("traceparent", b"\xff\xfe")], None),
+        ([], None),
+    ],
+)
+def test_the_producers_trace_context_becomes_the_rc_trace_tag(
+    preparer: Preparer, headers: Headers, tag: str | None
+) -> None:
+    """The record's traceparent (never one made up here: the bytes must repeat) is
+    tagged on the email so its delivery feedback continues the trace."""
+    first = prepare(preparer, order(), headers)
+    again = prepare(preparer, order(), headers)
+    assert isinstance(first, Prepared)
+    assert first.body == again.body
+    tags = {t["name"]: t["value"] for t in orjson.loads(first.body)["tags"]}
+    if tag is None and headers and headers[0][1].startswith(b"01-"):
+        tag = TRACEPARENT_HEADER[3:-3]  # a later version's first four fields still count
+    assert tags.get("rc_trace") == tag
