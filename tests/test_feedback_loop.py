@@ -97,7 +97,8 @@ async def ready_receiver(settings: Settings) -> AsyncIterator[Receiver]:
 async def test_every_accepted_email_comes_back_once_as_feedback_with_its_source_tags(
     kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce
 ) -> None:
-    """Service + sandbox + receiver: sent then fate per email, once each, joined to its event."""
+    """Service + sandbox + receiver: sent then fate per email, once each, joined to its event
+    and continuing its producer's trace."""
     n, partitions = 30, 3
     bounced, complained = 7, 13
     topic = await new_topic(partitions)
@@ -105,9 +106,20 @@ async def test_every_accepted_email_comes_back_once_as_feedback_with_its_source_
     settings = pipeline_settings(kafka_bootstrap, topic, "http://127.0.0.1:9")
     await new_topic(1, name=settings.dlq_topic_for(topic))
     emails = {bounced: "bounced@resend.dev", complained: "complained@resend.dev"}
+
+    def traceparent(i: int) -> str:  # the producer's span of order i (even orders only)
+        return f"00-{i + 1:032x}-{i + 1:016x}-01"
+
     await produce(
         topic,
-        [(f"ord-{i}".encode(), order_event(i, email=emails.get(i)), []) for i in range(n)],
+        [
+            (
+                f"ord-{i}".encode(),
+                order_event(i, email=emails.get(i)),
+                [("traceparent", traceparent(i).encode())] if i % 2 == 0 else [],
+            )
+            for i in range(n)
+        ],
     )
     async with ready_receiver(receiver_settings(kafka_bootstrap, feedback_topic)) as receiver:
         config = SandboxConfig(
@@ -154,8 +166,16 @@ async def test_every_accepted_email_comes_back_once_as_feedback_with_its_source_
     # each feedback event names the domain event that caused its email
     expected_fate = {bounced: "email.bounced", complained: "email.complained"}
     order_of = {d.id: int(email_key(d).rsplit("-", 1)[1]) for d in deliveries}
-    for event in events:
+    for record, event in zip(records, events, strict=True):
         i = order_of[event["subject"]]
+        # the order's trace continues on its feedback (attribute and plain header)
+        header = dict(record.headers).get("traceparent")
+        if i % 2 == 0:
+            assert event["traceparent"] == traceparent(i)
+            assert header == traceparent(i).encode()
+        else:
+            assert "traceparent" not in event
+            assert header is None
         assert event["sourceeventhash"] == event_tag("shop/orders", f"evt-{i}")
         assert event["sourceroute"] == "order.confirmed"
         assert event["data"]["email_id"] == event["subject"]
