@@ -74,6 +74,8 @@ class _Slot:
     state: State = "broken"
     #: the group's committed offset, as read after the fence or last committed by us
     committed: int | None = None
+    #: the metadata committed with it (a batch plan, see consumer.batching)
+    metadata: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -167,7 +169,9 @@ class PartitionCommitter:
         offsets = await self._read_committed(wanted)
         for tp in wanted:
             found = offsets.get(tp)
-            self._slots[tp].committed = None if found is None else found.offset
+            slot = self._slots[tp]
+            slot.committed = None if found is None else found.offset
+            slot.metadata = None if found is None else found.metadata
         return {tp: offsets.get(tp) for tp in wanted}
 
     async def revoke(self, tps: Iterable[TopicPartition]) -> None:
@@ -198,8 +202,10 @@ class PartitionCommitter:
         """Write `letters` and commit `tp` at `position` with `metadata`, atomically.
 
         `letters` are the dead letters of offsets below `position` not yet
-        committed. A position at or below the committed one is a no-op: the
-        transaction that moved the offset there wrote those letters. Raises
+        committed. A position at or below the committed one writes no letters (the
+        transaction that moved the offset there wrote them) and is a no-op unless
+        `metadata` differs from what was committed: then it is committed with the
+        offset unchanged (a batch plan must be recorded before it is sent). Raises
         DeadLetterUnavailable (a letter could not be written), CommitFailed (the
         transaction did not commit: nothing is visible, commit the same again), or
         PartitionFenced (a newer owner has `tp`: drop its work). In every case the
@@ -217,8 +223,14 @@ class PartitionCommitter:
                 await self._open(tp, slot)
                 found = (await self._read_committed([tp])).get(tp)
                 slot.committed = None if found is None else found.offset
+                slot.metadata = None if found is None else found.metadata
             if slot.committed is not None and position <= slot.committed:
-                return
+                if metadata == slot.metadata:
+                    return
+                # New metadata at an unchanged offset: a batch plan is recorded before
+                # anything of it is sent, so it must land. (Below the committed offset
+                # only after a lost answer: record it there, offsets never go back.)
+                position = slot.committed
             if slot.committed is not None:
                 # a transaction that landed although it reported failure (a lost answer,
                 # a cancel) wrote every letter below the offset it committed
@@ -273,6 +285,7 @@ class PartitionCommitter:
             await self._abandon(slot)
             raise self._error(tp, phase, letter, exc) from None
         slot.committed = position
+        slot.metadata = metadata
         self.commits += 1
         self.letters += len(letters)
 

@@ -142,6 +142,32 @@ async def test_commit_at_or_below_the_committed_offset_writes_nothing(
     assert second.commits == 0
 
 
+async def test_new_metadata_at_the_committed_offset_is_recorded_without_letters(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, make_committer: MakeCommitter
+) -> None:
+    """A batch plan is recorded with the offset unchanged before the batch is sent: it must
+    reach Kafka (it was once skipped as a no-op), and letters below it stay written once;
+    the same metadata again is still a no-op. Below the committed offset (a lost answer)
+    it is recorded at the committed offset: offsets never go back."""
+    tp, dlq = await source_and_dlq(new_topic)
+    group = unique_name("g")
+    owner = make_committer(group)
+    await owner.assign([tp])
+    await owner.commit(tp, 4, "rc1|h4", [dead(tp, 2)])
+    await owner.commit(tp, 4, "rc1|h9|plan", [dead(tp, 2)])
+    assert await committed(kafka_bootstrap, group, tp) == OffsetAndMetadata(4, "rc1|h9|plan")
+    assert owner.commits == 2
+    await owner.commit(tp, 4, "rc1|h9|plan", [])
+    assert owner.commits == 2
+    await owner.commit(tp, 3, "rc1|h12|plan2", [])
+    assert await committed(kafka_bootstrap, group, tp) == OffsetAndMetadata(4, "rc1|h12|plan2")
+    successor = make_committer(group)
+    assert await successor.assign([tp]) == {tp: OffsetAndMetadata(4, "rc1|h12|plan2")}
+    await successor.commit(tp, 4, "rc1|h12|plan2", [])
+    assert successor.commits == 0
+    assert source_offsets(await read_all(kafka_bootstrap, dlq)) == [2]
+
+
 # -- fencing ------------------------------------------------------------------------
 
 
