@@ -353,12 +353,21 @@ class PartitionPlanner(Generic[P]):
         horizon = self._durable.horizon
         taken = 0
         text = Plan(horizon, tuple(listed)).encode()
-        for unit in self._unrecorded:
+        while taken < len(self._unrecorded):
+            unit = self._unrecorded[taken]
             new_listed = [*listed, unit.batch] if unit.batch is not None else listed
             last = unit.items[-1].offset
             new_horizon = horizon if unit.batch is not None else _max(horizon, last + 1)
             candidate = Plan(new_horizon, tuple(new_listed)).encode()
             if len(candidate) > self._budget:
+                if unit.batch is not None and any(b.last > unit.batch.first for b in listed):
+                    # Room comes only from commits passing listed batches, and they cannot
+                    # pass this one: waiting would never end. Its members go singly
+                    # (a single costs no room, only a higher horizon).
+                    self._unrecorded[taken : taken + 1] = [Unit([i]) for i in unit.items]
+                    for item in unit.items:
+                        self._batched_keys[item.idempotency_key] = False
+                    continue
                 break
             listed, horizon, text = new_listed, new_horizon, candidate
             taken += 1

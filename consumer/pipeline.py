@@ -276,8 +276,10 @@ class _Part:
     letter_traces: dict[int, LetterTrace] = field(default_factory=dict)
     #: how each offset is sent, decided once and recorded before sending (batches)
     planner: PartitionPlanner[Work] = field(default_factory=lambda: PartitionPlanner(Plan()))
-    #: it carried an urgent event: bulk back-pressure does not pause it
-    urgent: bool = False
+    #: unfinished urgent events: while any, other partitions' backlog does not pause it
+    urgent: int = 0
+    #: the plan's metadata is full: nothing more is recorded until a commit frees room
+    plan_full: bool = False
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -542,6 +544,7 @@ class Pipeline:
         self.pending_bytes += work.size
         if isinstance(result, Skipped):
             self.skipped += 1
+            self._passed(tp, part, record.offset)
             self._finish(
                 work,
                 SKIPPED,
@@ -552,10 +555,18 @@ class Pipeline:
             return
         if isinstance(result, Rejected):
             work.rejected = result
+            self._passed(tp, part, record.offset)
             self._enqueue(tp, ("offset", record.offset), work)
             return
         work.prepared = result
         self._plan(tp, part, work, result)
+
+    def _passed(self, tp: TopicPartition, part: _Part, offset: int) -> None:
+        """`offset` will never reach the planner (rejected, skipped, undecodable): a
+        recovered batch that named it, with no later member to come, goes without it."""
+        if part.planner.assembling():
+            for unit in part.planner.passed(offset + 1):
+                self._submit(tp, part, unit)
 
     def admit_undecodable(self, tp: TopicPartition, bad: Undecodable) -> None:
         """A record the client could not decode: dead-letter what could be read of it."""
@@ -591,6 +602,7 @@ class Pipeline:
         )
         part.works[bad.offset] = work
         self.pending_bytes += work.size
+        self._passed(tp, part, bad.offset)
         self._enqueue(tp, ("offset", bad.offset), work)
 
     # -- plans (consumer.batching) --------------------------------------------------
@@ -598,7 +610,7 @@ class Pipeline:
     def _plan(self, tp: TopicPartition, part: _Part, work: Work, prepared: Prepared) -> None:
         """Hand a prepared record to its partition's planner; send what is decided."""
         if prepared.priority == Priority.URGENT:
-            part.urgent = True
+            part.urgent += 1
         item = Item(
             offset=work.offset,
             idempotency_key=prepared.idempotency_key,
@@ -675,7 +687,7 @@ class Pipeline:
                 dirty = set()
                 for tp, part in list(self._parts.items()):
                     part.planner.due(now)
-                    if part.planner.needs_record() and not part.revoking:
+                    if part.planner.needs_record() and not part.revoking and not part.plan_full:
                         dirty.add(tp)
                 if dirty:
                     await self._commit(reason="plan", only=dirty)
@@ -1005,6 +1017,8 @@ class Pipeline:
         if part is not None and part.works.pop(work.offset, None) is work:
             self.pending_bytes -= work.size
             part.progress_at = self._clock()
+            if work.prepared is not None and work.prepared.priority == Priority.URGENT:
+                part.urgent -= 1
         payload = work.prepared or work.rejected
         if payload is not None:
             event_id, event_type = payload.event_id, payload.event_type
@@ -1060,27 +1074,36 @@ class Pipeline:
         # with none (all cancelled by a revoke) new records must come in and probe.
         gate_hold = self.gate.state != "closed" and self._delivering > 0
         hold_all = gate_hold or self._dlq_down
-        total_over = total >= s.max_pending or self.pending_bytes >= s.max_pending_bytes
-        total_low = (
-            total < s.max_pending * s.resume_ratio
-            and self.pending_bytes < s.max_pending_bytes * s.resume_ratio
-        )
+        count_over = total >= s.max_pending
+        bytes_over = self.pending_bytes >= s.max_pending_bytes
+        # memory is never exempt, except that a recovered batch may finish assembling
+        # (at most MAX_BATCH records) within twice the bound
+        bytes_hard = self.pending_bytes >= 2 * s.max_pending_bytes
+        count_low = total < s.max_pending * s.resume_ratio
+        bytes_low = self.pending_bytes < s.max_pending_bytes * s.resume_ratio
         to_pause: list[TopicPartition] = []
         to_resume: list[TopicPartition] = []
         for tp, part in self._parts.items():
             pending = self.ledger.pending(tp)
             # A recovered batch is sent only whole: its partition fetches on until
-            # every member is in (at most a batch beyond the bound). A partition that
-            # carries urgent mail is not held back by other partitions' backlog.
+            # every member is in. A partition with urgent mail unfinished is not held
+            # back by the count of other partitions' backlog (memory still bounds it).
             assembling = part.planner.assembling()
-            exempt = assembling or part.urgent
+            urgent = part.urgent > 0
             if tp in self._paused:
                 below = pending < s.max_pending_per_partition * s.resume_ratio
-                if (assembling or (below and (total_low or part.urgent))) and not hold_all:
+                if hold_all:
+                    continue
+                assembles = assembling and not bytes_hard
+                if assembles or (below and bytes_low and (count_low or urgent)):
                     to_resume.append(tp)
-            elif hold_all or (
-                not assembling
-                and ((total_over and not exempt) or pending >= s.max_pending_per_partition)
+            elif hold_all:
+                to_pause.append(tp)
+            elif assembling:
+                if bytes_hard:
+                    to_pause.append(tp)
+            elif (
+                bytes_over or (count_over and not urgent) or pending >= s.max_pending_per_partition
             ):
                 to_pause.append(tp)
         if to_pause:
@@ -1126,7 +1149,7 @@ class Pipeline:
                 if position is None:
                     continue
                 position = max(part.planner.safe_position(position), committed or 0)
-                if part.planner.needs_record():
+                if part.planner.needs_record() and not part.plan_full:
                     # Decisions wait for this commit before anything of them is sent: it
                     # carries no letters, so a dead-letter outage cannot hold sends back.
                     first = min((letter.offset for letter in part.letters), default=position)
@@ -1187,6 +1210,8 @@ class Pipeline:
         if self._parts.get(tp) is not part:
             return  # revoked meanwhile: the next owner honours what was recorded
         self._committed(tp, part, position, [])
+        # nothing fitted: wait for commits past listed batches, do not spin committing
+        part.plan_full = token == 0
         for unit in part.planner.recorded(token, plan):
             self._submit(tp, part, unit)
 
@@ -1250,8 +1275,12 @@ class Pipeline:
     ) -> None:
         if self._parts.get(tp) is not part:
             return  # revoked meanwhile: its state is gone
+        before = self.ledger.committed(tp)
         self.ledger.mark_committed(tp, position, part.generation)
         part.planner.committed(position)
+        if part.plan_full and (before is None or position > before):
+            part.plan_full = False  # listed batches committed past: room for new decisions
+            self._plan_due.set()
         self.metrics.committed_offset.labels(topic=tp.topic, partition=tp.partition).set(position)
         if part.traced:
             part.traced = [(offset, t) for offset, t in part.traced if offset >= position]

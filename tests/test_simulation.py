@@ -11,9 +11,11 @@ import asyncio
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from aiokafka import TopicPartition
 from structlog.testing import capture_logs
 
 from consumer.logs import LogEvent
@@ -375,3 +377,181 @@ def test_a_dead_letter_inside_a_batch_does_not_wedge_a_long_partition() -> None:
         batch_size=5, max_pending=2000, max_pending_per_partition=2000, commit_interval=0.2
     )
     sim.run(scenario, seed=5, partitions=1, per_partition=1500, settings=settings)
+
+
+def test_a_recovered_batch_whose_last_member_is_now_rejected_goes_without_it() -> None:
+    """The previous owner recorded batch {0, 1, 2}; by the restart offset 2 is stale, so it
+    never reaches the planner. The batch must still go (without it) and 2 be dead-lettered;
+    it hung for good before (only a later record resolved a recovered batch)."""
+    import orjson
+
+    from consumer.batching import Plan, PlannedBatch, batch_digest
+    from consumer.prepare import Prepared
+
+    found: dict[str, object] = {}
+
+    def value(n: int, when: float) -> bytes:
+        doc = orjson.loads(sim.order_value(n))
+        doc["time"] = datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z")
+        return orjson.dumps(doc)
+
+    async def scenario(world: World) -> None:
+        world.resend.chaos = False
+        tp = TopicPartition(sim.TOPIC, 0)
+        now = world.wall_start
+        records = [
+            sim.Record(0, b"k0", value(0, now), (), 0, "order-confirmation:ord-0"),
+            sim.Record(1, b"k1", value(1, now), (), 0, "order-confirmation:ord-1"),
+            sim.Record(2, b"k2", value(2, now - 65), (), 0, "order-confirmation:ord-2"),
+        ]
+        world.group.records = {tp: records}
+        preparer = sim._preparer(world.settings)
+        for r in records:
+            got = preparer.prepare(
+                r.value,
+                (),
+                topic=sim.TOPIC,
+                partition=0,
+                offset=0,
+                timestamp_ms=None,
+                enforce_age=False,
+            )
+            assert isinstance(got, Prepared)
+            world.resend.body_keys[got.body] = got.idempotency_key
+        keys = [r.expect_key for r in records]
+        world.group.committed[tp] = 0
+        world.group.metadata[tp] = Plan(
+            None, (PlannedBatch((0, 1, 2), batch_digest(keys)),)
+        ).encode()
+        member = world.members[0]
+        member.start()
+        await asyncio.sleep(120.0)
+        found["committed"] = world.group.committed[tp]
+        found["acked"] = sorted(world.resend.acked)
+        found["letters"] = [(x.offset, x.reason) for x in world.group.letters]
+        await world.close()
+
+    sim.run(
+        scenario,
+        seed=1,
+        partitions=1,
+        per_partition=3,
+        settings=sim.sim_settings(max_event_age=60.0, stall_timeout=60.0),
+    )
+    assert found["committed"] == 3
+    assert found["acked"] == ["order-confirmation:ord-0", "order-confirmation:ord-1"]
+    assert found["letters"] == [(2, "stale_event")]
+
+
+def test_a_fresh_batch_that_cannot_fit_below_recovered_ones_goes_singly() -> None:
+    """The previous owner's plan fills the metadata budget, and fresh offsets fall between
+    its batches (the new owner batches otherwise): waiting for room would never end,
+    since no commit can pass the fresh batch. It goes singly; everything finishes."""
+    from consumer.batching import PLAN_BUDGET, Plan, PlannedBatch, batch_digest
+    from consumer.prepare import Prepared
+
+    found: dict[str, int] = {}
+
+    async def scenario(world: World) -> None:
+        world.resend.chaos = False
+        tp = TopicPartition(sim.TOPIC, 0)
+        records = [
+            sim.Record(
+                o, f"k{o}".encode(), sim.order_value(o), (), 0, f"order-confirmation:ord-{o}"
+            )
+            for o in range(400)
+        ]
+        preparer = sim._preparer(world.settings)
+        for r in records:
+            got = preparer.prepare(
+                r.value, (), topic=sim.TOPIC, partition=0, offset=0, timestamp_ms=None
+            )
+            assert isinstance(got, Prepared)
+            world.resend.body_keys[got.body] = got.idempotency_key
+        key = {r.offset: r.expect_key for r in records}
+        # recorded: {1, 3, 4}, then batches of three up to the budget; 0 and 2 are fresh
+        batches = [PlannedBatch((1, 3, 4), batch_digest(key[o] for o in (1, 3, 4)))]
+        o = 5
+        while True:
+            nxt = PlannedBatch((o, o + 1, o + 2), batch_digest(key[x] for x in (o, o + 1, o + 2)))
+            if len(Plan(None, (*batches, nxt)).encode()) > PLAN_BUDGET:
+                break
+            batches.append(nxt)
+            o += 3
+        world.group.records = {tp: records[:o]}
+        world.expected = {key[x] for x in range(o)}
+        world.group.committed[tp] = 0
+        world.group.metadata[tp] = Plan(None, tuple(batches)).encode()
+        member = world.members[0]
+        member.start()
+        await world.settle(limit=120.0)
+        found["committed"] = world.group.committed[tp]
+        found["end"] = o
+        found["commits"] = member.committer.commits
+        await world.close()
+        world.check_exactly_once()
+
+    settings = sim.sim_settings(batch_size=2, max_pending=5000, max_pending_per_partition=5000)
+    sim.run(scenario, seed=1, partitions=1, per_partition=3, settings=settings)
+    assert found["committed"] == found["end"]
+    assert found["commits"] < 100  # no commit storm while waiting for room
+
+
+def test_an_urgent_event_never_lifts_the_memory_bound() -> None:
+    """A password reset at the head of a partition lets that partition past the count
+    of other partitions' backlog while it is unfinished, never past MAX_PENDING_BYTES
+    (it once did, for the rest of the assignment)."""
+    import orjson
+
+    from consumer.prepare import Prepared
+
+    reset = orjson.loads((ROOT / "schemas/examples/password_reset.requested.json").read_text())
+
+    def peak(first_urgent: bool) -> int:
+        high = [0]
+
+        async def scenario(world: World) -> None:
+            world.resend.chaos = False
+            tp = TopicPartition(sim.TOPIC, 0)
+            preparer = sim._preparer(world.settings)
+            head = (
+                orjson.dumps(dict(reset, time=sim._now_rfc3339()))
+                if first_urgent
+                else sim.order_value(10_000)
+            )
+            values = [head, *(sim.order_value(o) for o in range(1, 600))]
+            records = []
+            for o, value in enumerate(values):
+                got = preparer.prepare(
+                    value, (), topic=sim.TOPIC, partition=0, offset=0, timestamp_ms=None
+                )
+                assert isinstance(got, Prepared)
+                world.resend.body_keys[got.body] = got.idempotency_key
+                records.append(sim.Record(o, f"k{o}".encode(), value, (), 0, got.idempotency_key))
+            world.group.records = {tp: records}
+            world.expected = {r.expect_key for r in records}
+            member = world.members[0]
+            checks = world.loop.on_step
+            assert checks is not None
+
+            def watch() -> None:
+                checks()
+                high[0] = max(high[0], member.pipeline.pending_bytes)
+
+            world.loop.on_step = watch
+            member.start()
+            await world.settle()
+            await world.close()
+
+        settings = sim.sim_settings(
+            max_event_bytes=4096,
+            max_pending_bytes=8192,
+            max_pending=1000,
+            max_pending_per_partition=1000,
+            batch_size=1,
+        )
+        sim.run(scenario, seed=3, partitions=1, per_partition=1, settings=settings)
+        return high[0]
+
+    normal, urgent = peak(False), peak(True)
+    assert urgent <= 2 * normal, (normal, urgent)
