@@ -1095,7 +1095,10 @@ class Pipeline:
                 if hold_all:
                     continue
                 assembles = assembling and not bytes_hard
-                if assembles or (below and bytes_low and (count_low or urgent)):
+                # an empty partition holds nothing: the count bound cannot pause it
+                # (a fetch over the bound takes one record), or the urgent mail it may
+                # carry next would wait for every other partition's backlog
+                if assembles or (below and bytes_low and (count_low or urgent or not pending)):
                     to_resume.append(tp)
             elif hold_all:
                 to_pause.append(tp)
@@ -1103,7 +1106,9 @@ class Pipeline:
                 if bytes_hard:
                     to_pause.append(tp)
             elif (
-                bytes_over or (count_over and not urgent) or pending >= s.max_pending_per_partition
+                bytes_over
+                or (count_over and not urgent and pending > 0)
+                or pending >= s.max_pending_per_partition
             ):
                 to_pause.append(tp)
         if to_pause:

@@ -64,6 +64,10 @@ async def test_kill_minus_nine_with_batches_in_flight_then_other_batch_settings(
         topic,
         fast_sandbox.url,
         max_in_flight=4,
+        # a bounded intake: each owner decides only part of what is left, so the
+        # next owner meets recorded batches first and plans the rest its own way
+        max_pending=150,
+        max_pending_per_partition=50,
         log_level="info",
         kafka_session_timeout=6.0,
         resend_read_timeout=2.0,
