@@ -33,6 +33,7 @@ async def run(
     workers: int,
     latency_ms: float,
     tuning: dict[str, float],
+    share: bool = False,
 ) -> None:
     config = SandboxConfig(api_key=KEY, rate_limit=limit, faults=Faults(latency_ms=latency_ms))
     async with Sandbox(config=config) as sb:
@@ -40,9 +41,10 @@ async def run(
         policy = RetryPolicy(base=0.1, cap=2.0, max_attempts=100, max_elapsed=300.0)
         replicas_ = []
         for _ in range(replicas):
-            client = ResendClient(
-                base_url=sb.url, api_key=Secret(KEY), limiter=RateLimiter(rate=limit, **tuning)
-            )
+            limiter = RateLimiter(rate=limit, **tuning)
+            if share:
+                limiter.set_share(1.0 / replicas)  # as the service does from its partitions
+            client = ResendClient(base_url=sb.url, api_key=Secret(KEY), limiter=limiter)
             await client.start()
             replicas_.append((client, ServiceGate(), asyncio.Semaphore(workers)))
         stop_at = time.monotonic() + seconds
@@ -106,11 +108,26 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="RateLimiter keyword to try, e.g. --tune increase=0.2 (repeatable)",
     )
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        help="give each replica its share (1/replicas), as the service does from its partitions",
+    )
     args = parser.parse_args()
     tuning = {k: float(v) for k, v in (t.split("=", 1) for t in args.tune)}
     if tuning:
         print(f"tuning: {tuning}")
-    asyncio.run(run(args.replicas, args.limit, args.seconds, args.workers, args.latency_ms, tuning))
+    asyncio.run(
+        run(
+            args.replicas,
+            args.limit,
+            args.seconds,
+            args.workers,
+            args.latency_ms,
+            tuning,
+            args.share,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1476,6 +1476,23 @@ class Pipeline:
     def _report_assignment(self) -> None:
         self.health.set_assigned(len(self._parts))
         self.metrics.assigned_partitions.set(len(self._parts))
+        self._share_rate_limit()
+
+    def _share_rate_limit(self) -> None:
+        """Tell the limiter this member's share of the group: its partitions over all."""
+        limiter = getattr(self.client, "limiter", None)
+        consumer = self._consumer
+        partitions_for = getattr(consumer, "partitions_for_topic", None)
+        subscription = getattr(consumer, "subscription", None)
+        if limiter is None or partitions_for is None or subscription is None:
+            return
+        try:
+            assigned = len(consumer.assignment())
+            total = sum(len(partitions_for(topic) or ()) for topic in subscription())
+        except Exception:  # metadata not known yet: keep the share as it is
+            return
+        if assigned and total:
+            limiter.set_share(min(1.0, assigned / total))
 
     async def _drain(self, tps: set[TopicPartition], limit: float) -> None:
         """Let in-flight work of `tps` finish for up to `limit` seconds, then cancel the rest.

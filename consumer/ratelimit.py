@@ -94,6 +94,8 @@ class RateLimiter:
         self._blocked_until = 0.0
         self._last_decrease = -math.inf
         self._last_adjust: float | None = None
+        #: this process's share of the team's senders (see `set_share`)
+        self._share = 1.0
         self.acquired = 0
         self.throttled = 0
         self.decreases = 0
@@ -136,6 +138,22 @@ class RateLimiter:
         finally:
             self._lock.release()
 
+    @property
+    def share(self) -> float:
+        return self._share
+
+    def set_share(self, share: float) -> None:
+        """This process's share of the work (its partitions over the group's, say).
+
+        Every replica probes the team's limit on its own: each speeds up by
+        `increase` x its share of the ceiling, so N replicas together speed up as one
+        process would, instead of N times as fast (which overshoots into 429s at a
+        small limit). A replica that just joined starts at its share, not at the
+        whole limit; one whose share grew ramps up from where it is.
+        """
+        self._share = min(1.0, max(0.01, float(share)))
+        self._rate = min(self._rate, max(self.min_rate, self._ceiling * self._share))
+
     def observe(
         self, headers: Mapping[str, str], status: int | None, *, name: str | None = None
     ) -> None:
@@ -168,10 +186,10 @@ class RateLimiter:
                 # Smooth exponential decay while the team's budget runs low.
                 self._rate *= math.exp(-dt)
             elif share >= self._high:
-                self._rate += self._increase * self._ceiling * dt
+                self._rate += self._increase * self._ceiling * self._share * dt
         elif 200 <= status < 300:
             # No rate headers (a proxy strips them): recover slowly towards the ceiling.
-            self._rate += self._increase * self._ceiling * dt
+            self._rate += self._increase * self._ceiling * self._share * dt
         self._rate = min(max(self._rate, self.min_rate), self._ceiling)
 
     def _slow_down(self, now: float, factor: float) -> None:

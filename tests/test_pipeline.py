@@ -721,3 +721,27 @@ async def test_topic_pattern_consumes_every_matching_topic_with_a_dlq_each(
     assert keys == {f"order-confirmation:ord-{i}" for i in range(8)}
     assert dict(letters[0].headers)["dlq.reason"] == b"not_object"
     assert dict(letters[0].headers)["dlq.source_topic"] == second.encode()
+
+
+async def test_each_member_gives_its_limiter_its_share_of_the_partitions(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, fast_sandbox: Sandbox
+) -> None:
+    """Two members on four partitions: each limiter learns a share of one half (and the
+    one left alone all of it), so replicas probe Resend's team limit as one would."""
+    topic = await new_topic(4)
+    settings = pipeline_settings(kafka_bootstrap, topic, fast_sandbox.url)
+    async with running_pipeline(settings) as first:
+        await wait_for(lambda: len(first.ledger.assigned()) == 4, 30, "first holds all")
+        limiter = first.client.limiter
+        assert limiter is not None
+        assert limiter.share == 1.0
+        async with running_pipeline(settings) as second:
+            await wait_for(
+                lambda: len(first.ledger.assigned()) == 2 and len(second.ledger.assigned()) == 2,
+                60,
+                "two partitions each",
+            )
+            assert limiter.share == pytest.approx(0.5)
+            assert second.client.limiter is not None
+            assert second.client.limiter.share == pytest.approx(0.5)
+        await wait_for(lambda: limiter.share == 1.0, 60, "the whole share back")
