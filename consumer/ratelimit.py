@@ -179,12 +179,14 @@ class RateLimiter:
                 self._block(now, wait)
         elif remaining is not None and self._ceiling > 0:
             share = remaining / self._ceiling
+            # Every replica sees the same low budget: each backs off by its share, so
+            # that together they back off as one process would
             if remaining < 1:
                 # The next request may be refused: back off before a 429 says so.
-                self._slow_down(now, self._soft_decrease)
+                self._slow_down(now, 1.0 - (1.0 - self._soft_decrease) * self._share)
             elif share < self._low:
                 # Smooth exponential decay while the team's budget runs low.
-                self._rate *= math.exp(-dt)
+                self._rate *= math.exp(-dt * self._share)
             elif share >= self._high:
                 self._rate += self._increase * self._ceiling * self._share * dt
         elif 200 <= status < 300:

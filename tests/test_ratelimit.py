@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 
 import pytest
@@ -324,3 +325,25 @@ def test_a_replicas_share_caps_its_start_and_scales_its_speed_up() -> None:
     lim.set_share(5.0)  # clamped to the whole
     assert lim.share == 1.0
     assert lim.rate == 5.0
+
+
+def test_a_replicas_share_scales_its_back_off_on_an_empty_budget() -> None:
+    """Every replica sees the team's budget run dry at once: each cuts by its share of
+    the soft decrease (three at a third cut about as much in all as one process), and
+    the smooth decay while the budget runs low slows by the share too."""
+    t = FakeTime()
+    lim = limiter(t, rate=5.0, soft_decrease=0.75)
+    lim.observe(headers(limit=6, remaining=5), 200)
+    lim.set_share(1 / 3)
+    assert lim.rate == pytest.approx(2.0)
+    t.now += 2.0
+    lim.observe(headers(limit=6, remaining=0), 200)
+    assert lim.rate == pytest.approx(2.0 * (1 - 0.25 / 3))
+    before = lim.rate
+    t.now += 1.0
+    lim.observe(headers(limit=6, remaining=1), 200)  # 1/6 < low: smooth decay
+    assert lim.rate == pytest.approx(before * math.exp(-1 / 3))
+    # alone (share 1) the same answers cut by the whole factor
+    solo = limiter(FakeTime(), rate=5.0, soft_decrease=0.75)
+    solo.observe(headers(limit=6, remaining=0), 200)
+    assert solo.rate == pytest.approx(5.0 * 0.75)
