@@ -555,3 +555,50 @@ def test_an_urgent_event_never_lifts_the_memory_bound() -> None:
 
     normal, urgent = peak(False), peak(True)
     assert urgent <= 2 * normal, (normal, urgent)
+
+
+def test_an_empty_partition_is_never_paused_by_the_count_bound() -> None:
+    """With the backlog of one partition over MAX_PENDING, a partition holding nothing
+    (an urgent topic's, between events) keeps fetching: paused with the backlog, the
+    urgent mail it carries next waited for all of it (p99 23 s in bench_batch.py)."""
+    from consumer.prepare import Prepared
+
+    seen: dict[str, int] = {"over": 0, "empty_paused": 0}
+
+    async def scenario(world: World) -> None:
+        world.resend.chaos = False
+        busy, empty = TopicPartition(sim.TOPIC, 0), TopicPartition(sim.TOPIC, 1)
+        preparer = sim._preparer(world.settings)
+        records = []
+        for o in range(300):
+            value = sim.order_value(o)
+            got = preparer.prepare(
+                value, (), topic=sim.TOPIC, partition=0, offset=0, timestamp_ms=None
+            )
+            assert isinstance(got, Prepared)
+            world.resend.body_keys[got.body] = got.idempotency_key
+            records.append(sim.Record(o, f"k{o}".encode(), value, (), 0, got.idempotency_key))
+        world.group.records = {busy: records, empty: []}
+        world.expected = {r.expect_key for r in records}
+        member = world.members[0]
+        checks = world.loop.on_step
+        assert checks is not None
+        settings = world.settings
+
+        def watch() -> None:
+            checks()
+            p = member.pipeline
+            if p.ledger.total_pending() >= settings.max_pending and empty in p._parts:
+                seen["over"] += 1
+                seen["empty_paused"] += empty in p._paused
+
+        world.loop.on_step = watch
+        member.start()
+        await world.settle()
+        await world.close()
+        world.check_exactly_once()
+
+    settings = sim.sim_settings(max_pending=20, max_pending_per_partition=20, batch_size=1)
+    sim.run(scenario, seed=2, partitions=2, per_partition=1, settings=settings)
+    assert seen["over"] > 0  # the bound was reached while both partitions were owned
+    assert seen["empty_paused"] == 0
