@@ -772,42 +772,21 @@ class Pipeline:
             return
         prepared = work.prepared
         assert prepared is not None
-        # records with different Kafka keys may still share an idempotency key (a
-        # duplicate publish): those go one at a time too, or Resend answers 409
-        key = prepared.idempotency_key
-        entry = self._key_locks.get(key)
-        if entry is None:
-            entry = self._key_locks[key] = [asyncio.Lock(), 0]
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                if not self._may_start(work):
-                    return  # revoked while waiting for the key
-                self._delivering += 1
-                try:
-                    result = await deliver(
-                        self.client,
-                        endpoint=prepared.endpoint,
-                        body=prepared.body,
-                        idempotency_key=key,
-                        policy=self.policy,
-                        gate=self.gate,
-                        slots=self._slots,
-                        on_attempt=lambda busy: self._on_attempt(work, busy),
-                        on_answer=lambda answer: work.attempt_trace.answer(answer),
-                        pace=lambda: self.client.pace(prepared.priority),
-                        clock=self._clock,
-                        # Resend forgets keys after 24 h: gate pauses and 429 waits are
-                        # unbounded, so the age is checked again before every attempt
-                        check=lambda: prepared.stale_reason(self._wall()),
-                        refused_as=prepared.stale_outcome,
-                    )
-                finally:
-                    self._delivering -= 1
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._key_locks[key]
+        result = await self._deliver_keyed(
+            work,
+            endpoint=prepared.endpoint,
+            body=prepared.body,
+            idempotency_key=prepared.idempotency_key,
+            on_attempt=lambda busy: self._on_attempt(work, busy),
+            on_answer=lambda answer: work.attempt_trace.answer(answer),
+            pace=lambda: self.client.pace(prepared.priority),
+            # Resend forgets keys after 24 h: gate pauses and 429 waits are
+            # unbounded, so the age is checked again before every attempt
+            check=lambda: prepared.stale_reason(self._wall()),
+            refused_as=prepared.stale_outcome,
+        )
+        if result is None:
+            return  # revoked while waiting for the key
         if result.outcome == "sent":
             self.done += 1
             self._finish(work, SENT, result=result)
@@ -831,7 +810,6 @@ class Pipeline:
 
     async def _process_batch(self, job: BatchJob) -> None:
         works = job.works
-        key = job.batch.key
         body = b"[" + b",".join(w.prepared.body for w in works if w.prepared) + b"]"
         prepared = [w.prepared for w in works if w.prepared is not None]
         # every member stays fresh, or none is sent: the oldest decides
@@ -847,54 +825,27 @@ class Pipeline:
         def on_attempt(busy: bool) -> None:
             job.busy = busy
             for work in works:
-                work.busy = busy
-                if busy:
-                    work.attempts_traced += 1
-                    work.attempt_trace = work.trace.attempt(
-                        endpoint=ENDPOINT_BATCH, number=work.attempts_traced
-                    )
-                else:
-                    work.attempt_trace.end()
-                    work.attempt_trace = NO_ATTEMPT
-            self.in_flight += 1 if busy else -1
-            self.metrics.in_flight.set(self.in_flight)
+                self._trace_attempt(work, busy, ENDPOINT_BATCH)
+            self._count_in_flight(busy)
 
         def on_answer(answer: Any) -> None:
             for work in works:
                 work.attempt_trace.answer(answer)
 
-        entry = self._key_locks.get(key)
-        if entry is None:
-            entry = self._key_locks[key] = [asyncio.Lock(), 0]
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                if not self._may_start(job):
-                    return
-                self._delivering += 1
-                try:
-                    result = await deliver(
-                        self.client,
-                        endpoint=ENDPOINT_BATCH,
-                        body=body,
-                        idempotency_key=key,
-                        headers=BATCH_HEADERS,
-                        policy=self.policy,
-                        gate=self.gate,
-                        slots=self._slots,
-                        on_attempt=on_attempt,
-                        on_answer=on_answer,
-                        pace=lambda: self.client.pace(job.priority),
-                        clock=self._clock,
-                        check=check,
-                        refused_as=refused_as,
-                    )
-                finally:
-                    self._delivering -= 1
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._key_locks[key]
+        result = await self._deliver_keyed(
+            job,
+            endpoint=ENDPOINT_BATCH,
+            body=body,
+            idempotency_key=job.batch.key,
+            headers=BATCH_HEADERS,
+            on_attempt=on_attempt,
+            on_answer=on_answer,
+            pace=lambda: self.client.pace(job.priority),
+            check=check,
+            refused_as=refused_as,
+        )
+        if result is None:
+            return
         self.metrics.batch_size.observe(len(works))
         if result.outcome != "sent":
             for work in works:
@@ -947,16 +898,57 @@ class Pipeline:
             work, reason="internal_error", message=f"{type(exc).__name__} while processing"
         )
 
+    async def _deliver_keyed(
+        self, subject: Work | BatchJob, *, idempotency_key: str, **request: Any
+    ) -> DeliveryResult | None:
+        """`deliver` one request, one at a time per idempotency key; None if revoked.
+
+        Records with different Kafka keys may still share an idempotency key (a
+        duplicate publish): those go one at a time too, or Resend answers 409.
+        """
+        key = idempotency_key
+        entry = self._key_locks.get(key)
+        if entry is None:
+            entry = self._key_locks[key] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                if not self._may_start(subject):
+                    return None  # revoked while waiting for the key
+                self._delivering += 1
+                try:
+                    return await deliver(
+                        self.client,
+                        idempotency_key=key,
+                        policy=self.policy,
+                        gate=self.gate,
+                        slots=self._slots,
+                        clock=self._clock,
+                        **request,
+                    )
+                finally:
+                    self._delivering -= 1
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._key_locks[key]
+
     def _on_attempt(self, work: Work, busy: bool) -> None:
         """An attempt starts (True) or ends (False): `in_flight` counts attempts on the wire."""
+        endpoint = work.prepared.endpoint if work.prepared is not None else ""
+        self._trace_attempt(work, busy, endpoint)
+        self._count_in_flight(busy)
+
+    def _trace_attempt(self, work: Work, busy: bool, endpoint: str) -> None:
         work.busy = busy
         if busy:
             work.attempts_traced += 1
-            endpoint = work.prepared.endpoint if work.prepared is not None else ""
             work.attempt_trace = work.trace.attempt(endpoint=endpoint, number=work.attempts_traced)
         else:
             work.attempt_trace.end()
             work.attempt_trace = NO_ATTEMPT
+
+    def _count_in_flight(self, busy: bool) -> None:
         self.in_flight += 1 if busy else -1
         self.metrics.in_flight.set(self.in_flight)
 
