@@ -43,9 +43,18 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
-from consumer.deadletter import DeadLetter, TopicLimits, build_record, scrub, unavailable
+from aiokafka.errors import KafkaError
+
+from consumer.deadletter import (
+    DeadLetter,
+    DeadLetterWriter,
+    TopicLimits,
+    build_record,
+    scrub,
+    unavailable,
+)
 from consumer.errors import CommitFailed, DeadLetterUnavailable, PartitionFenced
 
 if TYPE_CHECKING:
@@ -448,3 +457,76 @@ async def _close_producer(producer: AIOKafkaProducer, limit: float) -> None:
             await producer._sender.close()
         with contextlib.suppress(Exception):
             await producer.client.close()
+
+
+# -- the seam the engine commits through, and its plain implementation -------------
+
+
+class Committer(Protocol):
+    """Commits a partition's position together with the dead letters it covers.
+
+    `assign` fences earlier owners of the partitions and returns their committed
+    offsets read after the fence (`OffsetAndMetadata`, or None when nothing is
+    committed). `commit` returns only once letters and position are durable, or
+    raises: `DeadLetterUnavailable` when a letter could not be written,
+    `CommitFailed` when nothing happened (commit the same again), `PartitionFenced`
+    when a newer owner has the partition. Nothing of a failed call becomes visible.
+    """
+
+    async def assign(
+        self, partitions: Iterable[TopicPartition]
+    ) -> Mapping[TopicPartition, OffsetAndMetadata | None]: ...
+    async def commit(
+        self, tp: TopicPartition, position: int, metadata: str, letters: Sequence[DeadLetter]
+    ) -> None: ...
+    async def revoke(self, partitions: Iterable[TopicPartition]) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class ConsumerCommitter:
+    """Dead letters through an idempotent producer, then the consumer's own offset commit.
+
+    For brokers where transactions are not allowed (KAFKA_TRANSACTIONS=false): at
+    least once for dead letters, since a crash between the two writes a letter again.
+    """
+
+    def __init__(self, *, consumer: Any, writer: DeadLetterWriter, timeout: float) -> None:
+        self._consumer = consumer
+        self._writer = writer
+        self._timeout = timeout
+
+    async def assign(
+        self, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, OffsetAndMetadata | None]:
+        tps = sorted(partitions)
+        try:
+            # offsets with their metadata (the batch plan): `committed()` drops it
+            found = await asyncio.wait_for(
+                self._consumer._coordinator.fetch_committed_offsets(tps), self._timeout
+            )
+        except (KafkaError, TimeoutError) as exc:
+            raise CommitFailed(f"committed offsets not read: {type(exc).__name__}") from None
+        out: dict[TopicPartition, OffsetAndMetadata | None] = {}
+        for tp in tps:
+            meta = found.get(tp)
+            out[tp] = meta if meta is not None and meta.offset >= 0 else None
+        return out
+
+    async def commit(
+        self, tp: TopicPartition, position: int, metadata: str, letters: Sequence[DeadLetter]
+    ) -> None:
+        for letter in letters:
+            await self._writer.write(letter)
+        try:
+            # aiokafka retries a commit for as long as the coordinator is away; a
+            # revoke or a shutdown must not wait that long behind the commit lock
+            await asyncio.wait_for(self._consumer.commit({tp: (position, metadata)}), self._timeout)
+        except (KafkaError, TimeoutError) as exc:
+            where = f"{tp.topic}[{tp.partition}]"
+            raise CommitFailed(f"commit of {where}: {type(exc).__name__}") from None
+
+    async def revoke(self, partitions: Iterable[TopicPartition]) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None

@@ -57,6 +57,25 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+class Outcome(StrEnum):
+    """What an event ended as: the canonical line's `outcome`, the events metric's label.
+
+    Declared once, here beside `Reason`: a delivery's result, a stale policy's
+    refusal, the metric, the log line and the trace all say the same words.
+    """
+
+    SENT = "sent"
+    #: with a `Reason` (or Resend's reason), written to the dead-letter topic
+    DEAD_LETTERED = "dead_lettered"
+    SKIPPED = "skipped"
+    #: revoked before it finished: nothing committed, the next owner sends it
+    REVOKED = "revoked"
+
+
+#: what a delivery refused before sending ends in (a stale policy's choice)
+Refusal = Literal[Outcome.DEAD_LETTERED, Outcome.SKIPPED]
+
+
 Mode = Literal["structured", "binary"]
 Validator = Callable[[Any], Any]
 

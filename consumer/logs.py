@@ -361,13 +361,20 @@ def log_outcome(
     latency: float,
     email_id: str | None = None,
     reason: str | None = None,
+    message: str | None = None,
+    answer_time: float | None = None,
     trace_id: str | None = None,
 ) -> None:
     """Write the canonical line of one event's outcome (field names fixed here, once).
 
-    Dead letters log at WARNING, everything else at INFO. `latency` is seconds
-    from fetch to outcome; it is logged in milliseconds. `trace_id` (32 hex
-    digits, from `consumer.tracing`) is there only while tracing is on.
+    Dead letters log at WARNING, everything else at INFO, a dead letter with the
+    message `render` would print beside its reason (addresses in it are masked
+    like every string of the line). `latency` is seconds from fetch to outcome,
+    logged in milliseconds as `latency_ms`; when requests were made, it is split
+    into `resend_ms` (inside HTTP attempts: Resend's answer time) and `wait_ms`
+    (the rest: the lane's queue, the rate-limit pacing, backoffs, the gate).
+    `trace_id` (32 hex digits, from `consumer.tracing`) is there only while
+    tracing is on.
     """
     fields = {
         "outcome": outcome,
@@ -380,8 +387,11 @@ def log_outcome(
         "idempotency_key": idempotency_key,
         "attempts": attempts,
         "latency_ms": round(latency * 1000.0, 1),
+        "resend_ms": None if answer_time is None else round(answer_time * 1000.0, 1),
+        "wait_ms": None if answer_time is None else round((latency - answer_time) * 1000.0, 1),
         "email_id": email_id,
         "reason": reason,
+        "message": message,
         "trace_id": trace_id,
     }
     method = logger.warning if outcome == "dead_lettered" else logger.info

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -25,11 +25,8 @@ __all__ = [
     "METRIC_NAMES",
     "Metrics",
     "MetricsSnapshot",
-    "Outcome",
 ]
 
-#: what an event ended as (label `outcome` of `resend_consumer_events_total`)
-Outcome = Literal["sent", "dead_lettered", "skipped"]
 
 #: Prometheus text format 0.0.4: what every scraper understands
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"

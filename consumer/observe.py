@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import structlog
 
+from consumer.events import Outcome
 from consumer.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from consumer.health import HEALTHZ, READYZ, Health, HealthServer
 from consumer.logs import (
@@ -28,7 +29,7 @@ from consumer.logs import (
     mask_recipients,
     scrub_secrets,
 )
-from consumer.metrics import CONTENT_TYPE, METRIC_NAMES, Metrics, MetricsSnapshot, Outcome
+from consumer.metrics import CONTENT_TYPE, METRIC_NAMES, Metrics, MetricsSnapshot
 from consumer.settings import Settings
 
 __all__ = [

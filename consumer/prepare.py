@@ -17,13 +17,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import orjson
 
 from consumer.batching import UNBATCHABLE_FIELDS, Priority
 from consumer.errors import InvalidEvent
-from consumer.events import Decoder, Reason, invalid, mask_addresses, validate_data
+from consumer.events import (
+    Decoder,
+    Outcome,
+    Reason,
+    Refusal,
+    invalid,
+    mask_addresses,
+    validate_data,
+)
 from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 from consumer.routes import MAX_AGE_LIMIT, Route, RoutesError, RouteTable, load_routes
 from consumer.settings import Settings, StalePolicy
@@ -76,9 +84,9 @@ class Prepared:
         return Reason.STALE_EVENT.value
 
     @property
-    def stale_outcome(self) -> Literal["dead_letter", "skipped"]:
-        """What a refusal by `stale_reason` ends in: "skipped" under STALE_POLICY=skip."""
-        return "skipped" if self.stale_policy == "skip" else "dead_letter"
+    def stale_outcome(self) -> Refusal:
+        """What a refusal by `stale_reason` ends in: skipped under STALE_POLICY=skip."""
+        return Outcome.SKIPPED if self.stale_policy == "skip" else Outcome.DEAD_LETTERED
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +109,8 @@ class Skipped:
     event_type: str | None
 
 
-Outcome = Prepared | Rejected | Skipped
+#: what preparing a record made of it (each carries the event's id and type)
+Payload = Prepared | Rejected | Skipped
 
 
 class Preparer:

@@ -9,7 +9,7 @@
   interval that doubles (with jitter) up to `probe_max`. The first success
   closes it and everyone resumes. Each change of state is logged once.
 * `deliver`: holds an in-flight slot only during an HTTP attempt, waits on the
-  gate while it is open, and ends in "sent" or "dead_letter" (or "skipped", when
+  gate while it is open, and ends in `Outcome.SENT` or `DEAD_LETTERED` (or `SKIPPED`, when
   its `check` refuses a send the caller's policy drops). Service-wide trouble
   never dead-letters: waits on the gate and probe attempts do not spend the
   retry budget, and neither do 429 rate-limit answers (the limiter's job).
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import structlog
 
+from consumer.events import Outcome, Refusal
 from consumer.logs import LogEvent
 from consumer.resend import Answer, Condition
 
@@ -36,10 +37,6 @@ log = structlog.get_logger("consumer.retry")
 
 GateState = Literal["closed", "open"]
 GateCondition = Condition | Literal["outage"]
-Outcome = Literal["sent", "dead_letter", "skipped"]
-#: what a delivery refused by its `check` ends in
-Refusal = Literal["dead_letter", "skipped"]
-
 REASON_SENT: Final = "sent"
 REASON_EXHAUSTED: Final = "retries_exhausted"
 
@@ -328,6 +325,8 @@ class DeliveryResult:
     reason: str
     #: ids of a batch, in input order
     email_ids: list[str] | None = None
+    #: seconds spent in HTTP attempts (Resend's answer time), without any wait
+    answer_time: float = 0.0
 
 
 class Sender(Protocol):
@@ -357,7 +356,7 @@ async def deliver(
     on_attempt: Callable[[bool], None] | None = None,
     pace: Callable[[], Awaitable[None]] | None = None,
     check: Callable[[], str | None] | None = None,
-    refused_as: Refusal = "dead_letter",
+    refused_as: Refusal = Outcome.DEAD_LETTERED,
     on_answer: Callable[[Answer], None] | None = None,
 ) -> DeliveryResult:
     """Send one prepared request until it is sent or must be dead-lettered.
@@ -384,6 +383,7 @@ async def deliver(
     budgeted = 0  # attempts that spend the retry budget
     spent = 0.0  # seconds that spend the budget (gate waits excluded)
     first_at = last_at = 0.0
+    answering = 0.0  # seconds inside client.send
     # gate.healthy when this delivery's current run of 5xx/transport failures began
     healthy_mark: int | None = None
     last: Answer | None = None
@@ -393,14 +393,16 @@ async def deliver(
             refused = check() if check is not None else None
             if refused is not None:
                 gate.abandon(ticket)
-                return _refused(refused_as, refused, last, attempts, first_at, last_at)
+                return _refused(refused_as, refused, last, attempts, first_at, last_at, answering)
             if pace is not None:
                 await pace()
             async with slots:
                 refused = check() if check is not None else None
                 if refused is not None:
                     gate.abandon(ticket)
-                    return _refused(refused_as, refused, last, attempts, first_at, last_at)
+                    return _refused(
+                        refused_as, refused, last, attempts, first_at, last_at, answering
+                    )
                 if on_attempt is not None:
                     on_attempt(True)
                 # Only the attempt itself (and the backoff after it) spends the time
@@ -428,6 +430,7 @@ async def deliver(
                     if on_answer is not None:
                         on_answer(answer)
                 finally:
+                    answering += clock() - started
                     if on_attempt is not None:
                         on_attempt(False)
         except BaseException:
@@ -437,7 +440,7 @@ async def deliver(
         last = answer
         if answer.verdict == "ok":
             return DeliveryResult(
-                outcome="sent",
+                outcome=Outcome.SENT,
                 email_id=answer.email_id,
                 email_ids=answer.email_ids,
                 attempts=attempts,
@@ -445,9 +448,10 @@ async def deliver(
                 last_attempt_at=last_at,
                 last=answer,
                 reason=REASON_SENT,
+                answer_time=answering,
             )
         if answer.verdict == "reject":
-            return _dead(answer, answer.reason, attempts, first_at, last_at)
+            return _dead(answer, answer.reason, attempts, first_at, last_at, answering)
         if answer.verdict == "fatal" or gate.state == "open":
             # The gate holds everyone now; waiting there replaces backing off.
             continue
@@ -466,7 +470,7 @@ async def deliver(
         outage_suspect = healthy_mark is not None and gate.healthy == healthy_mark
         # A wait that would end past max_elapsed is not worth starting.
         if counts and policy.exhausted(budgeted, spent + delay) and not outage_suspect:
-            return _dead(answer, REASON_EXHAUSTED, attempts, first_at, last_at)
+            return _dead(answer, REASON_EXHAUSTED, attempts, first_at, last_at, answering)
         if counts:
             spent += delay
         await sleep(delay)
@@ -479,6 +483,7 @@ def _refused(
     attempts: int,
     first: float,
     last: float,
+    answering: float,
 ) -> DeliveryResult:
     return DeliveryResult(
         outcome=outcome,
@@ -488,16 +493,11 @@ def _refused(
         last_attempt_at=last,
         last=answer,
         reason=reason,
+        answer_time=answering,
     )
 
 
-def _dead(answer: Answer, reason: str, attempts: int, first: float, last: float) -> DeliveryResult:
-    return DeliveryResult(
-        outcome="dead_letter",
-        email_id=None,
-        attempts=attempts,
-        first_attempt_at=first,
-        last_attempt_at=last,
-        last=answer,
-        reason=reason,
-    )
+def _dead(
+    answer: Answer, reason: str, attempts: int, first: float, last: float, answering: float
+) -> DeliveryResult:
+    return _refused(Outcome.DEAD_LETTERED, reason, answer, attempts, first, last, answering)

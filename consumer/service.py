@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-from collections.abc import Iterator
 from typing import Any, Final
 
 import structlog
@@ -19,12 +18,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from consumer import __version__
-from consumer.committer import PartitionCommitter
+from consumer.committer import Committer, ConsumerCommitter, PartitionCommitter
 from consumer.deadletter import DeadLetterWriter
 from consumer.errors import KafkaUnavailable
 from consumer.logs import LogEvent
 from consumer.observe import Health, HealthServer, Metrics, configure_logging
-from consumer.pipeline import Committer, ConsumerCommitter, Pipeline
+from consumer.pipeline import Pipeline
 from consumer.prepare import Preparer
 from consumer.ratelimit import RateLimiter
 from consumer.resend import RULES, Answer, ResendClient
@@ -129,27 +128,6 @@ def observe_client(client: ResendClient, metrics: Metrics, limiter: RateLimiter)
     client.on_rate_wait = on_rate_wait
 
 
-def oldest_events(pipeline: Pipeline) -> Iterator[tuple[str, int, float]]:
-    """Per partition with unfinished work: the oldest event time among that work.
-
-    The event time is the one MAX_EVENT_AGE is measured from (the CloudEvent's
-    `time`), else the Kafka record timestamp. Read at scrape time only.
-    """
-    # TODO(pipeline owner): replace with a public Pipeline.oldest_events() once the
-    # engine rewrite lands; this reads the driver's per-partition work directly.
-    for tp, part in list(getattr(pipeline, "_parts", {}).items()):
-        oldest: float | None = None
-        for work in list(part.works.values()):
-            prepared = work.prepared
-            when = prepared.event_time if prepared is not None else None
-            if when is None and work.timestamp_ms is not None:
-                when = work.timestamp_ms / 1000
-            if when is not None and (oldest is None or when < oldest):
-                oldest = when
-        if oldest is not None:
-            yield tp.topic, tp.partition, oldest
-
-
 def _unavailable(settings: Settings, exc: BaseException) -> KafkaUnavailable:
     s = settings
     how: str = s.kafka_security_protocol
@@ -220,7 +198,7 @@ async def run_pipeline(
         committer=committer,
         tracer=tracer,
     )
-    metrics.observe_oldest_events(lambda: oldest_events(pipeline))
+    metrics.observe_oldest_events(pipeline.oldest_events)
     if ready is not None:
         ready(pipeline)
     try:

@@ -567,7 +567,7 @@ class Invariants:
                 self._finished(tp, before, pos)
                 self.last[tp] = pos
         for pipeline in self.pipelines:
-            for key, lane in pipeline._lanes.items():
+            for key, lane in pipeline.dispatch.lanes.items():
                 assert not lane.queue or lane.alive(), f"lane {key} holds work without a task"
 
     def _finished(self, tp: TopicPartition, first: int, last: int) -> None:
@@ -742,7 +742,7 @@ class World:
         details = [repr(m.pipeline) for m in self.members]
         if unfinished and os.environ.get("SIM_DEBUG"):
             for m in self.members:
-                for tp, part in m.pipeline._parts.items():
+                for tp, part in m.pipeline.engine.parts.items():
                     pl = part.planner
                     print(
                         m.consumer.name,
@@ -763,7 +763,7 @@ class World:
                                 ln.alive(),
                                 type(ln.current).__name__,
                             )
-                            for k, ln in m.pipeline._lanes.items()
+                            for k, ln in m.pipeline.dispatch.lanes.items()
                             if k[0] == tp
                         ],
                     )
@@ -880,8 +880,8 @@ async def _chaos(world: World) -> Outcome:
     for m in world.members:
         p = m.pipeline
         assert p.pending_bytes == 0, f"{p!r} holds {p.pending_bytes} bytes after it stopped"
-        assert not p._lanes, f"{p!r} left lanes behind"
-        assert not p._key_locks, f"{p!r} left key locks behind"
+        assert not p.dispatch.lanes, f"{p!r} left lanes behind"
+        assert not p.dispatch.key_locks, f"{p!r} left key locks behind"
         assert p.in_flight == 0, f"{p!r} counts requests on the wire after it stopped"
     return world.outcome()
 

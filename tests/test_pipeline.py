@@ -338,7 +338,7 @@ async def test_backlog_pauses_partitions_and_pending_stays_bounded(
             await asyncio.sleep(0.05)
             samples.append(pipeline.ledger.total_pending())
             per_partition.extend(pipeline.ledger.pending(tp) for tp in pipeline.ledger.assigned())
-            paused_seen = max(paused_seen, len(pipeline._paused))
+            paused_seen = max(paused_seen, len(pipeline.engine.paused))
     # a single fetch may land on top of the bound once; never more than that
     assert max(samples) <= 100 + 60
     assert max(per_partition) <= 60 + 60
@@ -638,20 +638,20 @@ async def test_revoke_drains_in_flight_then_commits_the_finished_prefix(
         batch_size=1,  # singles: no plan to record, and one request is one email
     )
     async with running_pipeline(settings) as pipeline:
-        real = pipeline._committer
+        real = pipeline.commits.committer
         try:
             await wait_for(lambda: pipeline.in_flight == 4, 30, "four requests on the wire")
             tp = next(iter(pipeline.ledger.assigned()))
             # first a revoke whose commit fails: no crash, nothing committed
             failing = _FailingCommits(real)
-            pipeline._committer = failing  # type: ignore[assignment]
+            pipeline.commits.committer = failing  # type: ignore[assignment]
             await pipeline.on_revoked({tp})  # type: ignore[arg-type]
             assert failing.failures == 1
             # (singles were recorded before they went out, at offset 0: nothing moved)
             assert (await committed(kafka_bootstrap, settings.kafka_group_id)).get(0, 0) == 0
             in_flight_at_revoke = len(fast_sandbox.deliveries())
         finally:
-            pipeline._committer = real
+            pipeline.commits.committer = real
     # the four requests on the wire finished (the drain waited for them)...
     assert in_flight_at_revoke == 4
     # ...and nothing queued behind them was started after the revoke

@@ -588,7 +588,7 @@ def test_stale_reason_is_the_admission_rule_applied_later(
         refused = isinstance(admitted, Rejected | Skipped)
         if refused:
             assert admitted.reason == Reason.STALE_EVENT
-            expected = "skipped" if isinstance(admitted, Skipped) else "dead_letter"
+            expected = "skipped" if isinstance(admitted, Skipped) else "dead_lettered"
             assert prepared.stale_outcome == expected
         assert prepared.stale_reason(now) == (Reason.STALE_EVENT.value if refused else None), later
 

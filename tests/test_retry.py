@@ -276,7 +276,7 @@ async def test_non_outage_retries_exhaust_into_a_dead_letter() -> None:
     """A key that stays locked is dead-lettered after max_attempts with its last answer."""
     result = await run(Scripted([LOCKED]), policy=fast_policy(max_attempts=3))
     assert (result.outcome, result.reason, result.attempts) == (
-        "dead_letter",
+        "dead_lettered",
         "retries_exhausted",
         3,
     )
@@ -295,7 +295,7 @@ async def test_max_elapsed_exhausts_the_budget() -> None:
         base=10.0, cap=10.0, max_attempts=100, max_elapsed=25.0, random=lambda: 1.0
     )
     result = await run(Scripted([LOCKED]), policy=policy, sleep=fake_sleep, clock=lambda: now[0])
-    assert result.outcome == "dead_letter"
+    assert result.outcome == "dead_lettered"
     assert result.attempts == 3  # 10 s + 10 s of backoff, then the third attempt passes 25 s
 
 
@@ -324,7 +324,7 @@ async def test_5xx_among_successes_is_dead_lettered() -> None:
 
     result = await run(Poison([DOWN]), policy=fast_policy(max_attempts=3), gate=gate)
     assert (result.outcome, result.reason, result.attempts) == (
-        "dead_letter",
+        "dead_lettered",
         "retries_exhausted",
         3,
     )
@@ -445,12 +445,12 @@ async def test_rejections_dead_letter_with_their_reason(sb: Sandbox, client: Res
         gate=ServiceGate(),
         slots=asyncio.Semaphore(1),
     )
-    assert (bad.outcome, bad.attempts) == ("dead_letter", 1)
+    assert (bad.outcome, bad.attempts) == ("dead_lettered", 1)
     assert bad.last is not None
     assert bad.last.status == 422
     assert (await run(client, key="idem:1", n=1)).outcome == "sent"
     changed = await run(client, key="idem:1", n=2)
-    assert (changed.outcome, changed.reason) == ("dead_letter", "invalid_idempotent_request")
+    assert (changed.outcome, changed.reason) == ("dead_lettered", "invalid_idempotent_request")
 
 
 @pytest.mark.parametrize(
@@ -661,7 +661,7 @@ def prepared_at(policy: StalePolicy) -> Prepared:
 @pytest.mark.parametrize(
     ("policy", "outcome", "reason", "calls"),
     [
-        ("dead-letter", "dead_letter", "stale_event", 0),
+        ("dead-letter", "dead_lettered", "stale_event", 0),
         ("skip", "skipped", "stale_event", 0),
         ("send", "sent", "sent", 1),
     ],
@@ -710,7 +710,7 @@ async def test_the_age_is_checked_again_after_a_backoff() -> None:
 
     sender = Scripted([long_limit, OK])
     result = await run(sender, sleep=sleep, check=lambda: prepared.stale_reason(wall.now))
-    assert (result.outcome, result.reason, result.attempts) == ("dead_letter", "stale_event", 1)
+    assert (result.outcome, result.reason, result.attempts) == ("dead_lettered", "stale_event", 1)
     assert result.last == long_limit
     assert len(sender.calls) == 1
 
@@ -727,7 +727,7 @@ async def test_a_refused_event_spends_no_rate_limit_token() -> None:
     later = EVENT_TIME + 2 * MAX_AGE
     result = await run(sender, pace=pace, check=lambda: prepared.stale_reason(later))
     assert (result.outcome, result.reason, result.attempts, result.last) == (
-        "dead_letter",
+        "dead_lettered",
         "stale_event",
         0,
         None,
@@ -762,7 +762,7 @@ async def test_a_probe_refused_by_its_check_hands_the_turn_on() -> None:
     refused = await asyncio.wait_for(first, 5)
     sent = await asyncio.wait_for(second, 5)
     assert (refused.outcome, refused.reason, stale_sender.calls) == (
-        "dead_letter",
+        "dead_lettered",
         "stale_event",
         [],
     )

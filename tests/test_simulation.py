@@ -19,7 +19,7 @@ from aiokafka import TopicPartition
 from structlog.testing import capture_logs
 
 from consumer.logs import LogEvent
-from consumer.pipeline import BatchJob
+from consumer.state import BatchJob
 from tests import sim
 from tests.sim import World
 
@@ -176,7 +176,7 @@ def test_a_stalled_partition_is_logged_counted_and_fails_liveness() -> None:
         world.resend.chaos = False
         member = world.members[0]
         pipeline = member.pipeline
-        pipeline_enqueue = pipeline._enqueue
+        pipeline_enqueue = pipeline.dispatch.submit
         sabotaged: list[object] = []
 
         def enqueue(tp, lane_key, work):  # type: ignore[no-untyped-def]
@@ -185,7 +185,7 @@ def test_a_stalled_partition_is_logged_counted_and_fails_liveness() -> None:
                 return
             pipeline_enqueue(tp, lane_key, work)
 
-        pipeline._enqueue = enqueue  # type: ignore[method-assign]
+        pipeline.dispatch.submit = enqueue  # type: ignore[method-assign]
         world.loop.on_step = None  # the dropped record is the point of this test
         member.start()
         stall_started = world.loop.time()
@@ -201,7 +201,7 @@ def test_a_stalled_partition_is_logged_counted_and_fails_liveness() -> None:
         assert pipeline.health.live()[1]["stalled_partitions"] == 1
         assert b"resend_consumer_stalled_partitions 1.0" in pipeline.metrics.render()
         # a restart (here: a rebalance, the same fresh start) sends it again
-        pipeline._enqueue = pipeline_enqueue  # type: ignore[method-assign]
+        pipeline.dispatch.submit = pipeline_enqueue  # type: ignore[method-assign]
         await world.group.rebalance()
         await world.settle()
         pipeline.check_stalls()
@@ -223,7 +223,7 @@ def test_a_batch_one_of_whose_lanes_never_reaches_it_is_a_stall_not_a_delivery()
         world.resend.chaos = False
         member = world.members[0]
         pipeline = member.pipeline
-        pipeline_enqueue = pipeline._enqueue
+        pipeline_enqueue = pipeline.dispatch.submit
         dropped: list[object] = []
 
         def enqueue(tp, lane_key, work):  # type: ignore[no-untyped-def]
@@ -232,7 +232,7 @@ def test_a_batch_one_of_whose_lanes_never_reaches_it_is_a_stall_not_a_delivery()
                 return
             pipeline_enqueue(tp, lane_key, work)
 
-        pipeline._enqueue = enqueue  # type: ignore[method-assign]
+        pipeline.dispatch.submit = enqueue  # type: ignore[method-assign]
         world.loop.on_step = None
         member.start()
         started = world.loop.time()
@@ -242,7 +242,7 @@ def test_a_batch_one_of_whose_lanes_never_reaches_it_is_a_stall_not_a_delivery()
                 assert world.loop.time() - started < 600, "the stall was never reported"
         found.extend(e for e in logs if e["event"] == LogEvent.PARTITION_STALLED)
         assert dropped
-        pipeline._enqueue = pipeline_enqueue  # type: ignore[method-assign]
+        pipeline.dispatch.submit = pipeline_enqueue  # type: ignore[method-assign]
         await world.group.rebalance()
         await world.settle()
         await world.close()
@@ -345,7 +345,7 @@ def test_an_idle_open_gate_probes_by_itself_and_turns_ready() -> None:
         await asyncio.sleep(90.0)  # every event ages past MAX_EVENT_AGE at the gate
         world.resend.phase = "healthy"
         await world.settle()  # all dead-lettered as stale_event: nothing waits any more
-        assert member.pipeline._delivering == 0
+        assert member.pipeline.engine.delivering == 0
         probes = world.resend.probes
         for _ in range(60):
             if member.pipeline.gate.state == "closed":
@@ -588,9 +588,9 @@ def test_an_empty_partition_is_never_paused_by_the_count_bound() -> None:
         def watch() -> None:
             checks()
             p = member.pipeline
-            if p.ledger.total_pending() >= settings.max_pending and empty in p._parts:
+            if p.ledger.total_pending() >= settings.max_pending and empty in p.engine.parts:
                 seen["over"] += 1
-                seen["empty_paused"] += empty in p._paused
+                seen["empty_paused"] += empty in p.engine.paused
 
         world.loop.on_step = watch
         member.start()
