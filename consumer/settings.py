@@ -17,15 +17,16 @@ import math
 import os
 import re
 import ssl
+import typing
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal
 
-AutoOffsetReset = Literal["earliest", "latest"]
 Ordering = Literal["key", "partition", "none"]
 StalePolicy = Literal["dead-letter", "skip", "send"]
+AutoOffsetReset = Literal["earliest", "latest"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -97,7 +98,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def _choice(choices: Any) -> Callable[[str], str]:
     """A parser accepting exactly the values of a `Literal` alias, in its order."""
-    allowed: tuple[str, ...] = get_args(choices)
+    allowed: tuple[str, ...] = typing.get_args(choices)
 
     def parse(text: str) -> str:
         if text not in allowed:
@@ -299,7 +300,7 @@ class Field:
     shown: Callable[[str], str] | None = None
 
 
-_T = TypeVar("_T")
+_T = typing.TypeVar("_T")
 _SPEC: Final = "setting"
 
 
