@@ -1,10 +1,12 @@
 """One immutable settings object, built at the edge from the environment and flags.
 
 Nothing below `cli.py` reads `os.environ`: the `Settings` built here is passed
-down. Every field has one environment variable (`FIELDS` below is the single
-source of truth; README's configuration table is generated from the same
-table by `resend-consumer config`). Secrets are `Secret` values whose repr and
-str never show the secret.
+down. Each setting is declared once, as a `Settings` field whose `_setting(...)`
+carries its default, parser and one-line meaning; its environment variable is
+the field name in capitals. `FIELDS` is derived from those declarations (the
+CLI flags and README's configuration table, printed by `resend-consumer config`,
+come from it), and a choice's allowed values are its `Literal`'s. Secrets are
+`Secret` values whose repr and str never show the secret.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 import re
 import ssl
+import typing
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,8 +26,10 @@ from typing import Any, Final, Literal
 
 Ordering = Literal["key", "partition", "none"]
 StalePolicy = Literal["dead-letter", "skip", "send"]
+AutoOffsetReset = Literal["earliest", "latest"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 FeedbackMode = Literal["structured", "binary"]
 
@@ -91,7 +96,10 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
+def _choice(choices: Any) -> Callable[[str], str]:
+    """A parser accepting exactly the values of a `Literal` alias, in its order."""
+    allowed: tuple[str, ...] = typing.get_args(choices)
+
     def parse(text: str) -> str:
         if text not in allowed:
             raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
@@ -242,6 +250,43 @@ def _positive_duration(text: str) -> float:
     return value
 
 
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
+
+
+def _topic(text: str) -> str:
+    if not _TOPIC.match(text) or text in (".", ".."):
+        raise ValueError("a Kafka topic name is 1-249 of [A-Za-z0-9._-]")
+    return text
+
+
+def _secret(text: str) -> Secret:
+    return Secret(text)
+
+
+_WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/]{4,}={0,2}\Z")
+
+
+def _webhook_secrets(text: str) -> tuple[Secret, ...]:
+    """One or more `whsec_<base64>` secrets, space- or comma-separated (rotation).
+
+    The message never quotes a secret, only its position.
+    """
+    parts = [p for p in re.split(r"[\s,]+", text) if p]
+    if not parts:
+        raise ValueError("no secret given")
+    for i, part in enumerate(parts, 1):
+        if not _WHSEC.match(part):
+            raise ValueError(
+                f"secret {i} of {len(parts)} is not of the form whsec_<base64> "
+                "(the signing secret Resend shows for the webhook)"
+            )
+    return tuple(Secret(p) for p in dict.fromkeys(parts))
+
+
+def _without_userinfo_repr(raw: str) -> str:
+    return repr(without_userinfo(raw))
+
+
 @dataclass(frozen=True, slots=True)
 class Field:
     """One setting: its environment variable, parser and one-line meaning."""
@@ -255,81 +300,229 @@ class Field:
     shown: Callable[[str], str] | None = None
 
 
+_T = typing.TypeVar("_T")
+_SPEC: Final = "setting"
+
+
+def _setting(
+    default: _T,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    secret: bool = False,
+    shown: Callable[[str], str] | None = None,
+) -> _T:
+    """Declare a `Settings` field: default, parser of the variable's text, one-line meaning.
+
+    A secret is left out of the repr and never quoted in an error.
+    """
+    spec = {"parse": parse, "help": help, "secret": secret, "shown": shown}
+    return field(default=default, repr=not secret, metadata={_SPEC: spec})
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     """Every knob of the service. Build with `Settings.from_env()`; never mutate."""
 
     # Kafka
-    kafka_bootstrap_servers: str = "127.0.0.1:9092"
-    kafka_topics: tuple[str, ...] = ("domain-events",)
-    kafka_topic_pattern: str | None = None
-    kafka_group_id: str = "resend-consumer"
-    kafka_client_id: str = "resend-consumer"
-    kafka_group_instance_id: str | None = None
-    kafka_session_timeout: float = 30.0
-    kafka_heartbeat_interval: float = 3.0
-    kafka_rebalance_timeout: float = 60.0
-    kafka_max_poll_interval: float = 300.0
-    kafka_auto_offset_reset: str = "earliest"
-    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
-    kafka_sasl_mechanism: SaslMechanism | None = None
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: Secret | None = field(default=None, repr=False)
-    kafka_ssl_cafile: Path | None = None
-    kafka_ssl_certfile: Path | None = None
-    kafka_ssl_keyfile: Path | None = None
-    dlq_topic: str | None = None
-    kafka_transactions: bool = True
+    kafka_bootstrap_servers: str = _setting(
+        "127.0.0.1:9092", _bootstrap, "Kafka bootstrap servers, comma-separated host:port"
+    )
+    kafka_topics: tuple[str, ...] = _setting(
+        ("domain-events",), _csv, "topics to consume, comma-separated"
+    )
+    kafka_topic_pattern: str | None = _setting(
+        None, _optional_str, "regular expression of topics to consume (instead of KAFKA_TOPICS)"
+    )
+    kafka_group_id: str = _setting("resend-consumer", str, "consumer group id")
+    kafka_client_id: str = _setting("resend-consumer", str, "client id shown in broker logs")
+    kafka_group_instance_id: str | None = _setting(
+        None,
+        _optional_str,
+        "static membership id (e.g. the pod name): restarts within the session "
+        "timeout do not rebalance",
+    )
+    kafka_session_timeout: float = _setting(30.0, _positive_duration, "group session timeout")
+    kafka_heartbeat_interval: float = _setting(3.0, _positive_duration, "group heartbeat interval")
+    kafka_rebalance_timeout: float = _setting(
+        60.0,
+        _positive_duration,
+        "how long the group waits for members to rejoin; above DRAIN_TIMEOUT",
+    )
+    kafka_max_poll_interval: float = _setting(
+        300.0, _positive_duration, "max time between polls before the member is dropped"
+    )
+    kafka_auto_offset_reset: AutoOffsetReset = _setting(
+        "earliest", _choice(AutoOffsetReset), "where a group with no committed offset starts"
+    )
+    kafka_security_protocol: SecurityProtocol = _setting(
+        "PLAINTEXT", _choice(SecurityProtocol), "Kafka security protocol"
+    )
+    kafka_sasl_mechanism: SaslMechanism | None = _setting(
+        None, _choice(SaslMechanism), "SASL mechanism"
+    )
+    kafka_sasl_username: str | None = _setting(None, _optional_str, "SASL username")
+    kafka_sasl_password: Secret | None = _setting(
+        None, _secret, "SASL password (secret)", secret=True
+    )
+    kafka_ssl_cafile: Path | None = _setting(None, Path, "CA bundle for SSL / SASL_SSL")
+    kafka_ssl_certfile: Path | None = _setting(None, Path, "client certificate (mutual TLS)")
+    kafka_ssl_keyfile: Path | None = _setting(None, Path, "client key (mutual TLS)")
+    dlq_topic: str | None = _setting(
+        None, _optional_str, "dead-letter topic (default: <source topic>.dlq)"
+    )
+    kafka_transactions: bool = _setting(
+        True, _bool, "dead letters and offsets in one transaction (exactly-once dead letters)"
+    )
     # Resend
-    resend_api_key: Secret | None = field(default=None, repr=False)
-    resend_api_key_file: Path | None = None
-    resend_base_url: str = "https://api.resend.com"
-    resend_allow_http: bool = False
-    resend_connect_timeout: float = 5.0
-    resend_read_timeout: float = 15.0
-    resend_total_timeout: float = 30.0
-    rate_limit: float = 10.0
-    retry_base: float = 0.5
-    retry_cap: float = 30.0
-    retry_max_attempts: int = 10
-    retry_max_elapsed: float = 900.0
-    probe_initial: float = 1.0
-    probe_max: float = 60.0
+    resend_api_key: Secret | None = _setting(None, _secret, "Resend API key (secret)", secret=True)
+    resend_api_key_file: Path | None = _setting(
+        None, Path, "file holding the API key (Kubernetes secret mount)"
+    )
+    resend_base_url: str = _setting(
+        "https://api.resend.com",
+        _base_url,
+        "Resend API base URL (https; http only to loopback unless RESEND_ALLOW_HTTP)",
+        shown=_without_userinfo_repr,
+    )
+    resend_allow_http: bool = _setting(
+        False,
+        _bool,
+        "allow an http:// RESEND_BASE_URL off this host (a sandbox container): "
+        "the key travels in clear",
+    )
+    resend_connect_timeout: float = _setting(5.0, _positive_duration, "HTTP connect timeout")
+    resend_read_timeout: float = _setting(
+        15.0, _positive_duration, "HTTP read timeout (between bytes)"
+    )
+    resend_total_timeout: float = _setting(
+        30.0, _positive_duration, "HTTP total timeout per attempt"
+    )
+    rate_limit: float = _setting(
+        10.0,
+        _positive_float,
+        "starting requests per second for this process; adapted from Resend's headers",
+    )
+    retry_base: float = _setting(0.5, _positive_duration, "first backoff step")
+    retry_cap: float = _setting(30.0, _positive_duration, "largest backoff step")
+    retry_max_attempts: int = _setting(
+        10, _positive_int, "attempts before a retriable failure is dead-lettered"
+    )
+    retry_max_elapsed: float = _setting(
+        900.0, _positive_duration, "time before a retriable failure is dead-lettered"
+    )
+    probe_initial: float = _setting(
+        1.0, _positive_duration, "first probe interval while a service-wide condition holds"
+    )
+    probe_max: float = _setting(60.0, _positive_duration, "largest probe interval")
     # Events and routes
-    routes_file: Path = Path("schemas/routes.yaml")
-    max_event_bytes: int = 1_048_576
-    max_event_age: float = 23 * 3600.0
-    stale_policy: StalePolicy = "dead-letter"
+    routes_file: Path = _setting(Path("schemas/routes.yaml"), Path, "routes file (YAML)")
+    max_event_bytes: int = _setting(
+        1_048_576, _positive_int, "records larger than this are dead-lettered (oversized)"
+    )
+    max_event_age: float = _setting(
+        23 * 3600.0,
+        _positive_duration,
+        "events older than this follow STALE_POLICY (Resend keeps keys 24h)",
+    )
+    stale_policy: StalePolicy = _setting(
+        "dead-letter", _choice(StalePolicy), "what happens to events older than MAX_EVENT_AGE"
+    )
     # Pipeline
-    max_in_flight: int = 64
-    ordering: Ordering = "key"
-    batch_size: int = 100
-    batch_linger: float = 0.2
-    max_pending: int = 10_000
-    max_pending_per_partition: int = 2_000
-    max_pending_bytes: int = 256 * 1_048_576
-    resume_ratio: float = 0.5
-    commit_interval: float = 1.0
-    drain_timeout: float = 20.0
-    shutdown_timeout: float = 25.0
-    stall_timeout: float = 300.0
+    max_in_flight: int = _setting(64, _positive_int, "sends in flight, process-wide")
+    ordering: Ordering = _setting(
+        "key",
+        _choice(Ordering),
+        "ordering of sends: per Kafka/idempotency key, per partition, or none",
+    )
+    batch_size: int = _setting(
+        100,
+        _batch_size,
+        "emails per request to /emails/batch, 1 to 100 (1: batching off); routes may override",
+    )
+    batch_linger: float = _setting(
+        0.2,
+        _linger,
+        "how long a batch waits to fill (urgent routes never wait); routes may override",
+    )
+    max_pending: int = _setting(
+        10_000, _positive_int, "fetched-but-unfinished records, in total, before partitions pause"
+    )
+    max_pending_per_partition: int = _setting(
+        2_000, _positive_int, "fetched-but-unfinished records per partition before it pauses"
+    )
+    max_pending_bytes: int = _setting(
+        256 * 1_048_576,
+        _positive_int,
+        "bytes of fetched records, rendered bodies and unwritten dead letters before pausing",
+    )
+    resume_ratio: float = _setting(
+        0.5, _ratio, "a paused partition resumes below this share of its bound"
+    )
+    commit_interval: float = _setting(1.0, _positive_duration, "offset commit interval")
+    drain_timeout: float = _setting(
+        20.0,
+        _positive_duration,
+        "on revoke, how long in-flight sends may finish; below KAFKA_REBALANCE_TIMEOUT",
+    )
+    shutdown_timeout: float = _setting(
+        25.0,
+        _positive_duration,
+        "on SIGTERM, how long in-flight sends may finish; below the pod grace period",
+    )
+    stall_timeout: float = _setting(
+        300.0,
+        _positive_duration,
+        "a partition with work that finishes nothing this long, unexplained, fails /healthz",
+    )
     # Delivery feedback (`resend-consumer webhooks`)
-    webhook_host: str = "0.0.0.0"  # noqa: S104 - Resend posts from the internet
-    webhook_port: int = 8081
-    resend_webhook_secret: tuple[Secret, ...] = field(default=(), repr=False)
-    resend_webhook_secret_file: Path | None = None
-    feedback_topic: str = "resend-feedback"
-    feedback_mode: FeedbackMode = "structured"
-    webhook_max_bytes: int = 262_144
-    webhook_dedup_window: int = 100_000
-    webhook_produce_timeout: float = 10.0
+    webhook_host: str = _setting(
+        "0.0.0.0",  # noqa: S104 - Resend posts from the internet
+        _host,
+        "address the webhook receiver binds (`webhooks`; also serves its health and metrics)",
+    )
+    webhook_port: int = _setting(8081, _port, "port of the webhook receiver (`webhooks`)")
+    resend_webhook_secret: tuple[Secret, ...] = _setting(
+        (),
+        _webhook_secrets,
+        "webhook signing secrets whsec_..., space- or comma-separated for rotation (secret)",
+        secret=True,
+    )
+    resend_webhook_secret_file: Path | None = _setting(
+        None, Path, "file holding the webhook signing secrets (Kubernetes secret mount)"
+    )
+    feedback_topic: str = _setting(
+        "resend-feedback",
+        _topic,
+        "topic the webhook receiver writes delivery feedback CloudEvents to",
+    )
+    feedback_mode: FeedbackMode = _setting(
+        "structured",
+        _choice(FeedbackMode),
+        "CloudEvents mode of feedback records: structured (JSON envelope) or binary (ce_ headers)",
+    )
+    webhook_max_bytes: int = _setting(
+        262_144, _positive_int, "larger webhook bodies are refused with 400"
+    )
+    webhook_dedup_window: int = _setting(
+        100_000, _positive_int, "recent svix-ids remembered to produce a repeated webhook once"
+    )
+    webhook_produce_timeout: float = _setting(
+        10.0,
+        _positive_duration,
+        "how long a webhook waits for Kafka's ack before it is answered 503",
+    )
     # Operations
-    health_port: int = 8080
-    health_host: str = "0.0.0.0"  # noqa: S104 - probes come from the kubelet
-    log_level: str = "info"
-    log_format: LogFormat = "auto"
-    mask_recipients: bool = True
-    progress_interval: float = 10.0
+    health_port: int = _setting(8080, _port, "port of /healthz, /readyz and /metrics (0: off)")
+    health_host: str = _setting("0.0.0.0", _host, "address the health server binds")  # noqa: S104 - probes come from the kubelet
+    log_level: LogLevel = _setting("info", _choice(LogLevel), "log level")
+    log_format: LogFormat = _setting(
+        "auto", _choice(LogFormat), "json, console, or auto (console on a TTY)"
+    )
+    mask_recipients: bool = _setting(True, _bool, "mask email addresses in logs")
+    progress_interval: float = _setting(
+        10.0, _positive_duration, "interval of the progress log line"
+    )
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -456,7 +649,7 @@ class Settings:
         environ: Mapping[str, str] | None = None,
         **overrides: Any,
     ) -> Settings:
-        """Read every `FIELDS` variable from environ (default os.environ); overrides win.
+        """Read every setting's variable from environ (default os.environ); overrides win.
 
         Overrides are already-typed values (from CLI flags); None means "not given".
         """
@@ -541,338 +734,10 @@ class Settings:
         return context
 
 
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
-
-
-def _topic(text: str) -> str:
-    if not _TOPIC.match(text) or text in (".", ".."):
-        raise ValueError("a Kafka topic name is 1-249 of [A-Za-z0-9._-]")
-    return text
-
-
-def _secret(text: str) -> Secret:
-    return Secret(text)
-
-
-_WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/]{4,}={0,2}\Z")
-
-
-def _webhook_secrets(text: str) -> tuple[Secret, ...]:
-    """One or more `whsec_<base64>` secrets, space- or comma-separated (rotation).
-
-    The message never quotes a secret, only its position.
-    """
-    parts = [p for p in re.split(r"[\s,]+", text) if p]
-    if not parts:
-        raise ValueError("no secret given")
-    for i, part in enumerate(parts, 1):
-        if not _WHSEC.match(part):
-            raise ValueError(
-                f"secret {i} of {len(parts)} is not of the form whsec_<base64> "
-                "(the signing secret Resend shows for the webhook)"
-            )
-    return tuple(Secret(p) for p in dict.fromkeys(parts))
-
-
-FIELDS: Final[tuple[Field, ...]] = (
-    Field(
-        "kafka_bootstrap_servers",
-        "KAFKA_BOOTSTRAP_SERVERS",
-        _bootstrap,
-        "Kafka bootstrap servers, comma-separated host:port",
-    ),
-    Field("kafka_topics", "KAFKA_TOPICS", _csv, "topics to consume, comma-separated"),
-    Field(
-        "kafka_topic_pattern",
-        "KAFKA_TOPIC_PATTERN",
-        _optional_str,
-        "regular expression of topics to consume (instead of KAFKA_TOPICS)",
-    ),
-    Field("kafka_group_id", "KAFKA_GROUP_ID", str, "consumer group id"),
-    Field("kafka_client_id", "KAFKA_CLIENT_ID", str, "client id shown in broker logs"),
-    Field(
-        "kafka_group_instance_id",
-        "KAFKA_GROUP_INSTANCE_ID",
-        _optional_str,
-        "static membership id (e.g. the pod name): restarts within the session "
-        "timeout do not rebalance",
-    ),
-    Field(
-        "kafka_session_timeout",
-        "KAFKA_SESSION_TIMEOUT",
-        _positive_duration,
-        "group session timeout",
-    ),
-    Field(
-        "kafka_heartbeat_interval",
-        "KAFKA_HEARTBEAT_INTERVAL",
-        _positive_duration,
-        "group heartbeat interval",
-    ),
-    Field(
-        "kafka_rebalance_timeout",
-        "KAFKA_REBALANCE_TIMEOUT",
-        _positive_duration,
-        "how long the group waits for members to rejoin; above DRAIN_TIMEOUT",
-    ),
-    Field(
-        "kafka_max_poll_interval",
-        "KAFKA_MAX_POLL_INTERVAL",
-        _positive_duration,
-        "max time between polls before the member is dropped",
-    ),
-    Field(
-        "kafka_auto_offset_reset",
-        "KAFKA_AUTO_OFFSET_RESET",
-        _choice("earliest", "latest"),
-        "where a group with no committed offset starts",
-    ),
-    Field(
-        "kafka_security_protocol",
-        "KAFKA_SECURITY_PROTOCOL",
-        _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
-        "Kafka security protocol",
-    ),
-    Field(
-        "kafka_sasl_mechanism",
-        "KAFKA_SASL_MECHANISM",
-        _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
-        "SASL mechanism",
-    ),
-    Field("kafka_sasl_username", "KAFKA_SASL_USERNAME", _optional_str, "SASL username"),
-    Field(
-        "kafka_sasl_password", "KAFKA_SASL_PASSWORD", _secret, "SASL password (secret)", secret=True
-    ),
-    Field("kafka_ssl_cafile", "KAFKA_SSL_CAFILE", Path, "CA bundle for SSL / SASL_SSL"),
-    Field("kafka_ssl_certfile", "KAFKA_SSL_CERTFILE", Path, "client certificate (mutual TLS)"),
-    Field("kafka_ssl_keyfile", "KAFKA_SSL_KEYFILE", Path, "client key (mutual TLS)"),
-    Field(
-        "dlq_topic", "DLQ_TOPIC", _optional_str, "dead-letter topic (default: <source topic>.dlq)"
-    ),
-    Field(
-        "kafka_transactions",
-        "KAFKA_TRANSACTIONS",
-        _bool,
-        "dead letters and offsets in one transaction (exactly-once dead letters)",
-    ),
-    Field("resend_api_key", "RESEND_API_KEY", _secret, "Resend API key (secret)", secret=True),
-    Field(
-        "resend_api_key_file",
-        "RESEND_API_KEY_FILE",
-        Path,
-        "file holding the API key (Kubernetes secret mount)",
-    ),
-    Field(
-        "resend_base_url",
-        "RESEND_BASE_URL",
-        _base_url,
-        "Resend API base URL (https; http only to loopback unless RESEND_ALLOW_HTTP)",
-        shown=lambda raw: repr(without_userinfo(raw)),
-    ),
-    Field(
-        "resend_allow_http",
-        "RESEND_ALLOW_HTTP",
-        _bool,
-        "allow an http:// RESEND_BASE_URL off this host (a sandbox container): "
-        "the key travels in clear",
-    ),
-    Field(
-        "resend_connect_timeout",
-        "RESEND_CONNECT_TIMEOUT",
-        _positive_duration,
-        "HTTP connect timeout",
-    ),
-    Field(
-        "resend_read_timeout",
-        "RESEND_READ_TIMEOUT",
-        _positive_duration,
-        "HTTP read timeout (between bytes)",
-    ),
-    Field(
-        "resend_total_timeout",
-        "RESEND_TOTAL_TIMEOUT",
-        _positive_duration,
-        "HTTP total timeout per attempt",
-    ),
-    Field(
-        "rate_limit",
-        "RATE_LIMIT",
-        _positive_float,
-        "starting requests per second for this process; adapted from Resend's headers",
-    ),
-    Field("retry_base", "RETRY_BASE", _positive_duration, "first backoff step"),
-    Field("retry_cap", "RETRY_CAP", _positive_duration, "largest backoff step"),
-    Field(
-        "retry_max_attempts",
-        "RETRY_MAX_ATTEMPTS",
-        _positive_int,
-        "attempts before a retriable failure is dead-lettered",
-    ),
-    Field(
-        "retry_max_elapsed",
-        "RETRY_MAX_ELAPSED",
-        _positive_duration,
-        "time before a retriable failure is dead-lettered",
-    ),
-    Field(
-        "probe_initial",
-        "PROBE_INITIAL",
-        _positive_duration,
-        "first probe interval while a service-wide condition holds",
-    ),
-    Field("probe_max", "PROBE_MAX", _positive_duration, "largest probe interval"),
-    Field("routes_file", "ROUTES_FILE", Path, "routes file (YAML)"),
-    Field(
-        "max_event_bytes",
-        "MAX_EVENT_BYTES",
-        _positive_int,
-        "records larger than this are dead-lettered (oversized)",
-    ),
-    Field(
-        "max_event_age",
-        "MAX_EVENT_AGE",
-        _positive_duration,
-        "events older than this follow STALE_POLICY (Resend keeps keys 24h)",
-    ),
-    Field(
-        "stale_policy",
-        "STALE_POLICY",
-        _choice("dead-letter", "skip", "send"),
-        "what happens to events older than MAX_EVENT_AGE",
-    ),
-    Field("max_in_flight", "MAX_IN_FLIGHT", _positive_int, "sends in flight, process-wide"),
-    Field(
-        "ordering",
-        "ORDERING",
-        _choice("key", "partition", "none"),
-        "ordering of sends: per Kafka/idempotency key, per partition, or none",
-    ),
-    Field(
-        "batch_size",
-        "BATCH_SIZE",
-        _batch_size,
-        "emails per request to /emails/batch, 1 to 100 (1: batching off); routes may override",
-    ),
-    Field(
-        "batch_linger",
-        "BATCH_LINGER",
-        _linger,
-        "how long a batch waits to fill (urgent routes never wait); routes may override",
-    ),
-    Field(
-        "max_pending",
-        "MAX_PENDING",
-        _positive_int,
-        "fetched-but-unfinished records, in total, before partitions pause",
-    ),
-    Field(
-        "max_pending_per_partition",
-        "MAX_PENDING_PER_PARTITION",
-        _positive_int,
-        "fetched-but-unfinished records per partition before it pauses",
-    ),
-    Field(
-        "max_pending_bytes",
-        "MAX_PENDING_BYTES",
-        _positive_int,
-        "bytes of fetched records, rendered bodies and unwritten dead letters before pausing",
-    ),
-    Field(
-        "resume_ratio",
-        "RESUME_RATIO",
-        _ratio,
-        "a paused partition resumes below this share of its bound",
-    ),
-    Field("commit_interval", "COMMIT_INTERVAL", _positive_duration, "offset commit interval"),
-    Field(
-        "drain_timeout",
-        "DRAIN_TIMEOUT",
-        _positive_duration,
-        "on revoke, how long in-flight sends may finish; below KAFKA_REBALANCE_TIMEOUT",
-    ),
-    Field(
-        "shutdown_timeout",
-        "SHUTDOWN_TIMEOUT",
-        _positive_duration,
-        "on SIGTERM, how long in-flight sends may finish; below the pod grace period",
-    ),
-    Field(
-        "stall_timeout",
-        "STALL_TIMEOUT",
-        _positive_duration,
-        "a partition with work that finishes nothing this long, unexplained, fails /healthz",
-    ),
-    Field(
-        "webhook_host",
-        "WEBHOOK_HOST",
-        _host,
-        "address the webhook receiver binds (`webhooks`; also serves its health and metrics)",
-    ),
-    Field("webhook_port", "WEBHOOK_PORT", _port, "port of the webhook receiver (`webhooks`)"),
-    Field(
-        "resend_webhook_secret",
-        "RESEND_WEBHOOK_SECRET",
-        _webhook_secrets,
-        "webhook signing secrets whsec_..., space- or comma-separated for rotation (secret)",
-        secret=True,
-    ),
-    Field(
-        "resend_webhook_secret_file",
-        "RESEND_WEBHOOK_SECRET_FILE",
-        Path,
-        "file holding the webhook signing secrets (Kubernetes secret mount)",
-    ),
-    Field(
-        "feedback_topic",
-        "FEEDBACK_TOPIC",
-        _topic,
-        "topic the webhook receiver writes delivery feedback CloudEvents to",
-    ),
-    Field(
-        "feedback_mode",
-        "FEEDBACK_MODE",
-        _choice("structured", "binary"),
-        "CloudEvents mode of feedback records: structured (JSON envelope) or binary (ce_ headers)",
-    ),
-    Field(
-        "webhook_max_bytes",
-        "WEBHOOK_MAX_BYTES",
-        _positive_int,
-        "larger webhook bodies are refused with 400",
-    ),
-    Field(
-        "webhook_dedup_window",
-        "WEBHOOK_DEDUP_WINDOW",
-        _positive_int,
-        "recent svix-ids remembered to produce a repeated webhook once",
-    ),
-    Field(
-        "webhook_produce_timeout",
-        "WEBHOOK_PRODUCE_TIMEOUT",
-        _positive_duration,
-        "how long a webhook waits for Kafka's ack before it is answered 503",
-    ),
-    Field("health_port", "HEALTH_PORT", _port, "port of /healthz, /readyz and /metrics (0: off)"),
-    Field("health_host", "HEALTH_HOST", _host, "address the health server binds"),
-    Field("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "log level"),
-    Field(
-        "log_format",
-        "LOG_FORMAT",
-        _choice("auto", "json", "console"),
-        "json, console, or auto (console on a TTY)",
-    ),
-    Field("mask_recipients", "MASK_RECIPIENTS", _bool, "mask email addresses in logs"),
-    Field(
-        "progress_interval",
-        "PROGRESS_INTERVAL",
-        _positive_duration,
-        "interval of the progress log line",
-    ),
+#: every setting in declaration order; the variable is the field name in capitals
+FIELDS: Final[tuple[Field, ...]] = tuple(
+    Field(f.name, f.name.upper(), **f.metadata[_SPEC]) for f in dataclasses.fields(Settings)
 )
-
-_names = {f.name for f in FIELDS}
-_declared = {f.name for f in dataclasses.fields(Settings)}
-assert _names == _declared, f"FIELDS and Settings disagree: {_names ^ _declared}"
 
 
 def defaults_table() -> list[tuple[str, str, str]]:

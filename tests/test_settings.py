@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import typing
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,30 @@ ROUTES = ROOT / "schemas" / "routes.yaml"
 
 #: every setting that holds a float (a duration or a number)
 FLOAT_SETTINGS = [f.env for f in FIELDS if isinstance(getattr(Settings(), f.name), float)]
+
+
+def literal_settings() -> list[tuple[str, tuple[str, ...]]]:
+    """(ENV, allowed values) of every setting whose type is a Literal (or a Literal | None)."""
+    hints = typing.get_type_hints(Settings)
+    out = []
+    for f in FIELDS:
+        hint = hints[f.name]
+        for part in (hint, *typing.get_args(hint)):
+            if typing.get_origin(part) is typing.Literal:
+                out.append((f.env, typing.get_args(part)))
+    return out
+
+
+@pytest.mark.parametrize(("env", "allowed"), literal_settings())
+def test_a_choice_takes_exactly_the_values_of_its_literal(
+    env: str, allowed: tuple[str, ...]
+) -> None:
+    """The values a choice accepts are its type's Literal, declared once."""
+    (setting,) = (f for f in FIELDS if f.env == env)
+    for value in allowed:
+        assert setting.parse(value) == value
+    with pytest.raises(ValueError, match=re.escape(f"is not one of {', '.join(allowed)}")):
+        setting.parse("not-a-choice")
 
 
 @pytest.mark.parametrize("env", FLOAT_SETTINGS)
