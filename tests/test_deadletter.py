@@ -643,7 +643,7 @@ async def test_cli_dlq_replay_runs_end_to_end(
 
 def test_replay_warns_about_future_dated_and_stale_events() -> None:
     """A future `time` gets its own warning; an old one warns that STALE_POLICY applies again."""
-    from consumer.deadletter import _warnings
+    from consumer.commands.dlq import _warnings
 
     settings = Settings(kafka_topics=("orders",))
     meta = {"dlq.attempts": "0"}

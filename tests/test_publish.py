@@ -15,8 +15,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer import cli
-from consumer.commands import publish
+from consumer import cli, publish
+from consumer.commands import publish as publish_command
 from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
 from consumer.publish import BadInput, build_envelope, kafka_key, parse_input, to_record
 from consumer.settings import Settings
@@ -29,18 +29,18 @@ class TTYStringIO(io.StringIO):
         return True
 
 
-def parse(*argv: str) -> publish.PublishArgs:
+def parse(*argv: str) -> publish_command.PublishArgs:
     parser = argparse.ArgumentParser()
     cli._add_settings_flags(parser)
-    publish.add_arguments(parser)
-    return publish.PublishArgs.from_namespace(parser.parse_args(argv))
+    publish_command.add_arguments(parser)
+    return publish_command.PublishArgs.from_namespace(parser.parse_args(argv))
 
 
 async def run(bootstrap: str, *argv: str, stdin: str = "") -> tuple[int, str, str]:
     """Run the publish command as the CLI would; (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     settings = Settings(kafka_bootstrap_servers=bootstrap)
-    code = await publish.publish(
+    code = await publish_command.publish(
         settings, parse(*argv), asyncio.Event(), stdin=io.StringIO(stdin), stdout=out, stderr=err
     )
     return code, out.getvalue(), err.getvalue()
@@ -240,7 +240,7 @@ async def test_stop_event_interrupts_publishing(
     stop = asyncio.Event()
     stop.set()
     out, err = io.StringIO(), TTYStringIO()
-    code = await publish.publish(
+    code = await publish_command.publish(
         Settings(kafka_bootstrap_servers=kafka_bootstrap),
         parse("--topic", topic, "--type", "a", "--count", "5"),
         stop,
@@ -258,7 +258,7 @@ async def test_unreachable_broker_fails_with_one_clear_line() -> None:
     """No broker: exit 1 with a one-line message, not a traceback."""
     out, err = io.StringIO(), io.StringIO()
     settings = Settings(kafka_bootstrap_servers="127.0.0.1:1")
-    code = await publish.publish(
+    code = await publish_command.publish(
         settings, parse("--type", "a"), asyncio.Event(), stdout=out, stderr=err
     )
     assert code == EXIT_FAILURE
@@ -281,7 +281,7 @@ async def test_unreachable_broker_fails_with_one_clear_line() -> None:
 async def test_usage_errors(argv: tuple[str, ...], message: str) -> None:
     """Conflicting or missing inputs exit 2 before touching Kafka."""
     err = io.StringIO()
-    code = await publish.publish(
+    code = await publish_command.publish(
         Settings(kafka_bootstrap_servers="127.0.0.1:1"),
         parse(*argv),
         asyncio.Event(),
