@@ -12,6 +12,9 @@ and the command itself, which orchestrates the domain modules and prints:
     health.py      `health`: probe a running service (exec probes)
 
 `consumer.cli` is the edge above them: the parser tree, the settings flags,
-signal handling and the translation of exceptions into exit codes. The domain
-modules below (`prepare`, `deadletter`, `publish`, ...) never see argparse.
+signal handling and the translation of exceptions into exit codes. `run` and
+`webhooks` need no module here (`service.run_service`, `feedback.run_webhooks`
+take settings only), and the sandbox, a product of its own, keeps its flags in
+`consumer.sandbox.cli`. The domain modules below (`prepare`, `deadletter`,
+`publish`, ...) never see argparse, and nothing but `cli` imports a command.
 """
