@@ -1,4 +1,8 @@
-"""`resend-consumer` commands. Signal handling lives here and nowhere else.
+"""`resend-consumer`: the edge. Signal handling lives here and nowhere else.
+
+The parser tree, the settings flags, and for each command the step from its
+parsed flags to its typed arguments; the commands themselves are in
+`consumer.commands`, one module per family, and return `consumer.exitcodes`.
 
 Every setting in `settings.FIELDS` is also a flag of the commands that take
 settings: `KAFKA_BOOTSTRAP_SERVERS` is `--kafka-bootstrap-servers`, and so on.
@@ -17,21 +21,10 @@ from typing import Any
 
 from consumer import __version__
 from consumer.errors import ConsumerError
-from consumer.exitcodes import (  # re-exported: scripts and tests use cli.EXIT_*
-    EXIT_BAD_INPUT,
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-)
+from consumer.exitcodes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from consumer.settings import FIELDS, Settings, SettingsError, defaults_table
 
 __all__ = [
-    "EXIT_BAD_INPUT",
-    "EXIT_FAILURE",
-    "EXIT_INTERRUPTED",
-    "EXIT_OK",
-    "EXIT_USAGE",
     "build_parser",
     "flag_for",
     "main",
@@ -103,7 +96,7 @@ def run_async(make: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     return asyncio.run(runner())
 
 
-# -- commands -------------------------------------------------------------------
+# -- commands: each translates its parsed flags into typed arguments ----------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -127,52 +120,55 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from consumer.prepare import render_command
+    from consumer.commands.render import RenderArgs, render
 
-    return render_command(settings_from(args), args)
+    return render(settings_from(args), RenderArgs.from_namespace(args))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from consumer.prepare import check_command
+    from consumer.commands.render import CheckArgs, check
 
-    return check_command(settings_from(args), args)
+    return check(settings_from(args), CheckArgs.from_namespace(args))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from consumer.publish import publish_command
+    from consumer.commands.publish import PublishArgs, publish
 
-    settings = settings_from(args)
-    return run_async(lambda stop: publish_command(settings, args, stop))
+    settings, options = settings_from(args), PublishArgs.from_namespace(args)
+    return run_async(lambda stop: publish(settings, options, stop))
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from consumer.observe import health_command
+    from consumer.commands.health import HealthArgs, probe
 
-    return health_command(settings_from(args), args)
+    return probe(settings_from(args), HealthArgs.from_namespace(args))
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    from consumer.deadletter import replay_command
+    from consumer.commands.dlq import ReplayArgs, replay
 
-    settings = settings_from(args)
-    return run_async(lambda stop: replay_command(settings, args, stop))
+    settings, options = settings_from(args), ReplayArgs.from_namespace(args)
+    return run_async(lambda stop: replay(settings, options, stop))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from consumer.quickstart import quickstart
+    from consumer.commands.quickstart import QuickstartArgs, quickstart
 
     # the quickstart starts what the environment does not already name
-    args.external_kafka = bool(
-        os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or args.setting_kafka_bootstrap_servers
-    )
-    args.external_resend = bool(
-        os.environ.get("RESEND_API_KEY")
-        or os.environ.get("RESEND_API_KEY_FILE")
-        or args.setting_resend_api_key
-        or args.setting_resend_api_key_file
+    options = QuickstartArgs.from_namespace(
+        args,
+        external_kafka=bool(
+            os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or args.setting_kafka_bootstrap_servers
+        ),
+        external_resend=bool(
+            os.environ.get("RESEND_API_KEY")
+            or os.environ.get("RESEND_API_KEY_FILE")
+            or args.setting_resend_api_key
+            or args.setting_resend_api_key_file
+        ),
     )
     settings = settings_from(args)
-    return run_async(lambda stop: quickstart(settings, args, stop))
+    return run_async(lambda stop: quickstart(settings, options, stop))
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -185,6 +181,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from consumer.commands import dlq, health, publish, quickstart, render
+    from consumer.sandbox import cli as sandbox
+
     parser = argparse.ArgumentParser(
         prog="resend-consumer",
         description="Kafka domain events to transactional emails through Resend.",
@@ -215,27 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("sandbox", cmd_sandbox, "run the local Resend-compatible sandbox", settings=False)
-    _lazy_arguments(p, "consumer.sandbox.cli")
+    sandbox.add_arguments(p)
 
     p = add("render", cmd_render, "dry run: print the idempotency key and exact request body")
-    p.add_argument("event", help="event file (CloudEvents JSON), or - for stdin")
-    _lazy_arguments(p, "consumer.prepare", "add_render_arguments")
+    render.add_render_arguments(p)
 
     p = add("check", cmd_check, "validate settings, routes, schemas and templates")
-    _lazy_arguments(p, "consumer.prepare", "add_check_arguments")
+    render.add_check_arguments(p)
 
     p = add("publish", cmd_publish, "publish domain events to a topic")
-    _lazy_arguments(p, "consumer.publish")
+    publish.add_arguments(p)
 
     p = add("health", cmd_health, "probe a running service's health endpoint (exec probes)")
-    _lazy_arguments(p, "consumer.observe")
+    health.add_arguments(p)
 
-    dlq = sub.add_parser("dlq", help="dead-letter topic tools")
-    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="DLQ_COMMAND")
+    dlq_parser = sub.add_parser("dlq", help="dead-letter topic tools")
+    dlq_sub = dlq_parser.add_subparsers(dest="dlq_command", required=True, metavar="DLQ_COMMAND")
     p = add(
         "replay", cmd_dlq_replay, "republish dead letters to their source topic", parent=dlq_sub
     )
-    _lazy_arguments(p, "consumer.deadletter")
+    dlq.add_arguments(p)
 
     p = add(
         "quickstart",
@@ -243,27 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
         "start local Kafka, the sandbox and the webhook receiver, run the service, "
         "publish the examples",
     )
-    _lazy_arguments(p, "consumer.quickstart")
+    quickstart.add_arguments(p)
 
     add("config", cmd_config, "print every setting as a Markdown table", settings=False)
     return parser
-
-
-def _lazy_arguments(
-    parser: argparse.ArgumentParser, module: str, func: str = "add_arguments"
-) -> None:
-    """Let a command's module declare its own flags, if it has any yet."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return
-    adder = getattr(mod, func, None)
-    if adder is not None:
-        adder(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,34 +19,30 @@ a fatal error, so the service pauses instead of skipping the event.
 `consumer.committer` writes dead letters and the source offset in one Kafka
 transaction instead, so readers of a dead-letter topic use read_committed.
 
-`resend-consumer dlq replay` reads a dead-letter topic from its beginning up to
-the end offsets seen at start, filters, and republishes each record's key,
-value and original headers (the `dlq.*` ones stripped, escaped names restored,
-so byte for byte) to its source topic, so the replayed event derives the same
-idempotency key as the first time.
+Reading a dead letter back (`dlq_values`, `original_headers`, `original_key`)
+serves `resend-consumer dlq replay` (`consumer.commands.dlq`), which
+republishes each record's key, value and original headers (the `dlq.*` ones
+stripped, escaped names restored, so byte for byte) to its source topic, so
+the replayed event derives the same idempotency key as the first time.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import orjson
 from aiokafka.errors import MessageSizeTooLargeError
 
 from consumer import __version__
 from consumer.errors import DeadLetterUnavailable
-from consumer.exitcodes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from consumer.logs import mask_email
-from consumer.prepare import CLOCK_SKEW
-from consumer.settings import Secret, Settings, parse_duration
+from consumer.settings import Secret
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -106,7 +102,7 @@ CE_TIME: Final = "ce_time"
 #: `max.message.bytes` cannot be read
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1_048_588
 
-#: Resend remembers an idempotency key for 24 hours
+#: Resend remembers an idempotency key for 24 hours (a replay warns past it)
 IDEMPOTENCY_WINDOW: Final = 24 * 3600.0
 MAX_MESSAGE_CHARS: Final = 1000
 
@@ -470,7 +466,8 @@ def original_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, by
     return restore_headers(headers)
 
 
-def _event_type(meta: dict[str, str], headers: Sequence[tuple[str, bytes]]) -> str | None:
+def event_type_of(meta: dict[str, str], headers: Sequence[tuple[str, bytes]]) -> str | None:
+    """The event type: the service's `dlq.event_type`, else the record's own `ce_type`."""
     if meta.get(H_EVENT_TYPE):
         return meta[H_EVENT_TYPE]
     for name, value in headers:
@@ -479,7 +476,7 @@ def _event_type(meta: dict[str, str], headers: Sequence[tuple[str, bytes]]) -> s
     return None
 
 
-def _event_time(headers: Sequence[tuple[str, bytes]], value: bytes | None) -> float | None:
+def event_time_of(headers: Sequence[tuple[str, bytes]], value: bytes | None) -> float | None:
     """The CloudEvents `time` (binary-mode header or structured-mode field), if readable."""
     text: str | None = None
     for name, raw in headers:
@@ -500,7 +497,8 @@ def _event_time(headers: Sequence[tuple[str, bytes]], value: bytes | None) -> fl
         return None
 
 
-def _meta_time(meta: dict[str, str], name: str) -> float | None:
+def meta_time(meta: dict[str, str], name: str) -> float | None:
+    """A dlq.* time header (RFC 3339) as epoch seconds; None when missing or unreadable."""
     text = meta.get(name)
     if not text:
         return None
@@ -508,246 +506,6 @@ def _meta_time(meta: dict[str, str], name: str) -> float | None:
         return parse_time(text)
     except ValueError:
         return None
-
-
-# -- replay command -----------------------------------------------------------------
-
-
-def _time_arg(text: str) -> float:
-    """RFC 3339, or a duration meaning that long ago ('2h', '30m', '1d')."""
-    try:
-        return time.time() - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        return parse_time(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a time: {text!r} (use RFC 3339 like 2026-01-02T03:04:05Z, or 2h, 30m, 1d ago)"
-        ) from None
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `resend-consumer dlq replay`."""
-    parser.add_argument(
-        "--from-topic",
-        help="dead-letter topic to read (default DLQ_TOPIC, else the first KAFKA_TOPICS + .dlq)",
-    )
-    parser.add_argument(
-        "--to-topic",
-        help="republish here instead of each record's dlq.source_topic",
-    )
-    parser.add_argument(
-        "--reason",
-        action="append",
-        default=[],
-        help="replay only this dlq.reason (repeatable)",
-    )
-    parser.add_argument(
-        "--type",
-        dest="event_type",
-        action="append",
-        default=[],
-        help="replay only this event type (repeatable)",
-    )
-    parser.add_argument(
-        "--since",
-        type=_time_arg,
-        help="only dead letters written at or after this time (RFC 3339, or 2h = 2 hours ago)",
-    )
-    parser.add_argument(
-        "--until",
-        type=_time_arg,
-        help="only dead letters written before this time (RFC 3339, or 30m = 30 minutes ago)",
-    )
-    parser.add_argument("--limit", type=_positive, help="replay at most N records")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print what would be replayed; send nothing"
-    )
-
-
-@dataclass(kw_only=True, slots=True)
-class ReplaySummary:
-    """Counts printed at the end of a replay."""
-
-    read: int = 0
-    replayed: int = 0
-    skipped: int = 0
-    warned: int = 0
-    unroutable: int = 0
-    incomplete: int = 0
-
-    def line(self, *, dry_run: bool) -> str:
-        verb = "would replay" if dry_run else "replayed"
-        text = (
-            f"{verb} {self.replayed}, skipped by filter {self.skipped}, "
-            f"warned {self.warned} (of {self.read} read)"
-        )
-        if self.unroutable:
-            text += f", {self.unroutable} without a source topic (not replayed)"
-        if self.incomplete:
-            text += f", {self.incomplete} without their original record (not replayed)"
-        return text
-
-
-class _Filter:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.reasons = set(args.reason or ())
-        self.types = set(args.event_type or ())
-        self.since: float | None = args.since
-        self.until: float | None = args.until
-
-    def keep(self, meta: dict[str, str], event_type: str | None, written_at: float) -> bool:
-        if self.reasons and meta.get(H_REASON) not in self.reasons:
-            return False
-        if self.types and event_type not in self.types:
-            return False
-        if self.since is not None and written_at < self.since:
-            return False
-        return self.until is None or written_at < self.until
-
-
-def _warnings(
-    meta: dict[str, str],
-    headers: Sequence[tuple[str, bytes]],
-    value: bytes | None,
-    written_at: float,
-    settings: Settings,
-    now: float,
-) -> list[str]:
-    out: list[str] = []
-    # An email may have reached Resend only if an attempt was made; past 24 h Resend
-    # no longer knows its key, so a replay could send a second email.
-    if meta.get(H_ATTEMPTS, "1") != "0":
-        first = _meta_time(meta, H_FIRST_ATTEMPT_AT)
-        label = "first attempt"
-        if first is None:
-            first, label = written_at, "dead-lettered"
-        if now - first > IDEMPOTENCY_WINDOW:
-            out.append(
-                f"{label} {(now - first) / 3600:.1f}h ago is past Resend's 24h "
-                "idempotency window: a second email is possible if the first reached Resend"
-            )
-    event_time = _event_time(headers, value)
-    if event_time is not None and event_time > now + CLOCK_SKEW:
-        out.append(
-            f"event time is {(event_time - now) / 3600:.1f}h in the future: the service "
-            "measures its age from the record timestamp, or dead-letters it again"
-        )
-    elif event_time is not None and now - event_time > settings.max_event_age:
-        out.append(
-            f"event time {(now - event_time) / 3600:.1f}h ago is past MAX_EVENT_AGE: "
-            f"STALE_POLICY={settings.stale_policy} will apply again"
-        )
-    return out
-
-
-def default_dlq_topic(settings: Settings) -> str | None:
-    if settings.dlq_topic:
-        return settings.dlq_topic
-    if settings.kafka_topics:
-        return settings.dlq_topic_for(settings.kafka_topics[0])
-    return None
-
-
-async def replay_command(
-    settings: Settings,
-    args: argparse.Namespace,
-    stop: asyncio.Event,
-    *,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-) -> int:
-    """Republish dead letters to their source topic; 0 on success."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-    from aiokafka.errors import KafkaError
-
-    out = out or sys.stdout
-    err = err or sys.stderr
-    source = args.from_topic or default_dlq_topic(settings)
-    if not source:
-        print("dlq replay: no dead-letter topic: pass --from-topic or set DLQ_TOPIC", file=err)
-        return EXIT_USAGE
-    dry_run: bool = args.dry_run
-    limit: int | None = args.limit
-    keep = _Filter(args)
-    summary = ReplaySummary()
-    client = settings.kafka_client_kwargs()
-    consumer = AIOKafkaConsumer(
-        **client,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-    )
-    producer = None
-    if not dry_run:
-        producer = AIOKafkaProducer(**client, enable_idempotence=True, acks="all", linger_ms=5)
-    acks: list[asyncio.Future[Any]] = []
-    try:
-        await consumer.start()
-        if producer is not None:
-            await producer.start()
-        partitions = await topic_partitions(client, source)
-        if not partitions:
-            print(f"dlq replay: topic {source!r} does not exist", file=err)
-            return EXIT_FAILURE
-        tps = [TopicPartition(source, p) for p in partitions]
-        consumer.assign(tps)
-        # Stop at the end seen now: records dead-lettered during the replay (perhaps
-        # the replayed ones failing again) are left for a later run.
-        ends: dict[Any, int] = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        now = time.time()
-        while remaining and not stop.is_set():
-            batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=1000)
-            for tp, records in batch.items():
-                for record in records:
-                    if record.offset >= ends[tp]:
-                        break
-                    summary.read += 1
-                    done = await _replay_one(
-                        record, args, settings, keep, summary, producer, acks, out, err, now
-                    )
-                    if done and limit is not None and summary.replayed >= limit:
-                        remaining.clear()
-                        break
-                if not remaining:
-                    break
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-            # Bound memory and surface a broken target early.
-            if len(acks) >= 1000:
-                await _settle(acks)
-        await _settle(acks)
-    except KafkaError as exc:
-        name, text = type(exc).__name__, str(exc)
-        shown = text if text.startswith(name) else f"{name}: {text}"
-        print(f"dlq replay: Kafka error: {shown}", file=err)
-        print(f"dlq replay: stopped after: {summary.line(dry_run=dry_run)}", file=err)
-        return EXIT_FAILURE
-    finally:
-        for ack in acks:
-            ack.cancel()
-        if producer is not None:
-            await producer.stop()
-        await consumer.stop()
-    print(summary.line(dry_run=dry_run), file=out)
-    if stop.is_set():
-        print("dlq replay: interrupted before the end of the topic", file=err)
-        return EXIT_INTERRUPTED
-    if summary.unroutable:
-        return EXIT_FAILURE
-    return EXIT_OK
 
 
 async def topic_partitions(client: dict[str, Any], topic: str) -> list[int]:
@@ -770,14 +528,7 @@ async def topic_partitions(client: dict[str, Any], topic: str) -> list[int]:
     )
 
 
-async def _settle(acks: list[asyncio.Future[Any]]) -> None:
-    pending = list(acks)
-    acks.clear()
-    for ack in pending:
-        await ack
-
-
-def _original_key(
+def original_key(
     meta: dict[str, str], key: bytes | None, value: bytes | None
 ) -> tuple[bytes | None, str | None]:
     """The source record's key, or why the source record cannot be rebuilt."""
@@ -791,55 +542,3 @@ def _original_key(
     if value is None:
         return None, "the source record had neither key nor value"
     return None, None
-
-
-async def _replay_one(
-    record: Any,
-    args: argparse.Namespace,
-    settings: Settings,
-    keep: _Filter,
-    summary: ReplaySummary,
-    producer: Any,
-    acks: list[asyncio.Future[Any]],
-    out: TextIO,
-    err: TextIO,
-    now: float,
-) -> bool:
-    """Filter, warn about and republish one dead letter; True if it counts as replayed."""
-    headers: Sequence[tuple[str, bytes]] = record.headers or ()
-    meta = dlq_values(headers)
-    event_type = _event_type(meta, headers)
-    written_at = _meta_time(meta, H_DEAD_LETTERED_AT) or record.timestamp / 1000.0
-    where = f"{record.topic}[{record.partition}]@{record.offset}"
-    if not keep.keep(meta, event_type, written_at):
-        summary.skipped += 1
-        return False
-    target = args.to_topic or meta.get(H_SOURCE_TOPIC)
-    if not target:
-        summary.unroutable += 1
-        print(f"dlq replay: {where}: no {H_SOURCE_TOPIC} header and no --to-topic", file=err)
-        return False
-    key, missing = _original_key(meta, record.key, record.value)
-    if missing:
-        summary.incomplete += 1
-        print(f"dlq replay: {where}: {missing}: not replayed", file=err)
-        return False
-    warnings = _warnings(meta, headers, record.value, written_at, settings, now)
-    if warnings:
-        summary.warned += 1
-        for warning in warnings:
-            print(f"dlq replay: warning: {where}: {warning}", file=err)
-    if producer is None:
-        print(
-            f"{where} -> {target} reason={meta.get(H_REASON, '-')} type={event_type or '-'} "
-            f"idempotency_key={meta.get(H_IDEMPOTENCY_KEY, '-')}",
-            file=out,
-        )
-    else:
-        acks.append(
-            await producer.send(
-                target, key=key, value=record.value, headers=original_headers(headers)
-            )
-        )
-    summary.replayed += 1
-    return True

@@ -1,10 +1,10 @@
 """Process exit codes, stable for scripts and probes: declared here and only here.
 
 A module of its own rather than part of `errors.py`: exit codes are the
-command layer's vocabulary, not exceptions, and every command (`cli`,
-`prepare`, `publish`, `deadletter`, `observe`, `feedback`) can import them
-without pulling in `cli` (whose lazy imports of those modules would otherwise
-make a cycle).
+command layer's vocabulary, not exceptions. Every command returns one of
+these: `consumer.cli`, the modules of `consumer.commands`, and the long-running
+ones' entry points (`service.run_service`, `feedback.run_webhooks`,
+`sandbox.cli.serve`); none of them imports `cli` for them.
 """
 
 from __future__ import annotations

@@ -5,18 +5,15 @@
 `Preparer.prepare` never raises. It returns `Prepared` (the exact request bytes,
 serialized once with sorted keys so every attempt, process and restart sends
 the same bytes), `Rejected` (dead-letter it, with a stable `Reason` code) or
-`Skipped` (a policy said drop it). This module also holds the `render` and
-`check` commands.
+`Skipped` (a policy said drop it). The `render` and `check` commands that run
+it by hand are in `consumer.commands.render`.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import orjson
@@ -32,8 +29,7 @@ from consumer.events import (
     mask_addresses,
     validate_data,
 )
-from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
-from consumer.routes import MAX_AGE_LIMIT, Route, RoutesError, RouteTable, load_routes
+from consumer.routes import Route, RouteTable, load_routes
 from consumer.settings import Settings, StalePolicy
 from consumer.tracecontext import TRACEPARENT, carrier, trace_tag
 
@@ -362,103 +358,3 @@ def record_from_file(raw: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
                 return value.encode("utf-8"), pairs
             return (orjson.dumps(value) if value is not None else b""), pairs
     return raw, []
-
-
-def add_render_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--enforce-age",
-        action="store_true",
-        help="apply MAX_EVENT_AGE/STALE_POLICY against the wall clock (default: ignore age)",
-    )
-
-
-def add_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-examples",
-        action="store_true",
-        help="do not render the example events of the routes file's examples folder",
-    )
-
-
-def render_command(settings: Settings, args: argparse.Namespace) -> int:
-    """Dry run: print `POST /emails`, the idempotency key and the exact body."""
-    preparer = Preparer.from_settings(settings)
-    try:
-        raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
-    except OSError as exc:
-        print(f"resend-consumer: cannot read {args.event}: {exc.strerror}", file=sys.stderr)
-        return EXIT_USAGE
-    value, headers = record_from_file(raw)
-    result = preparer.prepare(
-        value,
-        headers,
-        topic="render",
-        partition=0,
-        offset=0,
-        timestamp_ms=None,
-        enforce_age=bool(getattr(args, "enforce_age", False)),
-    )
-    if isinstance(result, Prepared):
-        out = sys.stdout.buffer
-        out.write(f"POST {result.endpoint}\nIdempotency-Key: {result.idempotency_key}\n\n".encode())
-        out.write(result.body + b"\n")
-        out.flush()
-        return EXIT_OK
-    failure: dict[str, Any] = {"reason": result.reason}
-    failure["message"] = (
-        result.message if isinstance(result, Rejected) else f"skipped by policy ({result.reason})"
-    )
-    sys.stderr.buffer.write(orjson.dumps(failure) + b"\n")
-    sys.stderr.flush()
-    return EXIT_BAD_INPUT
-
-
-def check_examples(preparer: Preparer) -> list[str]:
-    """Render every example event; one message per failure (empty when all pass)."""
-    folder = preparer.table.examples_dir
-    if folder is None:
-        return []
-    problems = []
-    for path in sorted(folder.glob("*.json")):
-        value, headers = record_from_file(path.read_bytes())
-        result = preparer.prepare(
-            value,
-            headers,
-            topic="check",
-            partition=0,
-            offset=0,
-            timestamp_ms=None,
-            enforce_age=False,
-        )
-        if not isinstance(result, Prepared):
-            message = result.message if isinstance(result, Rejected) else "skipped"
-            problems.append(f"{path}: {result.reason}: {message}")
-    return problems
-
-
-def check_command(settings: Settings, args: argparse.Namespace) -> int:
-    """Validate settings, routes, schemas and templates (and render the examples)."""
-    try:
-        preparer = Preparer.from_settings(settings)
-    except RoutesError as exc:
-        print(f"resend-consumer check: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    table = preparer.table
-    problems = [] if getattr(args, "no_examples", False) else check_examples(preparer)
-    for problem in problems:
-        print(f"resend-consumer check: example failed: {problem}", file=sys.stderr)
-    if problems:
-        return EXIT_USAGE
-    if settings.max_event_age > MAX_AGE_LIMIT and settings.stale_policy != "send":
-        # Allowed, but the freshness guard no longer protects against duplicates.
-        print(
-            f"resend-consumer check: warning: MAX_EVENT_AGE={settings.max_event_age:.0f}s is "
-            "longer than Resend's 24 h idempotency window; late events may be sent twice",
-            file=sys.stderr,
-        )
-    routes = ", ".join(table.routes)
-    print(f"ok: settings valid; {table.path}: {len(table.routes)} routes ({routes})")
-    print("ok: schemas and templates compile")
-    if table.examples_dir is not None and not getattr(args, "no_examples", False):
-        print(f"ok: examples in {table.examples_dir} render")
-    return EXIT_OK

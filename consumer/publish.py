@@ -1,4 +1,7 @@
-"""`resend-consumer publish`: put domain events on a topic, as CloudEvents.
+"""Publishing domain events to a topic, as CloudEvents (`resend-consumer publish`).
+
+The command itself (flags, choosing the input, the summary line) is
+`consumer.commands.publish`; this module builds and produces the records.
 
 Input, one of:
 
@@ -24,7 +27,6 @@ in `_id`: events of one entity land on one partition, in order.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
 import sys
@@ -33,29 +35,20 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import IO, Any, Final
 
 import orjson
 
-from consumer.exitcodes import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-)
 from consumer.settings import Settings
 
 __all__ = [
     "BadInput",
     "Record",
-    "add_arguments",
     "build_envelope",
+    "build_records",
     "is_binary_form",
     "kafka_key",
     "parse_input",
-    "publish_command",
     "publish_records",
     "to_record",
 ]
@@ -282,20 +275,6 @@ def parse_input(text: str, *, lines: bool) -> tuple[list[tuple[int, Any]], list[
     return [(1, whole)], []
 
 
-def _read_args_input(args: argparse.Namespace, stdin: IO[str]) -> tuple[str, bool, str]:
-    """(text, as JSON lines, name for messages) from the chosen input."""
-    file = getattr(args, "file", None)
-    positional = getattr(args, "input", None)
-    if positional == "-" or getattr(args, "stdin", False) or file == "-":
-        return stdin.read(), True, "stdin"
-    path = file or positional
-    if path:
-        return Path(path).read_text(encoding="utf-8"), False, str(path)
-    if getattr(args, "data", None) is not None:
-        return args.data, False, "--data"
-    return "{}", False, "--type"
-
-
 def build_records(
     items: Sequence[tuple[int, Any]],
     *,
@@ -413,133 +392,3 @@ async def publish_records(
         bar.close()
         await producer.stop()
     return acked
-
-
-# -- the command -------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "input", nargs="?", metavar="FILE|-", help="events file, or - for JSON lines on stdin"
-    )
-    parser.add_argument("--topic", help="topic (default: the first of KAFKA_TOPICS)")
-    parser.add_argument("--type", dest="event_type", metavar="TYPE", help="event type")
-    parser.add_argument("--data", metavar="JSON", help="the event's data (with --type)")
-    parser.add_argument(
-        "--file", metavar="FILE", help="a JSON object, an array of them, or JSON lines"
-    )
-    parser.add_argument("--stdin", action="store_true", help="read JSON lines from stdin")
-    parser.add_argument(
-        "--source", default=DEFAULT_SOURCE, help=f"source of events without one ({DEFAULT_SOURCE})"
-    )
-    parser.add_argument(
-        "--key-field",
-        metavar="PATH",
-        help="dot path used as the Kafka key, e.g. data.order_id "
-        "(default: subject, else the first data field ending in _id)",
-    )
-    parser.add_argument(
-        "--binary",
-        action="store_true",
-        help="Kafka binary mode: ce_* headers with the data as value (default: structured)",
-    )
-    parser.add_argument(
-        "--count",
-        type=int,
-        default=1,
-        metavar="N",
-        help="publish each input N times; '{n}' in strings becomes the copy number",
-    )
-    parser.add_argument(
-        "--progress", action="store_true", help="progress bar even when stderr is not a terminal"
-    )
-
-
-def _usage_problem(args: argparse.Namespace) -> str | None:
-    sources = sum(
-        bool(x)
-        for x in (
-            getattr(args, "file", None),
-            getattr(args, "stdin", False),
-            getattr(args, "input", None),
-        )
-    )
-    if sources > 1:
-        return "give one input: FILE, --file, --stdin or -"
-    if getattr(args, "data", None) is not None and (sources or not args.event_type):
-        return "--data needs --type and no other input"
-    if not sources and not getattr(args, "event_type", None):
-        return "nothing to publish: give --type (and --data), --file FILE, --stdin or -"
-    if getattr(args, "count", 1) < 1:
-        return "--count must be at least 1"
-    return None
-
-
-async def publish_command(
-    settings: Settings,
-    args: argparse.Namespace,
-    stop: asyncio.Event,
-    *,
-    stdin: IO[str] | None = None,
-    stdout: IO[str] | None = None,
-    stderr: IO[str] | None = None,
-) -> int:
-    """Read, check and publish; print one summary line. Exit codes as in `cli`."""
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
-    stderr = stderr or sys.stderr
-    problem = _usage_problem(args)
-    if problem:
-        print(f"resend-consumer publish: {problem}", file=stderr)
-        return EXIT_USAGE
-    topic = args.topic or (settings.kafka_topics[0] if settings.kafka_topics else None)
-    if not topic:
-        print("resend-consumer publish: no topic: pass --topic", file=stderr)
-        return EXIT_USAGE
-    try:
-        text, lines, name = _read_args_input(args, stdin)
-    except OSError as exc:
-        print(f"resend-consumer publish: cannot read input: {exc}", file=stderr)
-        return EXIT_BAD_INPUT
-    items, problems = parse_input(text, lines=lines)
-    records: list[Record] = []
-    try:
-        records = build_records(
-            items,
-            event_type=args.event_type,
-            source=args.source,
-            key_field=args.key_field,
-            binary=args.binary,
-            count=args.count,
-        )
-    except BadInput as exc:
-        problems.extend(exc.problems)
-    if problems:
-        print(f"resend-consumer publish: bad input in {name}, nothing published:", file=stderr)
-        print(str(BadInput(sorted(problems))), file=stderr)
-        return EXIT_BAD_INPUT
-    if not records:
-        print(f"resend-consumer publish: no events in {name}", file=stderr)
-        return EXIT_BAD_INPUT
-    show_bar = bool(args.progress) or (stderr.isatty() and len(records) > 1)
-    started = time.monotonic()
-    try:
-        acked = await publish_records(
-            settings, topic, records, stop=stop, progress=stderr if show_bar else None
-        )
-    except Exception as exc:  # Kafka errors: one clear line, not a traceback
-        print(
-            f"resend-consumer publish: failed to publish to {topic}: {type(exc).__name__}: {exc}",
-            file=stderr,
-        )
-        return EXIT_FAILURE
-    seconds = time.monotonic() - started
-    rate = acked / seconds if seconds > 0 else 0.0
-    print(
-        f"published {acked} event(s) to {topic} in {seconds:.2f}s ({rate:,.0f}/s)",
-        file=stdout,
-    )
-    if acked < len(records):
-        print(f"resend-consumer publish: interrupted after {acked} of {len(records)}", file=stderr)
-        return EXIT_INTERRUPTED
-    return EXIT_OK

@@ -21,6 +21,7 @@ from consumer import __version__
 from consumer.committer import Committer, ConsumerCommitter, PartitionCommitter
 from consumer.deadletter import DeadLetterWriter
 from consumer.errors import KafkaUnavailable
+from consumer.exitcodes import EXIT_OK
 from consumer.logs import LogEvent
 from consumer.observe import Health, HealthServer, Metrics, configure_logging
 from consumer.pipeline import Pipeline
@@ -272,4 +273,4 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> int:
         tracer.shutdown()
         if server is not None:
             await server.stop()
-    return 0
+    return EXIT_OK

@@ -15,6 +15,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from consumer import __version__
+from consumer.commands.dlq import ReplayArgs, add_arguments
+from consumer.commands.dlq import replay as replay_command
 from consumer.deadletter import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DLQ_HEADERS,
@@ -38,14 +40,12 @@ from consumer.deadletter import (
     DeadLetter,
     DeadLetterWriter,
     TopicLimits,
-    add_arguments,
     build_record,
     coordinates_key,
     dead_letter_headers,
     dlq_values,
     original_headers,
     record_size,
-    replay_command,
     rfc3339,
     scrub,
     topic_partitions,
@@ -376,14 +376,14 @@ async def test_topic_limits_read_the_topics_own_max_message_bytes(
 # -- replay (real broker) ---------------------------------------------------------
 
 
-def replay_args(*argv: str) -> argparse.Namespace:
+def replay_args(*argv: str) -> ReplayArgs:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return parser.parse_args(list(argv))
+    return ReplayArgs.from_namespace(parser.parse_args(list(argv)))
 
 
 class Run:
-    """Result of one replay_command call."""
+    """Result of one replay call."""
 
     def __init__(self, code: int, out: str, err: str) -> None:
         self.code, self.out, self.err = code, out, err
@@ -643,7 +643,7 @@ async def test_cli_dlq_replay_runs_end_to_end(
 
 def test_replay_warns_about_future_dated_and_stale_events() -> None:
     """A future `time` gets its own warning; an old one warns that STALE_POLICY applies again."""
-    from consumer.deadletter import _warnings
+    from consumer.commands.dlq import _warnings
 
     settings = Settings(kafka_topics=("orders",))
     meta = {"dlq.attempts": "0"}

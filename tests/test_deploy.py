@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from consumer import observe, publish
+from consumer.commands import health as health_command
+from consumer.commands import publish as publish_command
 from consumer.feedback import WEBHOOK_PATH
 from consumer.health import HEALTHZ, READYZ
 from consumer.settings import FIELDS, Settings, parse_duration
@@ -185,7 +186,7 @@ def test_dockerfile_runs_the_console_script_as_non_root_with_a_health_check() ->
     import argparse
 
     parser = argparse.ArgumentParser()
-    observe.add_arguments(parser)
+    health_command.add_arguments(parser)
     parser.parse_args(probe[2:])
 
 
@@ -309,7 +310,7 @@ def test_compose_webhooks_receiver_agrees_with_settings_and_the_sandbox() -> Non
     url = probe[probe.index("--url") + 1]
     assert url == f"http://127.0.0.1:{settings.webhook_port}{HEALTHZ}"
     parser = argparse.ArgumentParser()
-    observe.add_arguments(parser)
+    health_command.add_arguments(parser)
     parser.parse_args(probe[3:])
     # the sandbox posts to the receiver's path, signed with the secret the receiver checks
     command = [_INTERPOLATION.sub(lambda m: m.group(2), c) for c in services["sandbox"]["command"]]
@@ -329,7 +330,7 @@ def test_compose_publish_tool_uses_the_publish_command_on_shipped_examples() -> 
     assert (ROOT / "schemas" / "examples").is_dir()
     assert set(resolved_env("publish")) <= ENV_NAMES
     parser = __import__("argparse").ArgumentParser()
-    publish.add_arguments(parser)
+    publish_command.add_arguments(parser)
     parser.parse_args(["--file", "x.json"])
 
 

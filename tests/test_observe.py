@@ -14,6 +14,7 @@ import pytest
 import structlog
 
 from consumer import cli, logs
+from consumer.commands.health import HealthArgs, add_arguments, probe, probe_url
 from consumer.observe import (
     CONTENT_TYPE,
     METRIC_NAMES,
@@ -22,12 +23,9 @@ from consumer.observe import (
     LogEvent,
     Metrics,
     ProgressReporter,
-    add_arguments,
     configure_logging,
-    health_command,
     log_outcome,
     mask_email,
-    probe_url,
 )
 from consumer.settings import Secret, Settings, SettingsError
 
@@ -426,7 +424,7 @@ async def test_health_command_exit_codes(
     def run(*argv: str) -> int:
         parser = argparse.ArgumentParser()
         add_arguments(parser)
-        return health_command(settings, parser.parse_args(argv))
+        return probe(settings, HealthArgs.from_namespace(parser.parse_args(argv)))
 
     assert await asyncio.to_thread(run, "--check", "ready") == 1
     assert "no_partitions_assigned" in capsys.readouterr().out
@@ -448,7 +446,8 @@ async def test_health_command_takes_the_health_port_setting_flag(server: HealthS
     cli._add_settings_flags(parser)
     add_arguments(parser)
     args = parser.parse_args(["--quiet", "--health-port", str(server.port)])
-    assert await asyncio.to_thread(health_command, cli.settings_from(args), args) == 0
+    options = HealthArgs.from_namespace(args)
+    assert await asyncio.to_thread(probe, cli.settings_from(args), options) == 0
 
 
 # -- the health server under hostile clients (issue 11, item 6) ---------------------

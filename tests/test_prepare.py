@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -21,19 +20,18 @@ from aiokafka import AIOKafkaConsumer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumer.commands.render import CheckArgs, RenderArgs
+from consumer.commands.render import check as check_command
+from consumer.commands.render import render as render_command
 from consumer.events import Reason, parse_time
+from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 from consumer.keys import is_valid_key
 from consumer.prepare import (
-    EXIT_BAD_INPUT,
-    EXIT_OK,
-    EXIT_USAGE,
     Prepared,
     Preparer,
     Rejected,
     Skipped,
-    check_command,
     record_from_file,
-    render_command,
 )
 from consumer.routes import RoutesError
 from consumer.settings import Settings, StalePolicy
@@ -744,7 +742,7 @@ def test_render_prints_key_and_exact_body(
     """`render EVENT.json` prints POST /emails, the key and the body bytes; exit 0."""
     path = EXAMPLES / "order.confirmed.binary.json"
     code = render_command(
-        Settings(routes_file=SCHEMAS / "routes.yaml"), argparse.Namespace(event=str(path))
+        Settings(routes_file=SCHEMAS / "routes.yaml"), RenderArgs(event=str(path))
     )
     out = capsysbinary.readouterr().out
     value, headers = record_from_file(path.read_bytes())
@@ -767,7 +765,7 @@ def test_render_bad_input_exits_3_with_reason_json(
     path = tmp_path / "bad.json"
     path.write_bytes(order(set_("data.customer.email", "nobody")))
     code = render_command(
-        Settings(routes_file=SCHEMAS / "routes.yaml"), argparse.Namespace(event=str(path))
+        Settings(routes_file=SCHEMAS / "routes.yaml"), RenderArgs(event=str(path))
     )
     captured = capsysbinary.readouterr()
     assert code == EXIT_BAD_INPUT
@@ -782,20 +780,17 @@ def test_render_stale_only_with_enforce_age(
     path = tmp_path / "old.json"
     path.write_bytes(order(set_("time", "2020-01-01T00:00:00Z")))
     settings_ = Settings(routes_file=SCHEMAS / "routes.yaml")
-    assert (
-        render_command(settings_, argparse.Namespace(event=str(path), enforce_age=False)) == EXIT_OK
-    )
+    assert render_command(settings_, RenderArgs(event=str(path), enforce_age=False)) == EXIT_OK
     capsysbinary.readouterr()
     assert (
-        render_command(settings_, argparse.Namespace(event=str(path), enforce_age=True))
-        == EXIT_BAD_INPUT
+        render_command(settings_, RenderArgs(event=str(path), enforce_age=True)) == EXIT_BAD_INPUT
     )
     assert orjson.loads(capsysbinary.readouterr().err)["reason"] == "stale_event"
 
 
 def test_check_passes_on_shipped_files(capsys: pytest.CaptureFixture[str]) -> None:
     """`check` loads routes, schemas and templates and renders every example: exit 0."""
-    code = check_command(Settings(routes_file=SCHEMAS / "routes.yaml"), argparse.Namespace())
+    code = check_command(Settings(routes_file=SCHEMAS / "routes.yaml"), CheckArgs())
     assert code == EXIT_OK
     assert "4 routes" in capsys.readouterr().out
 
@@ -803,7 +798,7 @@ def test_check_passes_on_shipped_files(capsys: pytest.CaptureFixture[str]) -> No
 def test_check_warns_when_age_exceeds_resend_window(capsys: pytest.CaptureFixture[str]) -> None:
     """MAX_EVENT_AGE above 24 h passes check but prints a warning about duplicates."""
     settings_ = Settings(routes_file=SCHEMAS / "routes.yaml", max_event_age=25 * 3600.0)
-    assert check_command(settings_, argparse.Namespace(no_examples=True)) == EXIT_OK
+    assert check_command(settings_, CheckArgs(examples=False)) == EXIT_OK
     assert "24 h idempotency window" in capsys.readouterr().err
 
 
@@ -812,7 +807,7 @@ def test_check_fails_with_clear_message(tmp_path: Path, capsys: pytest.CaptureFi
     text = shipped_copy(tmp_path)
     text = text.replace('"welcome:{data.user_id}"', '"welcome"')
     (tmp_path / "routes.yaml").write_text(text)
-    code = check_command(Settings(routes_file=tmp_path / "routes.yaml"), argparse.Namespace())
+    code = check_command(Settings(routes_file=tmp_path / "routes.yaml"), CheckArgs())
     err = capsys.readouterr().err
     assert code == EXIT_USAGE
     assert "route 'user.signed_up': field 'idempotency_key'" in err
@@ -826,7 +821,7 @@ def test_check_fails_on_a_broken_example(
     (tmp_path / "examples").mkdir()
     (tmp_path / "examples" / "broken.json").write_bytes(order(set_("data.items", [])))
     (tmp_path / "routes.yaml").write_text(text)
-    code = check_command(Settings(routes_file=tmp_path / "routes.yaml"), argparse.Namespace())
+    code = check_command(Settings(routes_file=tmp_path / "routes.yaml"), CheckArgs())
     assert code == EXIT_USAGE
     assert "broken.json: schema_violation" in capsys.readouterr().err
 

@@ -16,6 +16,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer import cli, publish
+from consumer.commands import publish as publish_command
+from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
 from consumer.publish import BadInput, build_envelope, kafka_key, parse_input, to_record
 from consumer.settings import Settings
 
@@ -27,18 +29,18 @@ class TTYStringIO(io.StringIO):
         return True
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str) -> publish_command.PublishArgs:
     parser = argparse.ArgumentParser()
     cli._add_settings_flags(parser)
-    publish.add_arguments(parser)
-    return parser.parse_args(argv)
+    publish_command.add_arguments(parser)
+    return publish_command.PublishArgs.from_namespace(parser.parse_args(argv))
 
 
 async def run(bootstrap: str, *argv: str, stdin: str = "") -> tuple[int, str, str]:
-    """Run publish_command as the CLI would; (exit code, stdout, stderr)."""
+    """Run the publish command as the CLI would; (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     settings = Settings(kafka_bootstrap_servers=bootstrap)
-    code = await publish.publish_command(
+    code = await publish_command.publish(
         settings, parse(*argv), asyncio.Event(), stdin=io.StringIO(stdin), stdout=out, stderr=err
     )
     return code, out.getvalue(), err.getvalue()
@@ -191,7 +193,7 @@ async def test_bad_lines_are_reported_and_nothing_is_published(
         ]
     )
     code, out, err = await run(kafka_bootstrap, "--stdin", "--topic", topic, stdin=stdin)
-    assert code == cli.EXIT_BAD_INPUT == publish.EXIT_BAD_INPUT
+    assert code == EXIT_BAD_INPUT
     assert out == ""
     assert "nothing published" in err
     assert "line 2: not JSON" in err
@@ -238,14 +240,14 @@ async def test_stop_event_interrupts_publishing(
     stop = asyncio.Event()
     stop.set()
     out, err = io.StringIO(), TTYStringIO()
-    code = await publish.publish_command(
+    code = await publish_command.publish(
         Settings(kafka_bootstrap_servers=kafka_bootstrap),
         parse("--topic", topic, "--type", "a", "--count", "5"),
         stop,
         stdout=out,
         stderr=err,
     )
-    assert code == publish.EXIT_INTERRUPTED
+    assert code == EXIT_INTERRUPTED
     assert "published 0 event(s)" in out.getvalue()
     assert "interrupted after 0 of 5" in err.getvalue()
     assert "0/5" in err.getvalue()  # a terminal gets the bar without --progress
@@ -256,10 +258,10 @@ async def test_unreachable_broker_fails_with_one_clear_line() -> None:
     """No broker: exit 1 with a one-line message, not a traceback."""
     out, err = io.StringIO(), io.StringIO()
     settings = Settings(kafka_bootstrap_servers="127.0.0.1:1")
-    code = await publish.publish_command(
+    code = await publish_command.publish(
         settings, parse("--type", "a"), asyncio.Event(), stdout=out, stderr=err
     )
-    assert code == publish.EXIT_FAILURE
+    assert code == EXIT_FAILURE
     assert "failed to publish to domain-events" in err.getvalue()
     assert "Traceback" not in err.getvalue()
 
@@ -279,14 +281,14 @@ async def test_unreachable_broker_fails_with_one_clear_line() -> None:
 async def test_usage_errors(argv: tuple[str, ...], message: str) -> None:
     """Conflicting or missing inputs exit 2 before touching Kafka."""
     err = io.StringIO()
-    code = await publish.publish_command(
+    code = await publish_command.publish(
         Settings(kafka_bootstrap_servers="127.0.0.1:1"),
         parse(*argv),
         asyncio.Event(),
         stdout=io.StringIO(),
         stderr=err,
     )
-    assert code == publish.EXIT_USAGE
+    assert code == EXIT_USAGE
     assert message in err.getvalue()
 
 

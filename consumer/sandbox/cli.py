@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from consumer.exitcodes import EXIT_OK, EXIT_USAGE
 from consumer.sandbox.config import Faults, ForcedStatus, SandboxConfig
 from consumer.sandbox.server import Sandbox
 from consumer.settings import parse_duration
@@ -164,7 +165,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         config = config_from(args)
     except ValueError as exc:
         print(f"resend-consumer sandbox: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     sandbox = Sandbox(config=config)
     await sandbox.start(host=args.host, port=args.port)
     try:
@@ -172,4 +173,4 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         await stop.wait()
     finally:
         await sandbox.stop()
-    return 0
+    return EXIT_OK

@@ -22,9 +22,10 @@ import secrets
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import structlog
@@ -37,11 +38,15 @@ from consumer.sandbox import Sandbox, SandboxConfig
 from consumer.service import run_service
 from consumer.settings import Secret, Settings, SettingsError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BROKER = REPO / "deploy" / "kafka" / "broker.py"
 SANDBOX_KEY = "re_quickstart_sandbox"
 #: the sandbox posts each email's webhooks after it accepted it: sent, then its fate
 FEEDBACK_PER_EMAIL = 2
+#: defaults of the flags: partitions of a new topic, the sandbox's port, the state folder
+PARTITIONS: Final = 3
+SANDBOX_PORT: Final = 8025
+STATE_DIR: Final = Path(".cache/quickstart")
 
 log = structlog.get_logger("consumer.quickstart")
 
@@ -53,9 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="folder of example events to publish (default: schemas/examples beside routes)",
     )
-    parser.add_argument("--partitions", type=int, default=3, help="partitions of a new topic")
     parser.add_argument(
-        "--sandbox-port", type=int, default=8025, help="port of the local sandbox (0: any free)"
+        "--partitions", type=int, default=PARTITIONS, help="partitions of a new topic"
+    )
+    parser.add_argument(
+        "--sandbox-port",
+        type=int,
+        default=SANDBOX_PORT,
+        help="port of the local sandbox (0: any free)",
     )
     parser.add_argument(
         "--exit-when-delivered",
@@ -65,9 +75,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
         type=Path,
-        default=Path(".cache/quickstart"),
+        default=STATE_DIR,
         help="where the local broker keeps its data and the sandbox its delivery log",
     )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QuickstartArgs:
+    """What `quickstart` is asked, and what the environment already provides.
+
+    `external_kafka` / `external_resend`: KAFKA_BOOTSTRAP_SERVERS or RESEND_API_KEY
+    (or their flags) name a broker or a Resend account, so none is started.
+    """
+
+    examples: Path | None = None
+    partitions: int = PARTITIONS
+    sandbox_port: int = SANDBOX_PORT
+    exit_when_delivered: bool = False
+    state_dir: Path = STATE_DIR
+    external_kafka: bool = False
+    external_resend: bool = False
+
+    @classmethod
+    def from_namespace(
+        cls, ns: argparse.Namespace, *, external_kafka: bool, external_resend: bool
+    ) -> QuickstartArgs:
+        return cls(
+            examples=ns.examples,
+            partitions=ns.partitions,
+            sandbox_port=ns.sandbox_port,
+            exit_when_delivered=ns.exit_when_delivered,
+            state_dir=ns.state_dir,
+            external_kafka=external_kafka,
+            external_resend=external_resend,
+        )
 
 
 def _print(line: str) -> None:
@@ -231,10 +272,14 @@ def feedback_line(event: dict[str, Any], subjects: dict[str, str]) -> str:
     return line
 
 
-async def quickstart(settings: Settings, args: argparse.Namespace, stop: asyncio.Event) -> int:
-    external_kafka: bool = getattr(args, "external_kafka", False)
-    external_resend: bool = getattr(args, "external_resend", False)
-    state: Path = args.state_dir
+async def quickstart(settings: Settings, args: QuickstartArgs, stop: asyncio.Event) -> int:
+    """Start what is missing, run the service, publish the examples, print what happens.
+
+    The exit code is the service's (`EXIT_OK` after a drain).
+    """
+    external_kafka = args.external_kafka
+    external_resend = args.external_resend
+    state = args.state_dir
     await asyncio.to_thread(state.mkdir, parents=True, exist_ok=True)
     broker_dir: Path | None = None
     sandbox: Sandbox | None = None
