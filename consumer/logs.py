@@ -241,6 +241,22 @@ class _Scrubbed:
         return out
 
 
+class _RetriedIsNotAnError(logging.Filter):
+    """aiokafka logs conditions it retries by itself at ERROR (a fresh broker's
+    `GroupCoordinatorNotAvailableError` on every start, a coordinator moving):
+    those become warnings. Health tells whether they last."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.name.startswith("aiokafka"):
+            args = record.args if isinstance(record.args, tuple) else ()
+            if any(
+                isinstance(a, Exception) and getattr(a, "retriable", False) is True for a in args
+            ):
+                record.levelno = logging.WARNING
+                record.levelname = "WARNING"
+        return True
+
+
 class _BinaryStreamHandler(logging.Handler):
     """stdlib handler writing to the same binary stream as structlog, line by line."""
 
@@ -333,6 +349,7 @@ def configure_logging(settings: Settings, *, stream: IO[Any] | None = None) -> N
     )
     handler: logging.Handler = _BinaryStreamHandler(out) if binary else logging.StreamHandler(out)
     handler.setFormatter(formatter)
+    handler.addFilter(_RetriedIsNotAnError())
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:

@@ -256,6 +256,62 @@ def test_log_outcome_writes_the_canonical_line() -> None:
     )
 
 
+@pytest.mark.usefixtures("restore_logging")
+def test_the_outcome_line_splits_resends_answer_time_from_waits_and_says_why() -> None:
+    """`latency_ms` is fetch to outcome; with requests made, `resend_ms` is the time
+    inside them and `wait_ms` the rest (queue, pacing, backoff). A dead letter carries
+    the message `render` would print, addresses in it masked."""
+    buf = io.BytesIO()
+    configure_logging(Settings(log_format="json", mask_recipients=True), stream=buf)
+    log = structlog.get_logger()
+    common = {
+        "event_id": "e1",
+        "event_type": "order.confirmed",
+        "source": "shop",
+        "topic": "t",
+        "partition": 0,
+        "offset": 1,
+        "idempotency_key": "k",
+    }
+    log_outcome(log, outcome="sent", attempts=1, latency=0.3039, answer_time=0.0031, **common)
+    log_outcome(
+        log,
+        outcome="dead_lettered",
+        attempts=0,
+        latency=0.002,
+        reason="schema_violation",
+        message="data.customer_email 'jane.doe@example.com' must contain ['currency']",
+        **common,
+    )
+    sent, dead = json_lines(buf)
+    assert (sent["latency_ms"], sent["resend_ms"], sent["wait_ms"]) == (303.9, 3.1, 300.8)
+    assert "resend_ms" not in dead
+    assert "wait_ms" not in dead
+    assert "message" not in sent
+    assert "must contain ['currency']" in dead["message"]
+    assert "jane.doe@example.com" not in dead["message"]
+    assert "***@example.com" in dead["message"]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_aiokafka_errors_it_retries_by_itself_are_warnings() -> None:
+    """A fresh broker answers GroupCoordinatorNotAvailable on every start, and aiokafka
+    logs that at ERROR although it retries: the line says warning; other errors stay."""
+    from aiokafka.errors import GroupAuthorizationFailedError, GroupCoordinatorNotAvailableError
+
+    buf = io.BytesIO()
+    configure_logging(Settings(log_format="json"), stream=buf)
+    lib = logging.getLogger("aiokafka.consumer.group_coordinator")
+    lib.error("Group Coordinator Request failed: %s", GroupCoordinatorNotAvailableError())
+    lib.error("Group Coordinator Request failed: %s", GroupAuthorizationFailedError("g"))
+    logging.getLogger("consumer.x").error("ours: %s", GroupCoordinatorNotAvailableError())
+    retried, fatal, ours = json_lines(buf)
+    assert "GroupCoordinatorNotAvailable" in retried["event"]
+    assert retried["level"] == "warning"
+    assert fatal["level"] == "error"
+    assert ours["level"] == "error"
+
+
 # -- metrics -----------------------------------------------------------------------------
 
 

@@ -602,3 +602,37 @@ def test_an_empty_partition_is_never_paused_by_the_count_bound() -> None:
     sim.run(scenario, seed=2, partitions=2, per_partition=1, settings=settings)
     assert seen["over"] > 0  # the bound was reached while both partitions were owned
     assert seen["empty_paused"] == 0
+
+
+def test_every_outcome_line_says_why_and_splits_its_latency() -> None:
+    """The canonical line of each event: a dead letter carries its message, and a line of
+    an event that made requests splits `latency_ms` into Resend's time and the waits."""
+    lines: list[dict[str, object]] = []
+
+    async def scenario(world: World) -> None:
+        world.resend.chaos = True  # 429s and 503s: attempts that wait between them
+        with capture_logs() as logs:
+            world.members[0].start()
+            await world.settle()
+            await world.close()
+        lines.extend(e for e in logs if e["event"] == LogEvent.OUTCOME)
+
+    sim.run(scenario, seed=7)
+    dead = [e for e in lines if e["outcome"] == "dead_lettered"]
+    sent = [e for e in lines if e["outcome"] == "sent"]
+    assert dead
+    assert sent
+    assert all(isinstance(e.get("message"), str) and e["message"] for e in dead)
+    assert not any("message" in e for e in sent)
+    for e in lines:
+        if e["attempts"]:
+            assert isinstance(e["resend_ms"], float)
+            assert isinstance(e["wait_ms"], float)
+            assert e["resend_ms"] >= 0
+            assert e["wait_ms"] >= 0
+            assert abs(e["resend_ms"] + e["wait_ms"] - e["latency_ms"]) <= 0.2
+        else:
+            assert "resend_ms" not in e
+            assert "wait_ms" not in e
+    # the chaos answers make some events wait between attempts
+    assert any(e["wait_ms"] > 0 for e in sent)
