@@ -15,7 +15,8 @@ Each input object is either a full envelope (it has `specversion`, or both
 Missing envelope fields are filled in (`specversion` 1.0, a uuid4 `id`, `time`
 now in UTC, `source`, `datacontenttype`); given ones are kept, so a published
 example keeps its id and publishing it twice is a duplicate the service must
-absorb.
+absorb. `--fresh-time` replaces a given `time` with now: the shipped examples
+carry fixed times, which the service would find stale a day later.
 
 All input is read and checked before the first record is sent: a bad line
 (reported with its line number) publishes nothing, never half a batch.
@@ -133,10 +134,12 @@ def build_envelope(
     event_type: str | None = None,
     source: str = DEFAULT_SOURCE,
     now: str | None = None,
+    fresh_time: bool = False,
 ) -> dict[str, Any]:
     """A complete CloudEvents envelope from an input object; ValueError says what is wrong.
 
-    With `event_type`, an object that is not an envelope is the event's data.
+    With `event_type`, an object that is not an envelope is the event's data. With
+    `fresh_time`, the event's `time` is now even when the input gives one.
     """
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -152,7 +155,10 @@ def build_envelope(
         event["type"] = event_type
     event.setdefault("specversion", SPECVERSION)
     event.setdefault("id", str(uuid.uuid4()))
-    event.setdefault("time", now or _now_rfc3339())
+    if fresh_time:
+        event["time"] = now or _now_rfc3339()
+    else:
+        event.setdefault("time", now or _now_rfc3339())
     event.setdefault("source", source)
     if "data" in event:
         event.setdefault("datacontenttype", DATA_CONTENT_TYPE)
@@ -283,6 +289,7 @@ def build_records(
     key_field: str | None,
     binary: bool,
     count: int = 1,
+    fresh_time: bool = False,
 ) -> list[Record]:
     """Envelopes and records for every input object (`count` copies each); BadInput if any fail."""
     records: list[Record] = []
@@ -291,7 +298,9 @@ def build_records(
         for n in range(count):
             copy = _substitute(obj, n) if count > 1 else obj
             try:
-                event = build_envelope(copy, event_type=event_type, source=source)
+                event = build_envelope(
+                    copy, event_type=event_type, source=source, fresh_time=fresh_time
+                )
                 # a record given in binary form stays binary, whatever --binary says
                 as_binary = binary or is_binary_form(copy)
                 records.append(to_record(event, key=kafka_key(event, key_field), binary=as_binary))

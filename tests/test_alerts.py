@@ -37,9 +37,10 @@ from tests.test_dashboard import queries as dashboard_queries
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "rules.test.yaml"
-README = (ROOT / "README.md").read_text()
+RUNBOOK_PAGE = "docs/operating.md"
+RUNBOOK = (ROOT / RUNBOOK_PAGE).read_text()
 TOOLS = ROOT / ".cache" / "tools" / "prometheus" / "usr" / "bin"
-#: the scrape job the no-ready-pod rule names (README, *Alerts*)
+#: the scrape job the no-ready-pod rule names (docs/operating.md, *Alerts*)
 JOB = "resend-consumer"
 
 
@@ -87,17 +88,17 @@ def test_every_alert_has_a_unit_test() -> None:
     assert {rule["alert"] for rule in _rules()} == tested
 
 
-def test_every_runbook_link_names_a_readme_section() -> None:
-    """Each rule's runbook_url is README.md#anchor, and the anchor is a heading there."""
+def test_every_runbook_link_names_a_docs_section() -> None:
+    """Each rule's runbook_url is docs/operating.md#anchor, and the anchor is a heading there."""
     anchors = {
-        github_anchor(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", README, re.MULTILINE)
+        github_anchor(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", RUNBOOK, re.MULTILINE)
     }
     for rule in _rules():
         url = rule["annotations"]["runbook_url"]
         page, _, anchor = url.partition("#")
-        assert page == "README.md", url
+        assert page == RUNBOOK_PAGE, url
         assert anchor in anchors, (rule["alert"], anchor)
-        assert f"`{rule['alert']}`" in README, rule["alert"]
+        assert f"`{rule['alert']}`" in RUNBOOK, rule["alert"]
 
 
 def test_rules_query_only_metrics_the_service_exports() -> None:

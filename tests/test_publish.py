@@ -391,3 +391,28 @@ def test_every_shipped_example_is_publishable() -> None:
             given = obj.get("id") or obj.get("headers", {}).get("ce_id")
             if given:
                 assert given.encode() in record.value + b"".join(v for _, v in record.headers)
+
+
+def test_fresh_time_replaces_the_given_time_only_when_asked() -> None:
+    """A given time is kept; --fresh-time stamps now, in structured and binary form alike."""
+    given = {"type": "x", "data": {}, "time": "2026-11-29T10:15:00Z"}
+    assert build_envelope(given)["time"] == "2026-11-29T10:15:00Z"
+    now = "2030-01-02T03:04:05.000Z"
+    assert build_envelope(given, now=now, fresh_time=True)["time"] == now
+    examples = Path(__file__).parent.parent / "schemas" / "examples"
+    before = publish._now_rfc3339()
+    for path in sorted(examples.glob("*.json")):
+        items, _ = parse_input(path.read_text(), lines=False)
+        (record,) = publish.build_records(
+            items, event_type=None, source="x", key_field=None, binary=False, fresh_time=True
+        )
+        headers = dict(record.headers)
+        stamped = headers["ce_time"].decode() if "ce_time" in headers else None
+        stamped = stamped or orjson.loads(record.value)["time"]
+        assert stamped >= before, path
+
+
+def test_fresh_time_is_a_flag_of_the_command() -> None:
+    """`publish --fresh-time` parses; without it nothing is restamped."""
+    assert parse("--file", "x.json", "--fresh-time").fresh_time is True
+    assert parse("--file", "x.json").fresh_time is False

@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress", action="store_true", help="progress bar even when stderr is not a terminal"
     )
+    parser.add_argument(
+        "--fresh-time",
+        action="store_true",
+        help="set every event's time to now, replacing a given one "
+        "(the shipped examples carry fixed times, stale a day later)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,6 +98,8 @@ class PublishArgs:
     binary: bool = False
     count: int = 1
     progress: bool = False
+    #: every event's `time` is now, even when the input gives one
+    fresh_time: bool = False
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> PublishArgs:
@@ -107,6 +115,7 @@ class PublishArgs:
             binary=ns.binary,
             count=ns.count,
             progress=ns.progress,
+            fresh_time=ns.fresh_time,
         )
 
     def usage_problem(self) -> str | None:
@@ -170,6 +179,7 @@ async def publish(
             key_field=args.key_field,
             binary=args.binary,
             count=args.count,
+            fresh_time=args.fresh_time,
         )
     except BadInput as exc:
         problems.extend(exc.problems)
