@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, Protocol
 
 import structlog
@@ -31,17 +31,16 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumer.backpressure import BackPressure
-from consumer.batching import PartitionPlanner, Plan, recover
 from consumer.commit import Commits
 from consumer.committer import Committer
 from consumer.dispatch import Dispatcher, Planning
-from consumer.errors import CommitFailed, DeadLetterUnavailable
 from consumer.fetch import RecordFetcher, Undecodable
 from consumer.logs import LogEvent
 from consumer.observe import Health, Metrics
 from consumer.offsets import OffsetLedger
 from consumer.outcome import Outcomes
 from consumer.prepare import Payload, Prepared, Preparer, Skipped
+from consumer.rebalance import Rebalance
 from consumer.retry import RetryPolicy, ServiceGate
 from consumer.settings import Settings
 from consumer.state import Engine, PartitionState, Work
@@ -148,7 +147,7 @@ class Pipeline:
             metrics=metrics,
             health=health,
             tracer=tracer,
-            on_fenced=self._fenced,
+            on_fenced=lambda tp: self.rebalance.fenced(tp),
         )
         self.backpressure = BackPressure(
             engine=engine, consumer=consumer, gate=gate, metrics=metrics
@@ -161,12 +160,20 @@ class Pipeline:
             gate=gate,
             metrics=metrics,
             health=health,
-            make_ready=self._make_ready,
+            make_ready=lambda: self.rebalance.make_ready(),
             clock=clock,
         )
-        self._ready_lock = asyncio.Lock()
-        #: bumped by every assignment and revoke of a partition (see `_make_ready`)
-        self._epochs: dict[TopicPartition, int] = {}
+        self.rebalance = Rebalance(
+            engine=engine,
+            consumer=consumer,
+            client=client,
+            dispatch=self.dispatch,
+            commits=self.commits,
+            backpressure=self.backpressure,
+            metrics=metrics,
+            health=health,
+            clock=clock,
+        )
 
     # -- what the outside reads -------------------------------------------------------
 
@@ -276,7 +283,7 @@ class Pipeline:
             await self.dispatch.drain(assigned, self.settings.shutdown_timeout)
             await self.commits.commit(reason="shutdown")
         finally:
-            self._forget(assigned)
+            self.rebalance.forget(assigned)
             await self._consumer.stop()
             await self.commits.committer.stop()
         log.info(LogEvent.STOPPED, done=engine.done, dead_lettered=engine.dead_lettered)
@@ -321,7 +328,7 @@ class Pipeline:
                         # assigned while this fetch ran: some records may predate the seek
                         # to the committed offset; nothing is admitted to the new state yet,
                         # so seek there again and read them from it
-                        await self._seek_start(tp, part)
+                        await self.rebalance.seek_start(tp, part)
                         continue
                     for record in records:
                         if not engine.owns(tp, part):
@@ -401,187 +408,12 @@ class Pipeline:
         else:
             self.dispatch.submit(tp, ("offset", offset), work)
 
-    # -- rebalance ------------------------------------------------------------------
+    # -- the rebalance listener (consumer.rebalance does the work) --------------------
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Fence the previous owners, then start each partition at its committed offset.
-
-        aiokafka installs the assignment, and may read committed offsets and fetch,
-        before this callback ends; that read may predate the fence (a zombie's last
-        transaction could land after it). Records handed out before a partition's
-        state exists are dropped by the intake, and each partition is sought to the
-        committed offset the committer read after fencing. If the committer cannot
-        fence (Kafka away), the partitions stay paused and are tried again.
-        """
-        engine = self.engine
-        # Every rebalance revokes everything first (eager protocol); state left from
-        # before means that revoke never reached us (a subscription swapped under it).
-        # Its work is dropped uncommitted: the generation it belongs to is gone.
-        leftover = set(engine.parts) | engine.unready
-        if leftover:
-            log.warning(
-                LogEvent.REVOKED,
-                partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in leftover),
-                implicit=True,
-            )
-            await self.dispatch.drain(leftover, self.settings.drain_timeout)
-            self._forget(leftover)
-        if not assigned:
-            self._report_assignment()
-            return
-        self.backpressure.pause(assigned)
-        for tp in assigned:
-            self._epochs[tp] = self._epochs.get(tp, 0) + 1
-        engine.unready.update(assigned)
-        if engine.unready_since is None:
-            engine.unready_since = self._clock()
-        await self._make_ready()
-        log.info(
-            LogEvent.ASSIGNED,
-            partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
-        )
-
-    async def _make_ready(self) -> None:
-        """Fence and seek the partitions still waiting for it (see `on_assigned`)."""
-        async with self._ready_lock:
-            await self._make_ready_locked()
-
-    async def _make_ready_locked(self) -> None:
-        engine = self.engine
-        consumer = self._consumer
-        tps = sorted(engine.unready & consumer.assignment())
-        engine.unready.intersection_update(tps)
-        if not tps:
-            engine.unready_since = None
-            self._report_assignment()
-            return
-        # An assignment (or a revoke) that lands during the awaits below makes this
-        # round's offsets stale for its partitions: each is checked against its epoch.
-        epochs = {tp: self._epochs.get(tp, 0) for tp in tps}
-        try:
-            offsets = await self.commits.committer.assign(tps)
-        except CommitFailed as exc:
-            log.warning(LogEvent.ASSIGN_FAILED, partitions=len(tps), error=str(exc))
-            return
-        # Committed by a writer that records no plans (an older version): whatever it
-        # had read may have gone out singly, so up to the end offset all goes singly.
-        foreign = [
-            tp
-            for tp in tps
-            if (found := offsets.get(tp)) is not None and Plan.decode(found.metadata) is None
-        ]
-        ends: Mapping[TopicPartition, int] = {}
-        if foreign:
-            try:
-                ends = await consumer.end_offsets(foreign)
-            except (KafkaError, TimeoutError) as exc:
-                log.warning(LogEvent.ASSIGN_FAILED, partitions=len(tps), error=type(exc).__name__)
-                return
-        ready = []
-        for tp in tps:
-            if not self._current_epoch(tp, epochs[tp]):
-                continue  # revoked, reassigned or stopping meanwhile: a newer round does it
-            found = offsets.get(tp)
-            position = None if found is None else found.offset
-            plan, _ = recover(found.metadata if found else None, position, ends.get(tp))
-            part = PartitionState(
-                generation=engine.ledger.assign(tp, committed=position),
-                progress_at=self._clock(),
-                start=position,
-                planner=PartitionPlanner(plan),
-            )
-            await self._seek_start(tp, part)
-            if not self._current_epoch(tp, epochs[tp]):
-                continue
-            engine.parts[tp] = part
-            engine.paused.discard(tp)
-            engine.unready.discard(tp)
-            ready.append(tp)
-        if not engine.unready:
-            engine.unready_since = None
-        self.backpressure.resume(ready)
-        self._report_assignment()
-
-    async def _seek_start(self, tp: TopicPartition, part: PartitionState) -> None:
-        """Position the consumer where `part` starts: its committed offset, or the reset."""
-        with contextlib.suppress(KafkaError, AssertionError):
-            if part.start is not None:
-                self._consumer.seek(tp, part.start)
-            elif self.settings.kafka_auto_offset_reset == "earliest":
-                await self._consumer.seek_to_beginning(tp)
-
-    def _current_epoch(self, tp: TopicPartition, epoch: int) -> bool:
-        return (
-            self._epochs.get(tp, 0) == epoch
-            and tp in self.engine.unready
-            and tp in self._consumer.assignment()
-        )
+        """Fence the previous owners, then start each partition at its committed offset."""
+        await self.rebalance.assigned(assigned)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Start no new sends for `revoked`, drain what is in flight, commit, let go."""
-        if not revoked:
-            return
-        started = self._clock()
-        try:
-            await self.dispatch.drain(revoked, self.settings.drain_timeout)
-            await self.commits.commit(reason="revoke", only=revoked)
-        finally:
-            self._forget(revoked)
-            with contextlib.suppress(KafkaError, CommitFailed, DeadLetterUnavailable):
-                await self.commits.committer.revoke(revoked)
-        log.info(
-            LogEvent.REVOKED,
-            partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in revoked),
-            drained_in_ms=round((self._clock() - started) * 1000),
-        )
-
-    def _fenced(self, tp: TopicPartition) -> None:
-        """A newer owner has `tp`: nothing more of ours may land."""
-        self.backpressure.pause({tp})
-        self._forget({tp})
-
-    def _forget(self, tps: set[TopicPartition]) -> None:
-        """Drop every trace of `tps`: lanes, works, unwritten letters, ledger, metrics."""
-        engine = self.engine
-        for tp in tps:
-            self._epochs[tp] = self._epochs.get(tp, 0) + 1
-        engine.unready.difference_update(tps)
-        if not engine.unready:
-            engine.unready_since = None
-        self.dispatch.forget(tps)
-        for tp in tps:
-            part = engine.parts.pop(tp, None)
-            if part is not None:
-                for work in part.works.values():
-                    work.trace.end("revoked")
-                for letter_trace in part.letter_traces.values():
-                    letter_trace.end("revoked")
-                engine.pending_bytes -= part.letter_bytes
-                engine.pending_bytes -= sum(work.size for work in part.works.values())
-            engine.ledger.revoke(tp)
-            engine.paused.discard(tp)
-            self.metrics.forget_partition(tp.topic, tp.partition)
-        self.commits.refresh_dlq_state()
-        self._report_assignment()
-
-    def _report_assignment(self) -> None:
-        parts = len(self.engine.parts)
-        self.health.set_assigned(parts)
-        self.metrics.assigned_partitions.set(parts)
-        self._share_rate_limit()
-
-    def _share_rate_limit(self) -> None:
-        """Tell the limiter this member's share of the group: its partitions over all."""
-        limiter = getattr(self.client, "limiter", None)
-        consumer = self._consumer
-        partitions_for = getattr(consumer, "partitions_for_topic", None)
-        subscription = getattr(consumer, "subscription", None)
-        if limiter is None or partitions_for is None or subscription is None:
-            return
-        try:
-            assigned = len(consumer.assignment())
-            total = sum(len(partitions_for(topic) or ()) for topic in subscription())
-        except Exception:  # metadata not known yet: keep the share as it is
-            return
-        if assigned and total:
-            limiter.set_share(min(1.0, assigned / total))
+        await self.rebalance.revoked(revoked)
