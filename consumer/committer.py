@@ -45,8 +45,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from consumer.deadletter import DeadLetter, TopicLimits, build_record, scrub, unavailable
+from consumer.deadletter import DeadLetter, TopicLimits, build_record, unavailable
 from consumer.errors import CommitFailed, DeadLetterUnavailable, PartitionFenced
+from consumer.redact import redact_secrets
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer, TopicPartition
@@ -309,7 +310,7 @@ class PartitionCommitter:
         if isinstance(exc, TimeoutError):
             detail = f"TimeoutError: no answer within {self._timeout:g}s"
         else:
-            text = scrub(str(exc), self._secrets)
+            text = redact_secrets(str(exc), self._secrets)
             detail = type(exc).__name__ + (f": {text}" if text else "")
         return CommitFailed(f"{self._where(tp)}: transaction not committed: {detail}")
 

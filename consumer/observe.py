@@ -1,15 +1,14 @@
-"""Observing the service: logs, metrics, health, and the periodic progress line.
+"""The periodic progress line, and the `resend-consumer health` command.
 
-The facade the rest of the package imports; the parts live in `logs.py`,
-`metrics.py` and `health.py`. Also the `resend-consumer health` command for
-exec probes (Docker HEALTHCHECK, Kubernetes exec probes where HTTP probes are
-not possible).
+The progress line is written from two metrics snapshots. The `health` command
+is for exec probes (Docker HEALTHCHECK, Kubernetes exec probes where HTTP probes
+are not possible). Logs, metrics and the health server live in `logs.py`,
+`metrics.py` and `health.py`: import them from there.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 import urllib.error
@@ -19,37 +18,12 @@ from typing import Any, Final
 import structlog
 
 from consumer.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from consumer.health import HEALTHZ, READYZ, Health, HealthServer
-from consumer.logs import (
-    LogEvent,
-    configure_logging,
-    log_outcome,
-    mask_email,
-    mask_recipients,
-    scrub_secrets,
-)
-from consumer.metrics import CONTENT_TYPE, METRIC_NAMES, Metrics, MetricsSnapshot, Outcome
+from consumer.health import HEALTHZ, READYZ
+from consumer.logs import LogEvent
+from consumer.metrics import Metrics
 from consumer.settings import Settings
 
-__all__ = [
-    "CONTENT_TYPE",
-    "METRIC_NAMES",
-    "Health",
-    "HealthServer",
-    "LogEvent",
-    "Metrics",
-    "MetricsSnapshot",
-    "Outcome",
-    "ProgressReporter",
-    "add_arguments",
-    "configure_logging",
-    "health_command",
-    "log_outcome",
-    "mask_email",
-    "mask_recipients",
-    "probe_url",
-    "scrub_secrets",
-]
+__all__ = ["ProgressReporter", "add_arguments", "health_command", "probe_url"]
 
 _WILDCARDS: Final = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - compared, not bound
 
@@ -57,8 +31,8 @@ _WILDCARDS: Final = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - com
 class ProgressReporter:
     """Writes the periodic progress line from two metrics snapshots.
 
-    `tick()` logs one line (rates since the previous tick); `run(stop)` ticks
-    every `interval` seconds until stop is set. The pipeline starts it as a task.
+    `tick()` logs one line (rates since the previous tick); the pipeline calls it
+    every `interval` seconds.
     """
 
     def __init__(
@@ -91,13 +65,6 @@ class ProgressReporter:
         self._last, self._last_at = snap, now
         self._log.info(LogEvent.PROGRESS.value, **fields)
         return fields
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.interval)
-            except TimeoutError:
-                self.tick()
 
 
 # -- `resend-consumer health` ------------------------------------------------------------

@@ -53,8 +53,10 @@ from consumer.deadletter import DeadLetter, DeadLetterWriter
 from consumer.errors import CommitFailed, DeadLetterUnavailable, PartitionFenced
 from consumer.events import Reason
 from consumer.fetch import RecordFetcher, Undecodable
-from consumer.logs import LogEvent
-from consumer.observe import Health, Metrics, ProgressReporter, log_outcome
+from consumer.health import Health
+from consumer.logs import LogEvent, log_outcome
+from consumer.metrics import Metrics
+from consumer.observe import ProgressReporter
 from consumer.offsets import OffsetLedger
 from consumer.prepare import Prepared, Preparer, Rejected, Skipped
 from consumer.resend import ENDPOINT_BATCH, HEADER_BATCH_VALIDATION

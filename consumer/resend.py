@@ -40,6 +40,7 @@ from consumer.errors import (
     ResendRetriable,
     TransportError,
 )
+from consumer.redact import redact_secrets
 from consumer.settings import Secret, SettingsError, base_url_problem, without_userinfo
 
 if TYPE_CHECKING:
@@ -329,9 +330,7 @@ def transport_answer(exc: BaseException, *, redact: str | None = None) -> Answer
         reason = "payload_error"
     else:
         reason = "transport_error"
-    text = _short(f"{type(exc).__name__}: {exc}")
-    if redact:
-        text = text.replace(redact, "<redacted>")
+    text = redact_secrets(_short(f"{type(exc).__name__}: {exc}"), (redact,) if redact else ())
     return Answer(status=None, verdict="retry", reason=reason, message=text)
 
 
@@ -542,4 +541,4 @@ class ResendClient:
 
 
 def _redacted(answer: Answer, key: str) -> Answer:
-    return replace(answer, message=answer.message.replace(key, "<redacted>"))
+    return replace(answer, message=redact_secrets(answer.message, (key,)))

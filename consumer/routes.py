@@ -39,9 +39,9 @@ from consumer.events import (
     has_control_characters,
     invalid,
     load_json_file,
-    mask_address,
 )
 from consumer.keys import DEFAULT_KEY_TEMPLATE, KeyTemplate, KeyTemplateError
+from consumer.redact import mask_address
 from consumer.settings import SettingsError, StalePolicy, parse_duration
 from consumer.templates import (
     Compiled,

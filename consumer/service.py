@@ -22,8 +22,9 @@ from consumer import __version__
 from consumer.committer import PartitionCommitter
 from consumer.deadletter import DeadLetterWriter
 from consumer.errors import KafkaUnavailable
-from consumer.logs import LogEvent
-from consumer.observe import Health, HealthServer, Metrics, configure_logging
+from consumer.health import Health, HealthServer
+from consumer.logs import LogEvent, configure_logging
+from consumer.metrics import Metrics
 from consumer.pipeline import Committer, ConsumerCommitter, Pipeline
 from consumer.prepare import Preparer
 from consumer.ratelimit import RateLimiter

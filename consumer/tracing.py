@@ -40,8 +40,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from consumer.logs import mask_email
 from consumer.prepare import Prepared, Rejected, Skipped
+from consumer.redact import mask_addresses
 from consumer.tracecontext import (
     Headers,
     carrier,
@@ -201,7 +201,7 @@ def _key_text(key: bytes | None) -> str | None:
         text = key.decode("utf-8")
     except UnicodeDecodeError:
         return None  # binary keys are not recorded
-    return mask_email(text)
+    return mask_addresses(text)
 
 
 class _OtelAttempt(AttemptTrace):
