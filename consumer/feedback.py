@@ -45,12 +45,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from consumer import __version__
+from consumer.errors import SettingsError
 from consumer.exitcodes import EXIT_OK
 from consumer.health import HealthServer
 from consumer.logs import configure_logging
 from consumer.metrics import BUILD_INFO
 from consumer.routes import EVENT_TAG, ROUTE_TAG, TRACE_TAG, decode_tag_value
-from consumer.settings import FeedbackMode, Settings, SettingsError
+from consumer.settings import FeedbackMode, Settings
 from consumer.tracecontext import TRACEPARENT, traceparent_from_tag
 
 __all__ = [

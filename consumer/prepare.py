@@ -22,11 +22,11 @@ from typing import Any, Final, Literal
 import orjson
 
 from consumer.batching import UNBATCHABLE_FIELDS, Priority
-from consumer.errors import InvalidEvent
+from consumer.errors import InvalidEvent, RoutesError
 from consumer.events import Decoder, Reason, invalid, validate_data
 from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 from consumer.redact import mask_addresses
-from consumer.routes import MAX_AGE_LIMIT, Route, RoutesError, RouteTable, load_routes
+from consumer.routes import MAX_AGE_LIMIT, Route, RouteTable, load_routes
 from consumer.settings import Settings, StalePolicy
 from consumer.tracecontext import TRACEPARENT, carrier, trace_tag
 

@@ -38,6 +38,7 @@ from typing import IO, Any, Final
 
 import orjson
 
+from consumer.errors import BadInput
 from consumer.exitcodes import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -48,7 +49,6 @@ from consumer.exitcodes import (
 from consumer.settings import Settings
 
 __all__ = [
-    "BadInput",
     "Record",
     "add_arguments",
     "build_envelope",
@@ -73,23 +73,10 @@ REQUIRED: Final = ("specversion", "id", "source", "type")
 _RFC3339: Final = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z"
 )
-#: at most this many bad lines are listed; the count says how many more
-_MAX_REPORTED: Final = 20
 #: outstanding sends before we wait for acknowledgements (bounds memory)
 _WINDOW: Final = 2000
 #: redraw the progress bar at most this often (seconds)
 _BAR_EVERY: Final = 0.1
-
-
-class BadInput(ValueError):
-    """Input that cannot become an event; `problems` are (line number, message)."""
-
-    def __init__(self, problems: Sequence[tuple[int, str]]) -> None:
-        self.problems = list(problems)
-        shown = [f"line {n}: {msg}" for n, msg in self.problems[:_MAX_REPORTED]]
-        if len(self.problems) > _MAX_REPORTED:
-            shown.append(f"... and {len(self.problems) - _MAX_REPORTED} more")
-        super().__init__("\n".join(shown))
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,10 +38,11 @@ from consumer.errors import (
     QuotaExceeded,
     ResendRejected,
     ResendRetriable,
+    SettingsError,
     TransportError,
 )
 from consumer.redact import redact_secrets
-from consumer.settings import Secret, SettingsError, base_url_problem, without_userinfo
+from consumer.settings import Secret, base_url_problem, without_userinfo
 
 if TYPE_CHECKING:
     from consumer.ratelimit import RateLimiter

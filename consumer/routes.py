@@ -30,6 +30,7 @@ import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from consumer.batching import MAX_BATCH, MAX_LINGER, PRIORITIES, Priority
+from consumer.errors import KeyTemplateError, RoutesError, TemplateReferenceError
 from consumer.events import (
     Event,
     Interp,
@@ -40,13 +41,12 @@ from consumer.events import (
     invalid,
     load_json_file,
 )
-from consumer.keys import DEFAULT_KEY_TEMPLATE, KeyTemplate, KeyTemplateError
+from consumer.keys import DEFAULT_KEY_TEMPLATE, KeyTemplate
 from consumer.redact import mask_address
-from consumer.settings import SettingsError, StalePolicy, parse_duration
+from consumer.settings import StalePolicy, parse_duration
 from consumer.templates import (
     Compiled,
     TemplateOutside,
-    TemplateReferenceError,
     check_references,
     environment,
     render_template,
@@ -128,10 +128,6 @@ _DISPLAY = r'(?:[^<>@,;:"\\\x00-\x1f\x7f]*| *"[^<>@"\\\x00-\x1f\x7f]*" *)'
 _ADDRESS = re.compile(rf"^(?:{_EMAIL}|{_DISPLAY}<{_EMAIL}>)\Z")
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,256}\Z")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-
-
-class RoutesError(SettingsError):
-    """The routes file, a schema or a template is unusable; names file, route and field."""
 
 
 def is_address(text: str) -> bool:

@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from consumer import __version__
 from consumer.committer import PartitionCommitter
 from consumer.deadletter import DeadLetterWriter
-from consumer.errors import KafkaUnavailable
+from consumer.errors import KafkaUnavailable, SettingsError
 from consumer.health import Health, HealthServer
 from consumer.logs import LogEvent, configure_logging
 from consumer.metrics import Metrics
@@ -30,7 +30,7 @@ from consumer.prepare import Preparer
 from consumer.ratelimit import RateLimiter
 from consumer.resend import RULES, Answer, ResendClient
 from consumer.retry import GateCondition, GateState, OnChange, RetryPolicy, ServiceGate
-from consumer.settings import Settings, SettingsError
+from consumer.settings import Settings
 from consumer.tracing import NO_TRACER, Tracer, tracer_from_env
 
 log = structlog.get_logger("consumer.service")

@@ -14,12 +14,13 @@ import pytest
 import structlog
 
 from consumer import cli, logs
+from consumer.errors import SettingsError
 from consumer.health import Health, HealthServer
 from consumer.logs import LogEvent, configure_logging, log_outcome
 from consumer.metrics import CONTENT_TYPE, METRIC_NAMES, Metrics
 from consumer.observe import ProgressReporter, add_arguments, health_command, probe_url
 from consumer.redact import REDACTED
-from consumer.settings import Secret, Settings, SettingsError
+from consumer.settings import Secret, Settings
 
 FAKE_KEY = "re_FAKEkey_1234567890abcdef"
 ADDRESS = "jane.doe@example.com"

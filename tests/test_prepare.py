@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumer.errors import RoutesError
 from consumer.events import Reason, parse_time
 from consumer.keys import is_valid_key
 from consumer.prepare import (
@@ -35,7 +36,6 @@ from consumer.prepare import (
     record_from_file,
     render_command,
 )
-from consumer.routes import RoutesError
 from consumer.settings import Settings, StalePolicy
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer import cli, publish
-from consumer.publish import BadInput, build_envelope, kafka_key, parse_input, to_record
+from consumer.errors import BadInput
+from consumer.publish import build_envelope, kafka_key, parse_input, to_record
 from consumer.settings import Settings
 
 pytestmark = pytest.mark.kafka
