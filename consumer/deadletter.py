@@ -45,6 +45,7 @@ from consumer.errors import DeadLetterUnavailable
 from consumer.exitcodes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from consumer.prepare import CLOCK_SKEW
 from consumer.redact import mask_addresses, redact_secrets
+from consumer.routes import MAX_AGE_LIMIT as IDEMPOTENCY_WINDOW
 from consumer.settings import Secret, Settings, parse_duration
 
 if TYPE_CHECKING:
@@ -105,8 +106,6 @@ CE_TIME: Final = "ce_time"
 #: `max.message.bytes` cannot be read
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1_048_588
 
-#: Resend remembers an idempotency key for 24 hours
-IDEMPOTENCY_WINDOW: Final = 24 * 3600.0
 MAX_MESSAGE_CHARS: Final = 1000
 
 

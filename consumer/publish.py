@@ -39,6 +39,7 @@ from typing import IO, Any, Final
 import orjson
 
 from consumer.errors import BadInput
+from consumer.events import CE_HEADER_PREFIX, CONTENT_TYPE_HEADER, REQUIRED_ATTRIBUTES
 from consumer.exitcodes import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -65,9 +66,6 @@ SPECVERSION: Final = "1.0"
 DATA_CONTENT_TYPE: Final = "application/json"
 #: content-type of a structured-mode record (CloudEvents Kafka binding)
 STRUCTURED_CONTENT_TYPE: Final = "application/cloudevents+json; charset=UTF-8"
-CE_PREFIX: Final = "ce_"
-CONTENT_TYPE_HEADER: Final = "content-type"
-REQUIRED: Final = ("specversion", "id", "source", "type")
 
 # the envelope schema's pattern (schemas/envelope.schema.json)
 _RFC3339: Final = re.compile(
@@ -115,8 +113,8 @@ def _from_binary_form(obj: dict[str, Any]) -> dict[str, Any]:
         low = str(name).lower()
         if low == CONTENT_TYPE_HEADER:
             event["datacontenttype"] = value
-        elif low.startswith(CE_PREFIX):
-            event[low.removeprefix(CE_PREFIX)] = value
+        elif low.startswith(CE_HEADER_PREFIX):
+            event[low.removeprefix(CE_HEADER_PREFIX)] = value
     event["data"] = obj["value"]
     return event
 
@@ -150,7 +148,7 @@ def build_envelope(
     event.setdefault("source", source)
     if "data" in event:
         event.setdefault("datacontenttype", DATA_CONTENT_TYPE)
-    for name in REQUIRED:
+    for name in REQUIRED_ATTRIBUTES:
         value = event.get(name)
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string")
@@ -215,7 +213,7 @@ def to_record(event: dict[str, Any], *, key: bytes | None, binary: bool = False)
             headers.append((CONTENT_TYPE_HEADER, str(attr).encode()))
         elif attr is not None:
             text = attr if isinstance(attr, str) else orjson.dumps(attr).decode()
-            headers.append((CE_PREFIX + name, text.encode()))
+            headers.append((CE_HEADER_PREFIX + name, text.encode()))
     data = _exact(orjson.dumps(event["data"])) if "data" in event else b""
     return Record(key, data, tuple(headers))
 

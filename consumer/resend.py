@@ -41,6 +41,7 @@ from consumer.errors import (
     SettingsError,
     TransportError,
 )
+from consumer.ratelimit import HEADER_RESET, HEADER_RETRY_AFTER
 from consumer.redact import redact_secrets
 from consumer.settings import Secret, base_url_problem, without_userinfo
 
@@ -52,7 +53,6 @@ Verdict = Literal["ok", "retry", "reject", "fatal"]
 #: service-wide conditions an answer can name; "outage" is decided by the gate
 Condition = Literal["auth", "endpoint", "quota_daily", "quota_monthly"]
 
-ENDPOINT_EMAILS: Final = "/emails"
 ENDPOINT_BATCH: Final = "/emails/batch"
 
 HEADER_AUTHORIZATION: Final = "Authorization"
@@ -60,8 +60,6 @@ HEADER_USER_AGENT: Final = "User-Agent"
 HEADER_CONTENT_TYPE: Final = "Content-Type"
 HEADER_IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 HEADER_BATCH_VALIDATION: Final = "x-batch-validation"
-HEADER_RETRY_AFTER: Final = "retry-after"
-HEADER_RATELIMIT_RESET: Final = "ratelimit-reset"
 
 USER_AGENT: Final = f"resend-consumer/{__version__}"
 #: longest server message kept in an Answer (dead-letter headers stay small)
@@ -245,7 +243,7 @@ def answer_from_response(
         data = None
     retry_after = parse_seconds(headers.get(HEADER_RETRY_AFTER))
     if retry_after is None and status == 429:
-        retry_after = parse_seconds(headers.get(HEADER_RATELIMIT_RESET))
+        retry_after = parse_seconds(headers.get(HEADER_RESET))
 
     if 200 <= status < 300:
         return _success(status, data, raw, headers, endpoint=endpoint)

@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import jinja2
 import yaml
@@ -53,9 +53,11 @@ from consumer.templates import (
 )
 
 UnknownTypePolicy = Literal["dead-letter", "skip"]
-UNKNOWN_TYPE_POLICIES: Final = ("dead-letter", "skip")
-STALE_POLICIES: Final = ("dead-letter", "skip", "send")
-#: Resend forgets idempotency keys after 24 h: no route may wait longer
+UNKNOWN_TYPE_POLICIES: Final[tuple[UnknownTypePolicy, ...]] = get_args(UnknownTypePolicy)
+#: the choices of `policies.stale`, from the one declaration (`settings.StalePolicy`)
+STALE_POLICIES: Final[tuple[StalePolicy, ...]] = get_args(StalePolicy)
+#: Resend forgets idempotency keys after 24 h: no route may wait longer, and no dead
+#: letter is replayed later than this after its first attempt
 MAX_AGE_LIMIT: Final = 24 * 3600.0
 #: Resend's limit of addresses in each of to, cc and bcc
 MAX_TO: Final = 50
