@@ -7,6 +7,7 @@ messages and trace attributes alike:
   with a secret-sounding name, anything shaped like a Resend API key
   (`re_...` -> `re_[redacted]`) and the given secret values (-> `[redacted]`);
   `is_secret_key(name)` says which structured field names are never shown;
+  `without_userinfo(url)` hides a URL's `user:password@` as `***@`;
 - `mask_addresses(text)`: every email address shortened to two characters of
   its local part and the domain, `jane@example.com` -> `ja***@example.com`;
   `mask_address(value)` masks one value that should have been an address (and
@@ -32,6 +33,7 @@ __all__ = [
     "mask_address",
     "mask_addresses",
     "redact_secrets",
+    "without_userinfo",
 ]
 
 #: what a secret is replaced with
@@ -72,6 +74,8 @@ _RESEND_KEY: Final = re.compile(r"\bre_[A-Za-z0-9_]+")
 # `@`, and a domain, dotted or not. Masking a false positive costs nothing.
 _DELIMITERS: Final = r"\s<>@\"',;()"
 _ADDRESS: Final = re.compile(rf"([^{_DELIMITERS}]{{1,64}})@([^{_DELIMITERS}]+)")
+#: a URL's scheme (kept) and its userinfo, up to the first `@` before the path
+_USERINFO: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -110,6 +114,11 @@ def redact_secrets(text: str, secrets: Iterable[str] = ()) -> str:
         if secret and secret in text:
             text = text.replace(secret, REDACTED)
     return text
+
+
+def without_userinfo(url: str) -> str:
+    """A URL with any `user:password@` replaced by `***@`, safe to show."""
+    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}{MASK}@", url, count=1)
 
 
 def _visible(local: str) -> str:

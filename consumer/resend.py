@@ -42,8 +42,8 @@ from consumer.errors import (
     TransportError,
 )
 from consumer.ratelimit import HEADER_RESET, HEADER_RETRY_AFTER
-from consumer.redact import redact_secrets
-from consumer.settings import Secret, base_url_problem, without_userinfo
+from consumer.redact import redact_secrets, without_userinfo
+from consumer.settings import Secret, base_url_problem
 
 if TYPE_CHECKING:
     from consumer.ratelimit import RateLimiter

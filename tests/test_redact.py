@@ -11,6 +11,7 @@ from consumer.redact import (
     mask_address,
     mask_addresses,
     redact_secrets,
+    without_userinfo,
 )
 
 KEY = "re_AbCdEf123456_SuperSecretKeyValue99"
@@ -110,6 +111,14 @@ def test_secrets_and_masks_compose() -> None:
     """A message scrubbed and masked keeps neither the key nor the recipient."""
     text = f"to jane@example.com with {KEY}"
     assert mask_addresses(redact_secrets(text)) == f"to ja***@example.com with re_{REDACTED}"
+
+
+def test_urls_lose_their_userinfo_only() -> None:
+    """`user:password@` becomes `***@`; the scheme, host and path stay readable."""
+    assert without_userinfo("https://u:pw@api.example.com/v1") == "https://***@api.example.com/v1"
+    assert without_userinfo("u:pw@host:8080") == "***@host:8080"
+    assert without_userinfo("https://api.resend.com") == "https://api.resend.com"
+    assert without_userinfo("https://api.example.com/a@b") == "https://api.example.com/a@b"
 
 
 @pytest.mark.parametrize(
