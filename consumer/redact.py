@@ -71,9 +71,13 @@ _PAIR: Final = re.compile(
 _RESEND_KEY: Final = re.compile(r"\bre_[A-Za-z0-9_]+")
 # Deliberately loose, so that nothing shaped like an address escapes: a local part of
 # up to 64 characters (any but space and the delimiters around addresses in text),
-# `@`, and a domain, dotted or not. Masking a false positive costs nothing.
+# `@`, and a domain, dotted or not, that holds a letter or a dot: `jane@example`,
+# `jane@10.0.0.1`, but not the `orders[2]@41` of a record's coordinates.
 _DELIMITERS: Final = r"\s<>@\"',;()"
-_ADDRESS: Final = re.compile(rf"([^{_DELIMITERS}]{{1,64}})@([^{_DELIMITERS}]+)")
+_ADDRESS: Final = re.compile(
+    rf"([^{_DELIMITERS}]{{1,64}})@(?=[^{_DELIMITERS}]*?[^\W\d_.]|[^{_DELIMITERS}]*?\.)"
+    rf"([^{_DELIMITERS}]+)"
+)
 #: a URL's scheme (kept) and its userinfo, up to the first `@` before the path
 _USERINFO: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
 

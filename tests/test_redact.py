@@ -39,6 +39,9 @@ def test_mask_addresses_keeps_two_letters_and_the_domain() -> None:
         # no dot in the domain, letters outside ASCII: masked all the same
         ("jane.doe@example", "ja***@example"),
         ("jané@exämple.com", "ja***@exämple.com"),
+        ("root@10.0.0.1 refused", "ro***@10.0.0.1 refused"),
+        # a record's coordinates are not an address
+        ("orders[2]@41: TimeoutError", "orders[2]@41: TimeoutError"),
     ],
 )
 def test_every_address_in_text_is_masked(text: str, masked: str) -> None:
