@@ -31,6 +31,10 @@ ends through `cli.main`, which catches `ConsumerError` alone: `exit_code` and
 `ValueError`s (they were before they joined the tree, and parsing code catches
 them as such). Messages never contain secrets: build them from reason codes,
 names and statuses, never from request headers.
+
+Not here: `feedback.Refused` (the webhook receiver's 4xx answer, caught where it
+is raised), `templates.TemplateOutside` (jinja's own TemplateNotFound protocol)
+and `fetch.Undecodable` (a record, not an exception).
 """
 
 from __future__ import annotations
