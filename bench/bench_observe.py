@@ -14,7 +14,8 @@ import time
 import structlog
 
 from consumer import publish
-from consumer.observe import Metrics, configure_logging, log_outcome
+from consumer.logs import configure_logging, log_outcome
+from consumer.metrics import Metrics
 from consumer.settings import Settings
 
 N = 50_000

@@ -21,8 +21,8 @@ from typing import Any
 
 from consumer import __version__
 from consumer.errors import ConsumerError
-from consumer.exitcodes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from consumer.settings import FIELDS, Settings, SettingsError, defaults_table
+from consumer.exitcodes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
+from consumer.settings import FIELDS, Settings, defaults_table
 
 __all__ = [
     "build_parser",
@@ -252,12 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except SettingsError as exc:
-        print(f"resend-consumer: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except ConsumerError as exc:
-        print(f"resend-consumer: {exc} [{exc.reason}]", file=sys.stderr)
-        return EXIT_FAILURE
+        print(f"resend-consumer: {exc.describe()}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from consumer.committer import Committer
     from consumer.deadletter import DeadLetter
     from consumer.dispatch import Planning
+    from consumer.health import Health
     from consumer.metrics import Metrics
-    from consumer.observe import Health
     from consumer.state import Engine, PartitionState
     from consumer.tracing import Tracer
 

@@ -47,15 +47,9 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from aiokafka.errors import KafkaError
 
-from consumer.deadletter import (
-    DeadLetter,
-    DeadLetterWriter,
-    TopicLimits,
-    build_record,
-    scrub,
-    unavailable,
-)
+from consumer.deadletter import DeadLetter, DeadLetterWriter, TopicLimits, build_record, unavailable
 from consumer.errors import CommitFailed, DeadLetterUnavailable, PartitionFenced
+from consumer.redact import redact_secrets
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer, TopicPartition
@@ -318,7 +312,7 @@ class PartitionCommitter:
         if isinstance(exc, TimeoutError):
             detail = f"TimeoutError: no answer within {self._timeout:g}s"
         else:
-            text = scrub(str(exc), self._secrets)
+            text = redact_secrets(str(exc), self._secrets)
             detail = type(exc).__name__ + (f": {text}" if text else "")
         return CommitFailed(f"{self._where(tp)}: transaction not committed: {detail}")
 

@@ -29,7 +29,6 @@ the replayed event derives the same idempotency key as the first time.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -41,7 +40,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from consumer import __version__
 from consumer.errors import DeadLetterUnavailable
-from consumer.logs import mask_email
+from consumer.redact import mask_addresses, redact_secrets
 from consumer.settings import Secret
 
 if TYPE_CHECKING:
@@ -102,33 +101,13 @@ CE_TIME: Final = "ce_time"
 #: `max.message.bytes` cannot be read
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1_048_588
 
-#: Resend remembers an idempotency key for 24 hours (a replay warns past it)
-IDEMPOTENCY_WINDOW: Final = 24 * 3600.0
 MAX_MESSAGE_CHARS: Final = 1000
 
-# Defence in depth: messages are built from codes and names, but an upstream error
-# text could still echo a credential. Patterns cover Resend keys, bearer tokens and
-# key=value / "key": "value" pairs with a secret-sounding name.
-_SCRUB: Final = (
-    (re.compile(r"\bre_[A-Za-z0-9_]{16,}"), "re_[REDACTED]"),
-    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [REDACTED]"),
-    (
-        re.compile(
-            r"(?i)\b(authorization|api[_-]?key|password|passwd|secret|token)"
-            r"([\"']?\s*[:=]\s*[\"']?)(?!bearer\b)[^\s\"',;}]+"
-        ),
-        r"\1\2[REDACTED]",
-    ),
-)
 
-
-def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove known secrets and anything shaped like a credential, then cap the length."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[REDACTED]")
-    for pattern, replacement in _SCRUB:
-        text = pattern.sub(replacement, text)
+def message_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """A `dlq.message`: addresses masked, credentials redacted, at most MAX_MESSAGE_CHARS."""
+    # Resend's error text may quote recipients: masked as the logs mask them
+    text = redact_secrets(mask_addresses(text), secrets)
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[: MAX_MESSAGE_CHARS - 1] + "…"
     return text
@@ -192,8 +171,7 @@ def dead_letter_headers(
         H_REASON: letter.reason,
         H_ERROR_NAME: letter.error_name,
         H_HTTP_STATUS: None if letter.http_status is None else str(letter.http_status),
-        # Resend's error text may quote recipients: masked as the logs mask them
-        H_MESSAGE: scrub(mask_email(letter.message), secrets),
+        H_MESSAGE: message_text(letter.message, secrets),
         H_ATTEMPTS: str(letter.attempts),
         H_FIRST_ATTEMPT_AT: _time_or_none(letter.first_attempt_at),
         H_LAST_ATTEMPT_AT: _time_or_none(letter.last_attempt_at),
@@ -442,7 +420,7 @@ def unavailable(
     if isinstance(exc, TimeoutError):
         name, detail = "TimeoutError", f"no acknowledgement within {timeout:g}s"
     else:
-        name, detail = type(exc).__name__, scrub(str(exc), secrets)
+        name, detail = type(exc).__name__, redact_secrets(str(exc), secrets)
     return DeadLetterUnavailable(
         f"dead-letter topic {topic!r} not written for {letter.source_topic}"
         f"[{letter.partition}]@{letter.offset}: {name}" + (f": {detail}" if detail else "")

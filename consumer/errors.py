@@ -1,4 +1,4 @@
-"""One error hierarchy for the service.
+"""One error hierarchy for the service: every class raised on purpose is here.
 
     ConsumerError
     ├── RetriableError          try again later, same key, same bytes
@@ -12,53 +12,75 @@
     │   ├── AuthError           missing/invalid/restricted/suspended API key
     │   ├── EndpointError       404/405: wrong base URL
     │   ├── QuotaExceeded       daily or monthly quota
-    │   ├── ResendUnavailable   Resend down for long (a run of 5xx/transport failures)
     │   ├── DeadLetterUnavailable   the dead-letter topic cannot be written
     │   └── KafkaUnavailable        Kafka unreachable or refusing us at start-up
-    └── PartitionFenced         none of the three: a newer owner has the partition;
-                                drop its work, commit nothing more for it
+    ├── PartitionFenced         none of the three: a newer owner has the partition;
+    │                           drop its work, commit nothing more for it
+    ├── SettingsError           a setting is missing or malformed (exit 2)
+    │   ├── RoutesError         the routes file, a schema or a template is unusable
+    │   │   └── TemplateReferenceError   a dynamic, missing or outside include/import
+    │   ├── KeyTemplateError    a key template that cannot give valid, distinct keys
+    │   └── TracingUnavailable  OTEL_* asks for tracing, the `otel` extra is missing
+    └── BadInput                input given to a command cannot become an event (exit 3)
 
-Every class says what the pipeline does with it through `retriable`,
-`permanent` and `fatal`. Messages never contain secrets: build them from
-reason codes, names and statuses, never from request headers.
+What the pipeline does with an error follows from its branch (`isinstance`);
+what a Resend answer means is decided once, by `resend.Answer.verdict`, and
+`Answer.error()` gives the class here. A command that fails with any of them
+ends through `cli.main`, which catches `ConsumerError` alone: `exit_code` and
+`describe()` say how. The settings, routes, key and input errors are also
+`ValueError`s (they were before they joined the tree, and parsing code catches
+them as such). Messages never contain secrets: build them from reason codes,
+names and statuses, never from request headers.
+
+Not here: `feedback.Refused` (the webhook receiver's 4xx answer, caught where it
+is raised), `templates.TemplateOutside` (jinja's own TemplateNotFound protocol)
+and `fetch.Undecodable` (a record, not an exception).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_USAGE
+
+#: at most this many bad input lines are listed; the count says how many more
+MAX_REPORTED: Final = 20
 
 
 class ConsumerError(Exception):
     """Base of every error this package raises on purpose."""
 
-    retriable: bool = False
-    permanent: bool = False
-    fatal: bool = False
     #: stable, machine-readable reason code (dead-letter header, metrics label)
     reason: str = "error"
+    #: how a command that ends with this error exits (`consumer.exitcodes`)
+    exit_code: int = EXIT_FAILURE
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
         if reason is not None:
             self.reason = reason
 
+    def describe(self) -> str:
+        """The one line a command prints for this error (after `resend-consumer: `)."""
+        return f"{self} [{self.reason}]"
+
 
 class RetriableError(ConsumerError):
     """Transient: retry later with the same idempotency key and the same bytes."""
 
-    retriable = True
     reason = "retriable"
 
 
 class PermanentError(ConsumerError):
     """This event cannot succeed as it is: dead-letter it with its reason."""
 
-    permanent = True
     reason = "permanent"
 
 
 class FatalError(ConsumerError):
     """Service-wide condition: stop sending, keep offsets, report not-ready, probe."""
 
-    fatal = True
     reason = "fatal"
 
 
@@ -114,12 +136,6 @@ class QuotaExceeded(FatalError):
     reason = "quota"
 
 
-class ResendUnavailable(FatalError):
-    """Resend failed for a run of attempts across the process: pause and probe."""
-
-    reason = "outage"
-
-
 class PartitionFenced(ConsumerError):
     """A newer owner of the partition fenced our producer: its work here is over.
 
@@ -141,3 +157,54 @@ class KafkaUnavailable(FatalError):
     """Kafka could not be reached or refused us at start-up (address, TLS, SASL)."""
 
     reason = "kafka_unavailable"
+
+
+# -- configuration and input: a command cannot run as asked ---------------------------
+
+
+class SettingsError(ConsumerError, ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+    reason = "settings"
+    exit_code = EXIT_USAGE
+
+    def describe(self) -> str:
+        return f"configuration error: {self}"
+
+
+class RoutesError(SettingsError):
+    """The routes file, a schema or a template is unusable; names file, route and field."""
+
+    reason = "routes"
+
+
+class TemplateReferenceError(RoutesError):
+    """An include/import/extends that is not a literal name inside the templates folder."""
+
+    reason = "template_reference"
+
+
+class KeyTemplateError(SettingsError):
+    """A key template that cannot give valid, distinct keys; the message says why."""
+
+    reason = "key_template"
+
+
+class TracingUnavailable(SettingsError):
+    """OTEL_* asks for tracing but the `otel` extra is not installed. Fatal at start-up."""
+
+    reason = "tracing_unavailable"
+
+
+class BadInput(ConsumerError, ValueError):
+    """Input that cannot become an event; `problems` are (line number, message)."""
+
+    reason = "bad_input"
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, problems: Sequence[tuple[int, str]]) -> None:
+        self.problems = list(problems)
+        shown = [f"line {n}: {msg}" for n, msg in self.problems[:MAX_REPORTED]]
+        if len(self.problems) > MAX_REPORTED:
+            shown.append(f"... and {len(self.problems) - MAX_REPORTED} more")
+        super().__init__("\n".join(shown))

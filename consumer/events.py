@@ -30,6 +30,7 @@ import fastjsonschema
 import orjson
 
 from consumer.errors import InvalidEvent
+from consumer.redact import mask_addresses
 
 
 class Reason(StrEnum):
@@ -88,7 +89,6 @@ CONTENT_TYPE_HEADER: Final = "content-type"
 PATH_ROOTS: Final = frozenset({"id", "source", "type", "subject", "time", "specversion", "data"})
 
 _JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json(?:\s*;.*)?\Z", re.IGNORECASE)
-_ADDRESS = re.compile(r"[^\s<>@\"',;]+@[^\s<>@\"',;]+")
 #: C0/C1 controls, DEL, line/paragraph separators; bidi embeddings, overrides, isolates and
 #: marks (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C), which reorder how a
 #: subject or a display name reads; zero-width characters (U+200B-U+200D, U+FEFF), which
@@ -103,23 +103,6 @@ _PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+\Z")
 def invalid(reason: Reason, message: str) -> InvalidEvent:
     """An `InvalidEvent` carrying a `Reason` code (messages stay free of addresses)."""
     return InvalidEvent(mask_addresses(message), reason=reason)
-
-
-def mask_addresses(text: str) -> str:
-    """'jane.doe@example.com' -> 'j***@example.com', anywhere in text."""
-    return _ADDRESS.sub(_mask_match, text)
-
-
-def _mask_match(match: re.Match[str]) -> str:
-    return mask_address(match.group(0))
-
-
-def mask_address(address: str) -> str:
-    """One address, masked for logs: first character of the local part and the domain."""
-    local, sep, domain = address.rpartition("@")
-    if not sep:
-        return "***"
-    return f"{local[:1]}***@{domain}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,9 +17,9 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXI
 EXIT_OK: Final = 0
 #: the command ran and failed (a ConsumerError, an unreachable probe, a 503)
 EXIT_FAILURE: Final = 1
-#: bad arguments or configuration (SettingsError, RoutesError, a non-http URL)
+#: bad arguments or configuration (a SettingsError: RoutesError, ...; a non-http URL)
 EXIT_USAGE: Final = 2
-#: the input given (an event file, a publish line) is not valid
+#: the input given (an event file, a publish line) is not valid (BadInput)
 EXIT_BAD_INPUT: Final = 3
 #: stopped by SIGINT/SIGTERM before finishing (128 + SIGINT)
 EXIT_INTERRUPTED: Final = 130

@@ -45,12 +45,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from consumer import __version__
+from consumer.errors import SettingsError
+from consumer.events import CE_HEADER_PREFIX, CONTENT_TYPE_HEADER
 from consumer.exitcodes import EXIT_OK
 from consumer.health import HealthServer
 from consumer.logs import configure_logging
 from consumer.metrics import BUILD_INFO
 from consumer.routes import EVENT_TAG, ROUTE_TAG, TRACE_TAG, decode_tag_value
-from consumer.settings import FeedbackMode, Settings, SettingsError
+from consumer.settings import FeedbackMode, Settings
 from consumer.tracecontext import TRACEPARENT, traceparent_from_tag
 
 __all__ = [
@@ -250,12 +252,12 @@ def feedback_record(webhook_id: str, body: bytes, mode: FeedbackMode) -> Feedbac
         trace_headers.append((TRACEPARENT, traceparent.encode()))
     key = (subject or webhook_id).encode()
     if mode == "binary":
-        headers = [(f"ce_{name}", value.encode()) for name, value in attrs.items()]
-        headers.append(("content-type", JSON_TYPE))
+        headers = [(CE_HEADER_PREFIX + name, value.encode()) for name, value in attrs.items()]
+        headers.append((CONTENT_TYPE_HEADER, JSON_TYPE))
         return FeedbackRecord(key, orjson.dumps(data), [*headers, *trace_headers], kind)
     envelope = {**attrs, "datacontenttype": "application/json", "data": data}
     value = orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS)
-    headers = [("content-type", STRUCTURED_TYPE), *trace_headers]
+    headers = [(CONTENT_TYPE_HEADER, STRUCTURED_TYPE), *trace_headers]
     return FeedbackRecord(key, value, headers, kind)
 
 

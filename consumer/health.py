@@ -32,8 +32,8 @@ from typing import Any, Final, Protocol
 import orjson
 from aiohttp import web
 
+from consumer.errors import SettingsError
 from consumer.metrics import CONTENT_TYPE
-from consumer.settings import SettingsError
 
 __all__ = ["HEALTHZ", "METRICS", "READYZ", "Exposition", "Health", "HealthServer", "Probes"]
 

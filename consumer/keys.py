@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from consumer.errors import KeyTemplateError
 from consumer.events import Event, FieldPath, Reason, invalid
 
 MAX_KEY_LENGTH: Final = 256
@@ -57,10 +58,6 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 #: ends the readable prefix of a shortened key; no natural key holds it (see above)
 SHORTENED_MARKER: Final = ".:"
 _PREFIX_KEEP: Final = MAX_KEY_LENGTH - len(SHORTENED_MARKER) - 64
-
-
-class KeyTemplateError(ValueError):
-    """A key template that cannot give valid, distinct keys; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,15 @@
 """Structured logging: structlog configured once, for the service and its libraries.
 
 JSON lines (orjson, bytes straight to stdout) in production; a readable console
-renderer on a TTY. Two processors run on every line, before rendering, so no
-code path can forget them:
+renderer on a TTY. One processor runs on every line, before rendering, so no
+code path can forget it (the rules are `consumer.redact`'s):
 
-- `scrub_secrets` drops the value of any key that names a secret (api_key,
-  password, authorization, ...) and rewrites anything shaped like a Resend API
-  key (`re_...`) in any string, tracebacks included;
-- `mask_recipients` (when `MASK_RECIPIENTS`, the default) shortens every email
-  address in any string value to `ja***@example.com`.
+- the value of any key that names a secret (api_key, password, authorization,
+  ...) is dropped, and credentials in any string (Resend keys `re_...`, Bearer
+  tokens, the configured API key and SASL password) are redacted, tracebacks
+  included;
+- when `MASK_RECIPIENTS` (the default), every email address in any string
+  value is shortened to `ja***@example.com`.
 
 Logs of aiokafka and aiohttp go through the same processors and renderer via
 `structlog.stdlib.ProcessorFormatter`, at WARNING: aiokafka is chatty at INFO.
@@ -18,10 +19,8 @@ Log event names the service emits are declared once in `LogEvent`.
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
-import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import date, datetime
@@ -33,16 +32,13 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from consumer.redact import REDACTED, is_secret_key, mask_addresses, redact_secrets
 from consumer.settings import Settings
 
 __all__ = [
-    "REDACTED",
     "LogEvent",
     "configure_logging",
     "log_outcome",
-    "mask_email",
-    "mask_recipients",
-    "scrub_secrets",
 ]
 
 
@@ -59,7 +55,6 @@ class LogEvent(StrEnum):
     CIRCUIT_OPEN = "circuit.open"
     CIRCUIT_CHANGED = "circuit.changed"
     CIRCUIT_CLOSED = "circuit.closed"
-    QUOTA = "quota.exceeded"
     COMMIT_FAILED = "commit.failed"
     COMMITTED = "offsets.committed"
     FETCH_FAILED = "fetch.failed"
@@ -80,39 +75,13 @@ class LogEvent(StrEnum):
     PARTITION_FENCED = "partition.fenced"
     #: the committer could not fence the previous owners of newly assigned partitions
     ASSIGN_FAILED = "partitions.assign_failed"
-    HEALTH_SERVER = "health.listening"
     STARTED = "service.started"
     STOPPING = "service.stopping"
     STOPPED = "service.stopped"
 
 
-#: what a secret value is replaced with
-REDACTED: Final = "[redacted]"
-
-#: keys whose values are never logged, whatever they hold (compared lower-cased)
-SECRET_KEYS: Final = frozenset(
-    {
-        "api_key",
-        "apikey",
-        "resend_api_key",
-        "password",
-        "sasl_plain_password",
-        "kafka_sasl_password",
-        "authorization",
-        "secret",
-        "token",
-    }
-)
-
 #: libraries whose stdlib loggers are routed through our renderer
 LIBRARY_LOGGERS: Final = ("aiokafka", "kafka", "aiohttp", "asyncio")
-
-# A Resend API key: `re_` then letters, digits and underscores. The word
-# boundary keeps words like "are_you" intact while catching keys anywhere.
-_RESEND_KEY: Final = re.compile(r"\bre_[A-Za-z0-9_]+")
-_KEY_REPLACEMENT: Final = "re_" + REDACTED
-# Deliberately loose: masking a false positive costs nothing, missing an address leaks it.
-_EMAIL: Final = re.compile(r"([A-Za-z0-9._%+\-]{1,64})@([A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+)")
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -125,25 +94,6 @@ _LEVELS: Final = {
 _HANDLER_MARK: Final = "_resend_consumer_handler"
 
 
-def _mask_match(m: re.Match[str]) -> str:
-    return f"{m.group(1)[:2]}***@{m.group(2)}"
-
-
-def mask_email(address: str) -> str:
-    """'jane@example.com' -> 'ja***@example.com'; every address inside a longer string too."""
-    # the substring test skips the regex for the vast majority of values
-    return _EMAIL.sub(_mask_match, address) if "@" in address else address
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_secret_key(key: object) -> bool:
-    # field names repeat on every line: the answer is cached per name
-    if not isinstance(key, str):
-        return False
-    low = key.lower().replace("-", "_")
-    return low in SECRET_KEYS or low.endswith(("_password", "_api_key", "_secret", "_token"))
-
-
 def _scrub(value: Any, text: Callable[[str], str]) -> Any:
     """Apply `text` to every string inside value; drop secrets by key name on the way."""
     if isinstance(value, str):
@@ -151,7 +101,7 @@ def _scrub(value: Any, text: Callable[[str], str]) -> Any:
     if value is None or isinstance(value, int | float | datetime | date | UUID):
         return value  # rendered by orjson as is; no text that could hold a secret
     if isinstance(value, Mapping):
-        return {k: (REDACTED if _is_secret_key(k) else _scrub(v, text)) for k, v in value.items()}
+        return {k: (REDACTED if is_secret_key(k) else _scrub(v, text)) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_scrub(v, text) for v in value]
     # Anything else (exceptions, bytes, objects) would reach the renderer as its
@@ -159,46 +109,22 @@ def _scrub(value: Any, text: Callable[[str], str]) -> Any:
     return text(repr(value))
 
 
-def _redact_keys(text: str) -> str:
-    return _RESEND_KEY.sub(_KEY_REPLACEMENT, text) if "re_" in text else text
-
-
-def scrub_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Processor: no secret by key name, no Resend-key-shaped string, anywhere in the line."""
-    for key, value in list(event_dict.items()):
-        if _is_secret_key(key):
-            event_dict[key] = REDACTED
-        else:
-            event_dict[key] = _scrub(value, _redact_keys)
-    return event_dict
-
-
 class _LineScrubber:
-    """Processor: `scrub_secrets`, the configured secret values, and (optionally)
-    `mask_recipients`, in a single walk over the line."""
+    """Processor: secrets by field name, secrets in any text (the configured values
+    too) and, when `mask`, every address, in a single walk over the line."""
 
     def __init__(self, *, exact: tuple[str, ...], mask: bool) -> None:
         self._exact = exact
         self._mask = mask
 
-    def _text(self, text: str) -> str:
-        text = _redact_keys(text)
-        for secret in self._exact:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return mask_email(text) if self._mask else text
+    def text(self, text: str) -> str:
+        text = redact_secrets(text, self._exact)
+        return mask_addresses(text) if self._mask else text
 
     def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
         for key, value in list(event_dict.items()):
-            event_dict[key] = REDACTED if _is_secret_key(key) else _scrub(value, self._text)
+            event_dict[key] = REDACTED if is_secret_key(key) else _scrub(value, self.text)
         return event_dict
-
-
-def mask_recipients(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Processor: every email address in every string value is masked."""
-    for key, value in list(event_dict.items()):
-        event_dict[key] = _scrub(value, mask_email)
-    return event_dict
 
 
 def _uses_json(settings: Settings, stream: IO[Any]) -> bool:
@@ -228,17 +154,13 @@ def _orjson_bytes(obj: Any, **_: Any) -> bytes:
 class _Scrubbed:
     """Wrap a renderer so its output is scrubbed once more (console tracebacks)."""
 
-    def __init__(self, renderer: Processor, *, mask: bool) -> None:
+    def __init__(self, renderer: Processor, *, text: Callable[[str], str]) -> None:
         self._renderer = renderer
-        self._mask = mask
+        self._text = text
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> Any:
         out = self._renderer(logger, name, event_dict)
-        if isinstance(out, str):
-            out = _redact_keys(out)
-            if self._mask:
-                out = mask_email(out)
-        return out
+        return self._text(out) if isinstance(out, str) else out
 
 
 class _RetriedIsNotAnError(logging.Filter):
@@ -301,9 +223,8 @@ def configure_logging(settings: Settings, *, stream: IO[Any] | None = None) -> N
     )
     # One walk over each line does all three jobs (secret key names, secret values
     # and key-shaped strings, addresses): the line is walked once, not three times.
-    scrubbers: list[Processor] = [
-        _LineScrubber(exact=known, mask=settings.mask_recipients),
-    ]
+    scrubber = _LineScrubber(exact=known, mask=settings.mask_recipients)
+    scrubbers: list[Processor] = [scrubber]
 
     if as_json:
         # exceptions become strings before the scrubbers see them
@@ -315,9 +236,7 @@ def configure_logging(settings: Settings, *, stream: IO[Any] | None = None) -> N
     else:
         colors = bool(getattr(out, "isatty", lambda: False)())
         before = []
-        renderer = _Scrubbed(
-            structlog.dev.ConsoleRenderer(colors=colors), mask=settings.mask_recipients
-        )
+        renderer = _Scrubbed(structlog.dev.ConsoleRenderer(colors=colors), text=scrubber.text)
         std_renderer = renderer
 
     factory: Any = (

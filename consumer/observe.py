@@ -1,53 +1,28 @@
-"""Observing the service: logs, metrics, health, and the periodic progress line.
+"""The periodic progress line, and the `resend-consumer health` command.
 
-The facade the rest of the package imports; the parts live in `logs.py`,
-`metrics.py` and `health.py`. The `resend-consumer health` probe command is
-`consumer.commands.health`.
+The progress line is written from two metrics snapshots. Logs, metrics and the
+health server live in `logs.py`, `metrics.py` and `health.py`: import them from
+there. The `resend-consumer health` probe command is `consumer.commands.health`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import structlog
 
-from consumer.events import Outcome
-from consumer.health import Health, HealthServer
-from consumer.logs import (
-    LogEvent,
-    configure_logging,
-    log_outcome,
-    mask_email,
-    mask_recipients,
-    scrub_secrets,
-)
-from consumer.metrics import CONTENT_TYPE, METRIC_NAMES, Metrics, MetricsSnapshot
+from consumer.logs import LogEvent
+from consumer.metrics import Metrics
 
-__all__ = [
-    "CONTENT_TYPE",
-    "METRIC_NAMES",
-    "Health",
-    "HealthServer",
-    "LogEvent",
-    "Metrics",
-    "MetricsSnapshot",
-    "Outcome",
-    "ProgressReporter",
-    "configure_logging",
-    "log_outcome",
-    "mask_email",
-    "mask_recipients",
-    "scrub_secrets",
-]
+__all__ = ["ProgressReporter"]
 
 
 class ProgressReporter:
     """Writes the periodic progress line from two metrics snapshots.
 
-    `tick()` logs one line (rates since the previous tick); `run(stop)` ticks
-    every `interval` seconds until stop is set. The pipeline starts it as a task.
+    `tick()` logs one line (rates since the previous tick); the pipeline calls it
+    every `interval` seconds.
     """
 
     def __init__(
@@ -80,10 +55,3 @@ class ProgressReporter:
         self._last, self._last_at = snap, now
         self._log.info(LogEvent.PROGRESS.value, **fields)
         return fields
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.interval)
-            except TimeoutError:
-                self.tick()

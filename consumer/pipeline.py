@@ -35,8 +35,9 @@ from consumer.commit import Commits
 from consumer.committer import Committer
 from consumer.dispatch import Dispatcher, Planning
 from consumer.fetch import RecordFetcher, Undecodable
+from consumer.health import Health
 from consumer.logs import LogEvent
-from consumer.observe import Health, Metrics
+from consumer.metrics import Metrics
 from consumer.offsets import OffsetLedger
 from consumer.outcome import Outcomes
 from consumer.prepare import Payload, Prepared, Preparer, Skipped

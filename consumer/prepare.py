@@ -20,15 +20,8 @@ import orjson
 
 from consumer.batching import UNBATCHABLE_FIELDS, Priority
 from consumer.errors import InvalidEvent
-from consumer.events import (
-    Decoder,
-    Outcome,
-    Reason,
-    Refusal,
-    invalid,
-    mask_addresses,
-    validate_data,
-)
+from consumer.events import Decoder, Outcome, Reason, Refusal, invalid, validate_data
+from consumer.redact import mask_addresses
 from consumer.routes import Route, RouteTable, load_routes
 from consumer.settings import Settings, StalePolicy
 from consumer.tracecontext import TRACEPARENT, carrier, trace_tag

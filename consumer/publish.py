@@ -40,10 +40,11 @@ from typing import IO, Any, Final
 
 import orjson
 
+from consumer.errors import BadInput
+from consumer.events import CE_HEADER_PREFIX, CONTENT_TYPE_HEADER, REQUIRED_ATTRIBUTES
 from consumer.settings import Settings
 
 __all__ = [
-    "BadInput",
     "Record",
     "build_envelope",
     "build_records",
@@ -59,31 +60,15 @@ SPECVERSION: Final = "1.0"
 DATA_CONTENT_TYPE: Final = "application/json"
 #: content-type of a structured-mode record (CloudEvents Kafka binding)
 STRUCTURED_CONTENT_TYPE: Final = "application/cloudevents+json; charset=UTF-8"
-CE_PREFIX: Final = "ce_"
-CONTENT_TYPE_HEADER: Final = "content-type"
-REQUIRED: Final = ("specversion", "id", "source", "type")
 
 # the envelope schema's pattern (schemas/envelope.schema.json)
 _RFC3339: Final = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z"
 )
-#: at most this many bad lines are listed; the count says how many more
-_MAX_REPORTED: Final = 20
 #: outstanding sends before we wait for acknowledgements (bounds memory)
 _WINDOW: Final = 2000
 #: redraw the progress bar at most this often (seconds)
 _BAR_EVERY: Final = 0.1
-
-
-class BadInput(ValueError):
-    """Input that cannot become an event; `problems` are (line number, message)."""
-
-    def __init__(self, problems: Sequence[tuple[int, str]]) -> None:
-        self.problems = list(problems)
-        shown = [f"line {n}: {msg}" for n, msg in self.problems[:_MAX_REPORTED]]
-        if len(self.problems) > _MAX_REPORTED:
-            shown.append(f"... and {len(self.problems) - _MAX_REPORTED} more")
-        super().__init__("\n".join(shown))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +107,8 @@ def _from_binary_form(obj: dict[str, Any]) -> dict[str, Any]:
         low = str(name).lower()
         if low == CONTENT_TYPE_HEADER:
             event["datacontenttype"] = value
-        elif low.startswith(CE_PREFIX):
-            event[low.removeprefix(CE_PREFIX)] = value
+        elif low.startswith(CE_HEADER_PREFIX):
+            event[low.removeprefix(CE_HEADER_PREFIX)] = value
     event["data"] = obj["value"]
     return event
 
@@ -162,7 +147,7 @@ def build_envelope(
     event.setdefault("source", source)
     if "data" in event:
         event.setdefault("datacontenttype", DATA_CONTENT_TYPE)
-    for name in REQUIRED:
+    for name in REQUIRED_ATTRIBUTES:
         value = event.get(name)
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string")
@@ -227,7 +212,7 @@ def to_record(event: dict[str, Any], *, key: bytes | None, binary: bool = False)
             headers.append((CONTENT_TYPE_HEADER, str(attr).encode()))
         elif attr is not None:
             text = attr if isinstance(attr, str) else orjson.dumps(attr).decode()
-            headers.append((CE_PREFIX + name, text.encode()))
+            headers.append((CE_HEADER_PREFIX + name, text.encode()))
     data = _exact(orjson.dumps(event["data"])) if "data" in event else b""
     return Record(key, data, tuple(headers))
 

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from consumer.backpressure import BackPressure
     from consumer.commit import Commits
     from consumer.dispatch import Dispatcher
+    from consumer.health import Health
     from consumer.metrics import Metrics
-    from consumer.observe import Health
     from consumer.state import Engine
 
 __all__ = ["Rebalance"]

@@ -38,9 +38,12 @@ from consumer.errors import (
     QuotaExceeded,
     ResendRejected,
     ResendRetriable,
+    SettingsError,
     TransportError,
 )
-from consumer.settings import Secret, SettingsError, base_url_problem, without_userinfo
+from consumer.ratelimit import HEADER_RESET, HEADER_RETRY_AFTER
+from consumer.redact import redact_secrets, without_userinfo
+from consumer.settings import Secret, base_url_problem
 
 if TYPE_CHECKING:
     from consumer.ratelimit import RateLimiter
@@ -50,7 +53,6 @@ Verdict = Literal["ok", "retry", "reject", "fatal"]
 #: service-wide conditions an answer can name; "outage" is decided by the gate
 Condition = Literal["auth", "endpoint", "quota_daily", "quota_monthly"]
 
-ENDPOINT_EMAILS: Final = "/emails"
 ENDPOINT_BATCH: Final = "/emails/batch"
 
 HEADER_AUTHORIZATION: Final = "Authorization"
@@ -58,8 +60,6 @@ HEADER_USER_AGENT: Final = "User-Agent"
 HEADER_CONTENT_TYPE: Final = "Content-Type"
 HEADER_IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 HEADER_BATCH_VALIDATION: Final = "x-batch-validation"
-HEADER_RETRY_AFTER: Final = "retry-after"
-HEADER_RATELIMIT_RESET: Final = "ratelimit-reset"
 
 USER_AGENT: Final = f"resend-consumer/{__version__}"
 #: longest server message kept in an Answer (dead-letter headers stay small)
@@ -243,7 +243,7 @@ def answer_from_response(
         data = None
     retry_after = parse_seconds(headers.get(HEADER_RETRY_AFTER))
     if retry_after is None and status == 429:
-        retry_after = parse_seconds(headers.get(HEADER_RATELIMIT_RESET))
+        retry_after = parse_seconds(headers.get(HEADER_RESET))
 
     if 200 <= status < 300:
         return _success(status, data, raw, headers, endpoint=endpoint)
@@ -329,9 +329,7 @@ def transport_answer(exc: BaseException, *, redact: str | None = None) -> Answer
         reason = "payload_error"
     else:
         reason = "transport_error"
-    text = _short(f"{type(exc).__name__}: {exc}")
-    if redact:
-        text = text.replace(redact, "<redacted>")
+    text = redact_secrets(_short(f"{type(exc).__name__}: {exc}"), (redact,) if redact else ())
     return Answer(status=None, verdict="retry", reason=reason, message=text)
 
 
@@ -542,4 +540,4 @@ class ResendClient:
 
 
 def _redacted(answer: Answer, key: str) -> Answer:
-    return replace(answer, message=answer.message.replace(key, "<redacted>"))
+    return replace(answer, message=redact_secrets(answer.message, (key,)))

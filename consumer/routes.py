@@ -23,13 +23,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import jinja2
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from consumer.batching import MAX_BATCH, MAX_LINGER, PRIORITIES, Priority
+from consumer.errors import KeyTemplateError, RoutesError, TemplateReferenceError
 from consumer.events import (
     Event,
     Interp,
@@ -39,23 +40,24 @@ from consumer.events import (
     has_control_characters,
     invalid,
     load_json_file,
-    mask_address,
 )
-from consumer.keys import DEFAULT_KEY_TEMPLATE, KeyTemplate, KeyTemplateError
-from consumer.settings import SettingsError, StalePolicy, parse_duration
+from consumer.keys import DEFAULT_KEY_TEMPLATE, KeyTemplate
+from consumer.redact import mask_address
+from consumer.settings import StalePolicy, parse_duration
 from consumer.templates import (
     Compiled,
     TemplateOutside,
-    TemplateReferenceError,
     check_references,
     environment,
     render_template,
 )
 
 UnknownTypePolicy = Literal["dead-letter", "skip"]
-UNKNOWN_TYPE_POLICIES: Final = ("dead-letter", "skip")
-STALE_POLICIES: Final = ("dead-letter", "skip", "send")
-#: Resend forgets idempotency keys after 24 h: no route may wait longer
+UNKNOWN_TYPE_POLICIES: Final[tuple[UnknownTypePolicy, ...]] = get_args(UnknownTypePolicy)
+#: the choices of `policies.stale`, from the one declaration (`settings.StalePolicy`)
+STALE_POLICIES: Final[tuple[StalePolicy, ...]] = get_args(StalePolicy)
+#: Resend forgets idempotency keys after 24 h: no route may wait longer, and no dead
+#: letter is replayed later than this after its first attempt
 MAX_AGE_LIMIT: Final = 24 * 3600.0
 #: Resend's limit of addresses in each of to, cc and bcc
 MAX_TO: Final = 50
@@ -128,10 +130,6 @@ _DISPLAY = r'(?:[^<>@,;:"\\\x00-\x1f\x7f]*| *"[^<>@"\\\x00-\x1f\x7f]*" *)'
 _ADDRESS = re.compile(rf"^(?:{_EMAIL}|{_DISPLAY}<{_EMAIL}>)\Z")
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,256}\Z")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-
-
-class RoutesError(SettingsError):
-    """The routes file, a schema or a template is unusable; names file, route and field."""
 
 
 def is_address(text: str) -> bool:

@@ -20,16 +20,17 @@ from aiokafka.errors import KafkaError
 from consumer import __version__
 from consumer.committer import Committer, ConsumerCommitter, PartitionCommitter
 from consumer.deadletter import DeadLetterWriter
-from consumer.errors import KafkaUnavailable
+from consumer.errors import KafkaUnavailable, SettingsError
 from consumer.exitcodes import EXIT_OK
-from consumer.logs import LogEvent
-from consumer.observe import Health, HealthServer, Metrics, configure_logging
+from consumer.health import Health, HealthServer
+from consumer.logs import LogEvent, configure_logging
+from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline
 from consumer.prepare import Preparer
 from consumer.ratelimit import RateLimiter
 from consumer.resend import RULES, Answer, ResendClient
 from consumer.retry import GateCondition, GateState, OnChange, RetryPolicy, ServiceGate
-from consumer.settings import Settings, SettingsError
+from consumer.settings import Settings
 from consumer.tracing import NO_TRACER, Tracer, tracer_from_env
 
 log = structlog.get_logger("consumer.service")

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from consumer.errors import SettingsError
+from consumer.redact import without_userinfo
+
 Ordering = Literal["key", "partition", "none"]
 StalePolicy = Literal["dead-letter", "skip", "send"]
 AutoOffsetReset = Literal["earliest", "latest"]
@@ -32,10 +35,6 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 FeedbackMode = Literal["structured", "binary"]
-
-
-class SettingsError(ValueError):
-    """A setting is missing or malformed; the message names the variable."""
 
 
 class Secret:
@@ -191,14 +190,6 @@ def _bootstrap(text: str) -> str:
         if port and not (port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError(f"{entry!r}: the port must be from 1 to 65535")
     return text
-
-
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
-
-
-def without_userinfo(url: str) -> str:
-    """A URL with any `user:password@` replaced by `***@`, safe to show."""
-    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", url, count=1)
 
 
 def base_url_problem(url: str) -> str | None:

@@ -27,6 +27,7 @@ from jinja2.loaders import split_template_path
 from jinja2.runtime import new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from consumer.errors import TemplateReferenceError
 from consumer.events import Reason, invalid
 
 
@@ -73,10 +74,6 @@ class ConfinedLoader(jinja2.BaseLoader):
         except (OSError, UnicodeDecodeError):
             raise jinja2.TemplateNotFound(template) from None
         return source, str(path), lambda: True
-
-
-class TemplateReferenceError(ValueError):
-    """An include/import/extends that is not a literal name inside the templates folder."""
 
 
 def check_references(env: jinja2.Environment, source: str, *, name: str) -> None:

@@ -40,8 +40,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from consumer.logs import mask_email
+from consumer.errors import TracingUnavailable
 from consumer.prepare import Prepared, Rejected, Skipped
+from consumer.redact import mask_addresses
 from consumer.tracecontext import (
     Headers,
     carrier,
@@ -66,7 +67,6 @@ __all__ = [
     "LetterTrace",
     "OtelTracer",
     "Tracer",
-    "TracingUnavailable",
     "carrier",
     "tracer_from_env",
 ]
@@ -76,10 +76,6 @@ _ENDPOINT_VARS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRAC
 #: a commit span links to at most this many events (the SDK's default link limit)
 MAX_COMMIT_LINKS: Final = 128
 _SCOPE: Final = "resend_consumer"
-
-
-class TracingUnavailable(RuntimeError):
-    """OTEL_* asks for tracing but the `otel` extra is not installed. Fatal at start-up."""
 
 
 # -- the interface, and what it does when tracing is off ----------------------------------
@@ -201,7 +197,7 @@ def _key_text(key: bytes | None) -> str | None:
         text = key.decode("utf-8")
     except UnicodeDecodeError:
         return None  # binary keys are not recorded
-    return mask_email(text)
+    return mask_addresses(text)
 
 
 class _OtelAttempt(AttemptTrace):

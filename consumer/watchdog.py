@@ -24,8 +24,8 @@ from consumer.observe import ProgressReporter
 
 if TYPE_CHECKING:
     from consumer.dispatch import Dispatcher
+    from consumer.health import Health
     from consumer.metrics import Metrics
-    from consumer.observe import Health
     from consumer.retry import ServiceGate
     from consumer.state import Engine, PartitionState
 

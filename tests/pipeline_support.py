@@ -27,7 +27,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.consumer import AIOKafkaConsumer
 
 from consumer.deadletter import topic_partitions
-from consumer.observe import Health, Metrics
+from consumer.health import Health
+from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline
 from consumer.prepare import Preparer
 from consumer.ratelimit import RateLimiter

@@ -41,7 +41,8 @@ from aiokafka.structs import OffsetAndMetadata
 from consumer.batching import Plan
 from consumer.deadletter import DeadLetter
 from consumer.errors import CommitFailed, DeadLetterUnavailable
-from consumer.observe import Health, Metrics
+from consumer.health import Health
+from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline
 from consumer.prepare import Prepared, Preparer
 from consumer.resend import ENDPOINT_BATCH, Answer, answer_from_response

@@ -44,13 +44,14 @@ from consumer.deadletter import (
     coordinates_key,
     dead_letter_headers,
     dlq_values,
+    message_text,
     original_headers,
     record_size,
     rfc3339,
-    scrub,
     topic_partitions,
 )
 from consumer.errors import DeadLetterUnavailable, FatalError
+from consumer.redact import REDACTED
 from consumer.settings import Secret, Settings
 from tests.conftest import ROOT, NewTopicFactory, Produce
 
@@ -140,16 +141,16 @@ def test_scrub_removes_keys_tokens_and_known_secrets() -> None:
         f"bad key {API_KEY}; Authorization: Bearer abc.def-ghi; password=hunter2 "
         '{"api_key": "sk-live-1"} sasl pw plainvalue'
     )
-    cleaned = scrub(text, secrets=["plainvalue"])
+    cleaned = message_text(text, secrets=["plainvalue"])
     for leaked in (API_KEY, "abc.def-ghi", "hunter2", "sk-live-1", "plainvalue"):
         assert leaked not in cleaned
-    assert "re_[REDACTED]" in cleaned
-    assert "Bearer [REDACTED]" in cleaned
+    assert f"re_{REDACTED}" in cleaned
+    assert f"Bearer {REDACTED}" in cleaned
 
 
 def test_long_message_is_truncated() -> None:
     """Messages are capped at MAX_MESSAGE_CHARS characters."""
-    assert len(scrub("x" * 10_000)) == MAX_MESSAGE_CHARS
+    assert len(message_text("x" * 10_000)) == MAX_MESSAGE_CHARS
 
 
 def test_unknown_values_are_left_out_and_originals_come_first() -> None:
@@ -247,7 +248,7 @@ async def test_written_dead_letter_reads_back_with_every_header(
         H_REASON: "validation_error",
         H_ERROR_NAME: "validation_error",
         H_HTTP_STATUS: "422",
-        H_MESSAGE: "rejected; key [REDACTED] Bearer [REDACTED]",
+        H_MESSAGE: f"rejected; key re_{REDACTED} Bearer {REDACTED}",
         H_ATTEMPTS: "3",
         H_FIRST_ATTEMPT_AT: rfc3339(sent.first_attempt_at or 0),
         H_LAST_ATTEMPT_AT: rfc3339(sent.last_attempt_at or 0),

@@ -18,7 +18,7 @@ from aiokafka import TopicPartition
 from consumer.backpressure import BackPressure
 from consumer.dispatch import Dispatcher
 from consumer.events import Outcome
-from consumer.observe import Metrics
+from consumer.metrics import Metrics
 from consumer.outcome import Outcomes
 from consumer.prepare import Prepared, Rejected
 from consumer.resend import Answer, answer_from_response

@@ -18,8 +18,6 @@ from consumer.events import (
     compile_schema,
     has_control_characters,
     load_json_file,
-    mask_address,
-    mask_addresses,
     parse_time,
     validate_data,
 )
@@ -239,13 +237,6 @@ def test_control_characters_detected() -> None:
     for bad in ("a\rb", "a\nb", "\x00", "\x7f", "\x85", "a\u2028b", "tab\there"):
         assert has_control_characters(bad), repr(bad)
     assert not has_control_characters("Your order A-1 is confirmed — thanks!")
-
-
-def test_addresses_are_masked_in_text() -> None:
-    """Addresses inside messages show only their first letter and domain."""
-    assert mask_address("jane.doe@example.com") == "j***@example.com"
-    assert mask_addresses("to: 'jane.doe@example.com' bad") == "to: 'j***@example.com' bad"
-    assert mask_address("nonsense") == "***"
 
 
 # -- numbers and binary-mode headers (issue 11, items 8 and 9) ----------------------

@@ -21,11 +21,12 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from standardwebhooks import Webhook
 
+from consumer.errors import SettingsError
 from consumer.events import Decoder, compile_schema, load_json_file
 from consumer.feedback import SOURCE, TYPE_PREFIX, WEBHOOK_PATH, Receiver, feedback_record
 from consumer.routes import encode_tag_value
 from consumer.sandbox import Sandbox, SandboxConfig
-from consumer.settings import Secret, Settings, SettingsError
+from consumer.settings import Secret, Settings
 from tests.conftest import NewTopicFactory
 from tests.pipeline_support import read_all
 

@@ -20,9 +20,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 
+from consumer.errors import SettingsError
 from consumer.sandbox import Sandbox, SandboxConfig
 from consumer.service import run_service
-from consumer.settings import SaslMechanism, Secret, SecurityProtocol, Settings, SettingsError
+from consumer.settings import SaslMechanism, Secret, SecurityProtocol, Settings
 from tests.conftest import SecureKafka, unique_name
 from tests.pipeline_support import (
     API_KEY,

@@ -10,13 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.errors import InvalidEvent
+from consumer.errors import InvalidEvent, KeyTemplateError
 from consumer.events import Event, Reason
 from consumer.keys import (
     DEFAULT_KEY_TEMPLATE,
     MAX_KEY_LENGTH,
     KeyTemplate,
-    KeyTemplateError,
     encode_value,
     finish_key,
     is_valid_key,

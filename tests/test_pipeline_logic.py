@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from consumer.observe import Health, Metrics
+from consumer.health import Health
+from consumer.metrics import Metrics
 from consumer.service import gate_observer
 
 

@@ -17,8 +17,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer import cli, publish
 from consumer.commands import publish as publish_command
+from consumer.errors import BadInput
 from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
-from consumer.publish import BadInput, build_envelope, kafka_key, parse_input, to_record
+from consumer.publish import build_envelope, kafka_key, parse_input, to_record
 from consumer.settings import Settings
 
 pytestmark = pytest.mark.kafka

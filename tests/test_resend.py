@@ -19,6 +19,7 @@ from consumer.errors import (
     QuotaExceeded,
     ResendRejected,
     ResendRetriable,
+    SettingsError,
     TransportError,
 )
 from consumer.resend import (
@@ -32,7 +33,7 @@ from consumer.resend import (
 )
 from consumer.retry import RetryPolicy, ServiceGate, deliver
 from consumer.sandbox import Faults, Sandbox, SandboxConfig
-from consumer.settings import Secret, Settings, SettingsError
+from consumer.settings import Secret, Settings
 
 KEY = "re_test_secret_123"
 EMAIL = b'{"from":"a@example.com","to":"b@example.com","subject":"Hi","text":"hello"}'

@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 
 from consumer.batching import Priority
-from consumer.errors import InvalidEvent
+from consumer.errors import InvalidEvent, RoutesError, SettingsError
 from consumer.events import Event, Reason
 from consumer.routes import (
     EVENT_TAG,
     ROUTE_TAG,
-    RoutesError,
     RouteTable,
     decode_tag_value,
     encode_tag_value,
@@ -26,7 +25,6 @@ from consumer.routes import (
     load_routes,
     source_tags,
 )
-from consumer.settings import SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "schemas" / "routes.yaml"

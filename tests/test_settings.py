@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from consumer.cli import main
+from consumer.errors import SettingsError
 from consumer.health import Health, HealthServer
 from consumer.metrics import Metrics
-from consumer.settings import FIELDS, Settings, SettingsError
+from consumer.settings import FIELDS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTES = ROOT / "schemas" / "routes.yaml"

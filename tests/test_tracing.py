@@ -18,20 +18,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from consumer.deadletter import DeadLetter, build_record, original_headers
+from consumer.errors import TracingUnavailable
 from consumer.prepare import Prepared, Preparer, Rejected
 from consumer.resend import ResendClient
 from consumer.retry import RetryPolicy, ServiceGate, deliver
 from consumer.sandbox import Faults, Sandbox
 from consumer.settings import Secret
-from consumer.tracing import (
-    NO_TRACER,
-    EventTrace,
-    OtelTracer,
-    Tracer,
-    TracingUnavailable,
-    carrier,
-    tracer_from_env,
-)
+from consumer.tracing import NO_TRACER, EventTrace, OtelTracer, Tracer, carrier, tracer_from_env
 from tests.pipeline_support import API_KEY, order_event, pipeline_settings
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -25,7 +25,6 @@ from consumer.deadletter import (
     H_IDEMPOTENCY_KEY,
     H_REASON,
     H_SOURCE_TOPIC,
-    IDEMPOTENCY_WINDOW,
     dlq_values,
     event_time_of,
     event_type_of,
@@ -37,6 +36,7 @@ from consumer.deadletter import (
 )
 from consumer.exitcodes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from consumer.prepare import CLOCK_SKEW
+from consumer.routes import MAX_AGE_LIMIT as IDEMPOTENCY_WINDOW
 from consumer.settings import Settings, parse_duration
 
 __all__ = ["ReplayArgs", "ReplaySummary", "add_arguments", "default_dlq_topic", "replay"]

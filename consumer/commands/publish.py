@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
 
+from consumer.errors import BadInput
 from consumer.exitcodes import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -25,7 +26,6 @@ from consumer.exitcodes import (
 )
 from consumer.publish import (
     DEFAULT_SOURCE,
-    BadInput,
     Record,
     build_records,
     parse_input,

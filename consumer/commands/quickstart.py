@@ -33,10 +33,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from consumer.errors import SettingsError
 from consumer.feedback import EXT_EVENT, EXT_ROUTE, STRUCTURED_TYPE, TYPE_PREFIX, Receiver
 from consumer.sandbox import Sandbox, SandboxConfig
 from consumer.service import run_service
-from consumer.settings import Secret, Settings, SettingsError
+from consumer.settings import Secret, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 BROKER = REPO / "deploy" / "kafka" / "broker.py"

@@ -10,9 +10,10 @@ from typing import Any, Final
 
 import orjson
 
+from consumer.errors import RoutesError
 from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 from consumer.prepare import Prepared, Preparer, Rejected, record_from_file
-from consumer.routes import MAX_AGE_LIMIT, RoutesError
+from consumer.routes import MAX_AGE_LIMIT
 from consumer.settings import Settings
 
 __all__ = [
