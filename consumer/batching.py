@@ -37,7 +37,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Final, Generic, TypeVar
@@ -474,8 +474,3 @@ class PartitionPlanner(Generic[P]):
 
 def _max(a: int | None, b: int) -> int:
     return b if a is None else max(a, b)
-
-
-def runs_fit(batches: Sequence[PlannedBatch], horizon: int | None) -> int:
-    """Characters the metadata of `batches` takes (for benchmarks and docs)."""
-    return len(Plan(horizon, tuple(batches)).encode())

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from consumer.errors import SettingsError
-from consumer.redact import without_userinfo
+from consumer.redact import REDACTED, without_userinfo
 
 Ordering = Literal["key", "partition", "none"]
 StalePolicy = Literal["dead-letter", "skip", "send"]
@@ -654,7 +654,7 @@ class Settings:
                 values[f.name] = f.parse(raw)
             except (ValueError, TypeError) as exc:
                 if f.secret:
-                    shown = "<redacted>"
+                    shown = REDACTED
                 else:
                     shown = f.shown(raw) if f.shown is not None else repr(raw)
                 raise SettingsError(f"{f.env}={shown}: {exc}") from None

@@ -34,6 +34,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from consumer.errors import SettingsError
+from consumer.events import CE_HEADER_PREFIX, CONTENT_TYPE_HEADER
 from consumer.feedback import EXT_EVENT, EXT_ROUTE, STRUCTURED_TYPE, TYPE_PREFIX, Receiver
 from consumer.sandbox import Sandbox, SandboxConfig
 from consumer.service import run_service
@@ -251,10 +252,13 @@ def _cloudevent(record: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:
     """A feedback record as a CloudEvent dict, whichever FEEDBACK_MODE wrote it."""
     headers = dict(record.headers)
     value = orjson.loads(record.value) if record.value else None
-    if headers.get("content-type") == STRUCTURED_TYPE and isinstance(value, dict):
+    if headers.get(CONTENT_TYPE_HEADER) == STRUCTURED_TYPE and isinstance(value, dict):
         return value
+    prefix = len(CE_HEADER_PREFIX)
     event: dict[str, Any] = {
-        k[3:]: v.decode(errors="replace") for k, v in headers.items() if k.startswith("ce_")
+        k[prefix:]: v.decode(errors="replace")
+        for k, v in headers.items()
+        if k.startswith(CE_HEADER_PREFIX)
     }
     event["data"] = value
     return event
