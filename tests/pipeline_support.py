@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -192,6 +193,7 @@ class ServiceProcess:
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
         self.log_path = log_path
+        self.health_port = settings.health_port
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consumer", "run"],
@@ -228,6 +230,12 @@ class ServiceProcess:
             self.proc.wait(10)
         if not self._log.closed:
             self._log.close()
+
+
+def member(settings: Settings, log_path: Path, **overrides: Any) -> ServiceProcess:
+    """A service process of a group with a HEALTH_PORT of its own, `overrides` applied."""
+    changed = dataclasses.replace(settings, health_port=free_port(), **overrides)
+    return ServiceProcess(changed, log_path)
 
 
 async def wait_for(

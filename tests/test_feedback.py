@@ -18,7 +18,6 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from standardwebhooks import Webhook
 
 from consumer.events import Decoder, compile_schema, load_json_file
@@ -27,7 +26,7 @@ from consumer.routes import encode_tag_value
 from consumer.sandbox import Sandbox, SandboxConfig
 from consumer.settings import Secret, Settings, SettingsError
 from tests.conftest import NewTopicFactory
-from tests.pipeline_support import read_all
+from tests.pipeline_support import end_offsets, read_all
 
 pytestmark = pytest.mark.kafka
 
@@ -118,16 +117,6 @@ async def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dic
         return answer.status, orjson.loads(await answer.read())
 
 
-async def end_offset(bootstrap: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, 0)
-        return int((await consumer.end_offsets([tp]))[tp])
-    finally:
-        await consumer.stop()
-
-
 async def test_signed_webhook_becomes_one_structured_cloudevent(
     kafka_bootstrap: str, new_topic: NewTopicFactory, make_receiver: MakeReceiver
 ) -> None:
@@ -205,7 +194,7 @@ async def test_refused_webhooks_produce_nothing(
         if reason:
             assert answer["reason"] == reason, name
     assert receiver.counts["produced"] == 0
-    assert await end_offset(kafka_bootstrap, topic) == 0
+    assert (await end_offsets(kafka_bootstrap, topic, 1))[0] == 0
 
 
 async def test_repeated_svix_id_is_produced_once(
@@ -221,7 +210,7 @@ async def test_repeated_svix_id_is_produced_once(
     answers.append(await post(receiver.url, body, signed(body, msg_id="msg_dup")))
     assert [status for status, _ in answers] == [200] * 6
     assert sorted(a["outcome"] for _, a in answers) == ["duplicate"] * 5 + ["produced"]
-    assert await end_offset(kafka_bootstrap, topic) == 1
+    assert (await end_offsets(kafka_bootstrap, topic, 1))[0] == 1
 
 
 async def test_two_secrets_accepted_during_rotation(
@@ -239,7 +228,7 @@ async def test_two_secrets_accepted_during_rotation(
         body = webhook(email_id=f"em_{secret[-6:]}")
         status, _ = await post(receiver.url, body, signed(body, secret=secret))
         assert status == 200
-    assert await end_offset(kafka_bootstrap, topic) == 2
+    assert (await end_offsets(kafka_bootstrap, topic, 1))[0] == 2
 
 
 def closed_port() -> int:
@@ -407,7 +396,7 @@ async def test_webhooks_command_exits_0_on_sigterm(
     assert proc.returncode == 0, err.decode()
     assert b"service.stopped" in out
     assert SECRET.encode() not in out + err
-    assert await end_offset(kafka_bootstrap, topic) == 1
+    assert (await end_offsets(kafka_bootstrap, topic, 1))[0] == 1
 
 
 def test_webhook_secrets_parse_and_never_show() -> None:

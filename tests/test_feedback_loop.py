@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 
 from consumer.feedback import TYPE_PREFIX, WEBHOOK_PATH, Receiver
 from consumer.routes import event_tag
@@ -36,6 +36,7 @@ from tests.pipeline_support import (
     email_key,
     order_event,
     pipeline_settings,
+    read_to_end,
     wait_for,
 )
 
@@ -45,30 +46,6 @@ SECRET = "whsec_bG9vcC10ZXN0LXNlY3JldC1vZi0zMi1ieXRlcyEh"
 #: Resend's retry schedule scaled down: 5 s becomes 5 ms, 5 min 0.3 s, 30 min 1.8 s ...
 TIME_SCALE = 0.001
 Record = ConsumerRecord[bytes, bytes]
-
-
-async def read_to_end(bootstrap: str, topic: str, partitions: int) -> list[Record]:
-    """Every record of `topic` up to its current end, read_committed, oldest first per partition."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, isolation_level="read_committed"
-    )
-    await consumer.start()
-    got: list[Record] = []
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        async with asyncio.timeout(30):
-            while True:
-                positions = {tp: await consumer.position(tp) for tp in tps}
-                if all(positions[tp] >= ends[tp] for tp in tps):
-                    break
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    got.extend(records)
-    finally:
-        await consumer.stop()
-    return got
 
 
 def receiver_settings(bootstrap: str, topic: str, port: int = 0) -> Settings:
@@ -147,7 +124,7 @@ async def test_every_accepted_email_comes_back_once_as_feedback_with_its_source_
             deliveries, posts = sandbox.deliveries(), sandbox.webhook_posts()
         counts = dict(receiver.counts)
     assert code == 0
-    records = await read_to_end(kafka_bootstrap, feedback_topic, partitions)
+    records = await read_to_end(kafka_bootstrap, feedback_topic)
     events = [orjson.loads(r.value) for r in records]
 
     # once by svix id: one record per webhook the sandbox posted, each answered 200 at once
@@ -296,8 +273,7 @@ async def test_kill_9_of_the_receiver_loses_no_acknowledged_webhook_and_retries_
             acknowledged = {p.id for p in at_kill if answered_2xx(p.answers)}
             assert len(acknowledged) < 2 * emails, "the kill must land mid-stream"
             on_topic = {
-                orjson.loads(r.value)["id"]
-                for r in await read_to_end(kafka_bootstrap, topic, partitions)
+                orjson.loads(r.value)["id"] for r in await read_to_end(kafka_bootstrap, topic)
             }
             missing = acknowledged - on_topic
             assert not missing, f"{len(missing)} webhooks answered 2xx are not on the topic"
@@ -315,7 +291,7 @@ async def test_kill_9_of_the_receiver_loses_no_acknowledged_webhook_and_retries_
     retried = [p for p in posts if len(p.answers) > 1]
     assert retried, "some webhooks were refused or unanswered while the receiver was down"
     assert all(p.answers[0] is None or p.answers[0] >= 300 for p in retried)
-    records = await read_to_end(kafka_bootstrap, topic, partitions)
+    records = await read_to_end(kafka_bootstrap, topic)
     by_id: dict[str, set[bytes]] = {}
     for record in records:
         by_id.setdefault(orjson.loads(record.value)["id"], set()).add(record.value)
