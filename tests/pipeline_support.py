@@ -36,6 +36,7 @@ from consumer.resend import ResendClient
 from consumer.retry import RetryPolicy, ServiceGate
 from consumer.service import run_pipeline
 from consumer.settings import FIELDS, Secret, Settings
+from tests.conftest import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTES = ROOT / "schemas" / "routes.yaml"
@@ -403,12 +404,7 @@ class FaultProxy:
         self._session = aiohttp.ClientSession()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve(app)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         key = request.headers.get("Idempotency-Key", "")

@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from standardwebhooks import Webhook
 
 from consumer.events import Decoder, compile_schema, load_json_file
@@ -298,56 +297,6 @@ async def test_sandbox_posts_signed_webhooks_end_to_end(
     assert len(posts) == 6
     assert all(post.answers == [200] for post in posts)
     assert {e["id"] for e in events} == {post.id for post in posts}
-
-
-async def test_sandbox_retries_non_2xx_on_the_scaled_schedule() -> None:
-    """Answered 503 twice then 200: the same svix-id is posted three times; the ledger shows it."""
-    seen: list[str] = []
-
-    async def flaky(request: web.Request) -> web.Response:
-        seen.append(request.headers["svix-id"])
-        Webhook(SECRET).verify(await request.text(), {
-            "webhook-" + k[5:]: v for k, v in request.headers.items() if k.startswith("svix-")
-        })  # fmt: skip
-        return web.Response(status=503 if len(seen) <= 2 else 200)
-
-    app = web.Application()
-    app.router.add_post("/hook", flaky)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        config = SandboxConfig(
-            webhook_url=f"http://127.0.0.1:{port}/hook",
-            webhook_secret=SECRET,
-            webhook_time_scale=0.0001,
-        )
-        async with Sandbox(config=config) as sandbox, aiohttp.ClientSession() as session:
-            email = {
-                "from": "a@acme.test",
-                "to": "delivered@resend.dev",
-                "subject": "s",
-                "text": "t",
-            }
-            async with session.post(sandbox.url + "/emails", json=email, headers=AUTH) as answer:
-                assert answer.status == 200
-            async with asyncio.timeout(10):
-                while len(sandbox.webhook_posts()) < 2 or sandbox.webhooks_pending:
-                    await asyncio.sleep(0.01)
-            async with session.get(sandbox.url + "/_sandbox/webhooks") as ledger:
-                listed = (await ledger.json())["data"]
-    finally:
-        await runner.cleanup()
-    first, second = listed
-    assert (first["type"], first["answers"], first["delivered"]) == (
-        "email.sent",
-        [503, 503, 200],
-        True,
-    )
-    assert (second["type"], second["answers"]) == ("email.delivered", [200])
-    assert seen[:3] == [first["id"]] * 3
 
 
 async def test_webhooks_command_exits_0_on_sigterm(
