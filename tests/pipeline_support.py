@@ -189,16 +189,15 @@ async def running_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
             await asyncio.wait_for(task, 60)
 
 
-class ServiceProcess:
-    """`python -m consumer run` as a child process with its output kept in a file."""
+class ChildProcess:
+    """`python -m consumer COMMAND` as a child process with its output kept in a file."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, command: str, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
-        self.health_port = settings.health_port
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run"],
-            env=service_env(settings),
+            [sys.executable, "-m", "consumer", command],
+            env=env,
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -218,10 +217,6 @@ class ServiceProcess:
         self._log.close()
         return code
 
-    async def wait_assigned(self, timeout: float = 60.0) -> None:
-        """Wait until this process logged a partition assignment (needs LOG_LEVEL=info)."""
-        await wait_for(lambda: "partitions.assigned" in self.output(), timeout, "an assignment")
-
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -231,6 +226,18 @@ class ServiceProcess:
             self.proc.wait(10)
         if not self._log.closed:
             self._log.close()
+
+
+class ServiceProcess(ChildProcess):
+    """`python -m consumer run` with exactly these settings."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        super().__init__("run", service_env(settings), log_path)
+        self.health_port = settings.health_port
+
+    async def wait_assigned(self, timeout: float = 60.0) -> None:
+        """Wait until this process logged a partition assignment (needs LOG_LEVEL=info)."""
+        await wait_for(lambda: "partitions.assigned" in self.output(), timeout, "an assignment")
 
 
 def member(settings: Settings, log_path: Path, **overrides: Any) -> ServiceProcess:

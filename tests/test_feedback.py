@@ -6,7 +6,6 @@ import asyncio
 import base64
 import os
 import signal
-import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +24,7 @@ from consumer.routes import encode_tag_value
 from consumer.sandbox import Sandbox, SandboxConfig
 from consumer.settings import Secret, Settings, SettingsError
 from tests.conftest import NewTopicFactory
-from tests.pipeline_support import end_offsets, read_all
+from tests.pipeline_support import end_offsets, free_port, read_all
 
 pytestmark = pytest.mark.kafka
 
@@ -230,15 +229,9 @@ async def test_two_secrets_accepted_during_rotation(
     assert (await end_offsets(kafka_bootstrap, topic, 1))[0] == 2
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_kafka_unavailable_answers_503(make_receiver: MakeReceiver) -> None:
     """Nothing listening at the bootstrap address: webhooks 503, /readyz 503, /healthz 200."""
-    settings = settings_for(f"127.0.0.1:{closed_port()}", "feedback")
+    settings = settings_for(f"127.0.0.1:{free_port()}", "feedback")
     receiver = await make_receiver(settings, wait_ready=False)
     body = webhook()
     status, answer = await post(receiver.url, body, signed(body))
@@ -306,9 +299,7 @@ async def test_webhooks_command_exits_0_on_sigterm(
     topic = await new_topic()
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,

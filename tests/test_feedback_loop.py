@@ -11,10 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,8 +28,9 @@ from consumer.settings import Secret, Settings
 from tests.conftest import NewTopicFactory, Produce
 from tests.pipeline_support import (
     API_KEY,
-    ROOT,
+    ChildProcess,
     email_key,
+    free_port,
     order_event,
     pipeline_settings,
     read_to_end,
@@ -166,18 +163,11 @@ async def test_every_accepted_email_comes_back_once_as_feedback_with_its_source_
 # -- kill -9 of the receiver while webhooks arrive -----------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ReceiverProcess:
+class ReceiverProcess(ChildProcess):
     """`python -m consumer webhooks` as a child, its output kept in a file."""
 
     def __init__(self, bootstrap: str, topic: str, port: int, log_path: Path) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self._log = log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "RESEND_"))}
         env.update(
             KAFKA_BOOTSTRAP_SERVERS=bootstrap,
@@ -189,13 +179,7 @@ class ReceiverProcess:
             LOG_LEVEL="warning",
             PYTHONUNBUFFERED="1",
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "webhooks"],
-            env=env,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        super().__init__("webhooks", env, log_path)
 
     async def wait_ready(self) -> None:
         async def ready() -> bool:
@@ -210,19 +194,6 @@ class ReceiverProcess:
                 return False
 
         await wait_for(ready, 60, "the receiver ready")
-
-    def kill(self) -> None:
-        """kill -9: no draining, no goodbye."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._log.close()
-
-    def ensure_dead(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if not self._log.closed:
-            self._log.close()
 
 
 def answered_2xx(answers: list[int | None]) -> bool:
