@@ -25,12 +25,12 @@ from consumer.sandbox import Sandbox, SandboxConfig
 from consumer.settings import Secret, Settings, SettingsError
 from tests.conftest import NewTopicFactory
 from tests.pipeline_support import end_offsets, free_port, read_all
+from tests.sandbox.support import send
 
 pytestmark = pytest.mark.kafka
 
 SECRET = "whsec_" + base64.b64encode(b"first-secret-of-the-tests-32byte").decode()
 OTHER = "whsec_" + base64.b64encode(b"second-secret-used-for-rotation!").decode()
-AUTH = {"Authorization": "Bearer re_feedback"}
 ENVELOPE = Path(__file__).resolve().parent.parent / "schemas" / "envelope.schema.json"
 
 
@@ -268,11 +268,9 @@ async def test_sandbox_posts_signed_webhooks_end_to_end(
                     "text": "x",
                     "tags": [{"name": "rc_event", "value": "abc"}],
                 }
-                async with session.post(
-                    sandbox.url + "/emails", json=email, headers=AUTH
-                ) as answer:
-                    assert answer.status == 200
-                    ids[to] = (await answer.json())["id"]
+                answer = await send(session, sandbox, email)
+                assert answer.status == 200
+                ids[to] = answer.json()["id"]
         records = await read_all(kafka_bootstrap, topic, 6)
         async with asyncio.timeout(10):
             while sandbox.webhooks_pending:

@@ -36,6 +36,7 @@ from tests.pipeline_support import (
     read_to_end,
     wait_for,
 )
+from tests.sandbox.support import send
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -228,12 +229,8 @@ async def test_kill_9_of_the_receiver_loses_no_acknowledged_webhook_and_retries_
                     }
                     for i in range(100)
                 ]
-                async with session.post(
-                    sandbox.url + "/emails/batch",
-                    json=body,
-                    headers={"Authorization": "Bearer re_kill"},
-                ) as answer:
-                    assert answer.status == 200
+                answer = await send(session, sandbox, body, path="/emails/batch")
+                assert answer.status == 200
             await wait_for(
                 lambda: sum(p.delivered for p in sandbox.webhook_posts()) >= 300,
                 60,
