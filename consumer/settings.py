@@ -655,8 +655,10 @@ class Settings:
             except (ValueError, TypeError) as exc:
                 if f.secret:
                     shown = REDACTED
+                elif f.shown is not None:
+                    shown = f.shown(raw)
                 else:
-                    shown = f.shown(raw) if f.shown is not None else repr(raw)
+                    shown = repr(raw)
                 raise SettingsError(f"{f.env}={shown}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         key_file = values.get("resend_api_key_file")

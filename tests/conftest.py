@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -32,6 +33,7 @@ BROKER = ROOT / "deploy" / "kafka" / "broker.py"
 Record = tuple[bytes | None, bytes, Sequence[tuple[str, bytes]]]
 NewTopicFactory = Callable[..., Awaitable[str]]
 Produce = Callable[[str, Sequence[Record]], Awaitable[None]]
+MakeSandbox = Callable[..., Awaitable[Sandbox]]
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +74,15 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield out.stdout.strip().splitlines()[-1]
     finally:
         subprocess.run([sys.executable, str(BROKER), "stop", "--dir", str(run_dir)], check=False)
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve `app` on a free port of 127.0.0.1: its runner (to clean up) and its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
 
 
 def unique_name(prefix: str = "t") -> str:
@@ -129,7 +140,7 @@ async def produce(kafka_bootstrap: str) -> AsyncIterator[Produce]:
 
 
 @pytest.fixture
-async def make_sandbox() -> AsyncIterator[Callable[..., Awaitable[Sandbox]]]:
+async def make_sandbox() -> AsyncIterator[MakeSandbox]:
     """Factory: `sb = await make_sandbox(config=SandboxConfig(...))`; all stopped afterwards."""
     started: list[Sandbox] = []
 
@@ -147,22 +158,17 @@ async def make_sandbox() -> AsyncIterator[Callable[..., Awaitable[Sandbox]]]:
 
 
 @pytest.fixture
-async def sandbox(make_sandbox: Callable[..., Awaitable[Sandbox]]) -> Sandbox:
+async def sandbox(make_sandbox: MakeSandbox) -> Sandbox:
     """An in-process sandbox on 127.0.0.1 (free port), rate limit raised to 1000/s for speed."""
     return await make_sandbox(config=SandboxConfig(rate_limit=1000.0))
 
 
 @pytest.fixture
-async def fast_sandbox() -> AsyncIterator[Sandbox]:
+async def fast_sandbox(make_sandbox: MakeSandbox) -> Sandbox:
     """A sandbox that expects the pipeline tests' key, with no practical rate limit."""
     from tests.pipeline_support import API_KEY
 
-    sb = Sandbox(config=SandboxConfig(api_key=API_KEY, rate_limit=100_000.0, seed=7))
-    await sb.start(host="127.0.0.1", port=0)
-    try:
-        yield sb
-    finally:
-        await sb.stop()
+    return await make_sandbox(config=SandboxConfig(api_key=API_KEY, rate_limit=100_000.0, seed=7))
 
 
 # -- a second broker with SSL and SASL listeners (broker.py start --secure) ---------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -36,6 +37,7 @@ from consumer.resend import ResendClient
 from consumer.retry import RetryPolicy, ServiceGate
 from consumer.service import run_pipeline
 from consumer.settings import FIELDS, Secret, Settings
+from tests.conftest import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTES = ROOT / "schemas" / "routes.yaml"
@@ -188,15 +190,15 @@ async def running_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
             await asyncio.wait_for(task, 60)
 
 
-class ServiceProcess:
-    """`python -m consumer run` as a child process with its output kept in a file."""
+class ChildProcess:
+    """`python -m consumer COMMAND` as a child process with its output kept in a file."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, command: str, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run"],
-            env=service_env(settings),
+            [sys.executable, "-m", "consumer", command],
+            env=env,
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -216,10 +218,6 @@ class ServiceProcess:
         self._log.close()
         return code
 
-    async def wait_assigned(self, timeout: float = 60.0) -> None:
-        """Wait until this process logged a partition assignment (needs LOG_LEVEL=info)."""
-        await wait_for(lambda: "partitions.assigned" in self.output(), timeout, "an assignment")
-
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -229,6 +227,24 @@ class ServiceProcess:
             self.proc.wait(10)
         if not self._log.closed:
             self._log.close()
+
+
+class ServiceProcess(ChildProcess):
+    """`python -m consumer run` with exactly these settings."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        super().__init__("run", service_env(settings), log_path)
+        self.health_port = settings.health_port
+
+    async def wait_assigned(self, timeout: float = 60.0) -> None:
+        """Wait until this process logged a partition assignment (needs LOG_LEVEL=info)."""
+        await wait_for(lambda: "partitions.assigned" in self.output(), timeout, "an assignment")
+
+
+def member(settings: Settings, log_path: Path, **overrides: Any) -> ServiceProcess:
+    """A service process of a group with a HEALTH_PORT of its own, `overrides` applied."""
+    changed = dataclasses.replace(settings, health_port=free_port(), **overrides)
+    return ServiceProcess(changed, log_path)
 
 
 async def wait_for(
@@ -396,12 +412,7 @@ class FaultProxy:
         self._session = aiohttp.ClientSession()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve(app)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         key = request.headers.get("Idempotency-Key", "")

@@ -11,7 +11,6 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -27,6 +26,7 @@ from consumer.sandbox import Faults, Sandbox
 from tests.conftest import NewTopicFactory, Produce
 from tests.pipeline_support import (
     ServiceProcess,
+    free_port,
     order_event,
     order_records,
     pipeline_settings,
@@ -113,18 +113,11 @@ def test_rules_query_only_metrics_the_service_exports() -> None:
 # -- a real scrape -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class PrometheusServer:
     """A Prometheus server (Debian's binary) scraping one target every second."""
 
     def __init__(self, tmp: Path, target: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -186,7 +179,7 @@ async def service_and_prometheus(
     """`resend-consumer run` on a fresh topic, scraped every second by a real Prometheus."""
     topic = await new_topic(1)
     await produce(topic, order_records(range(5)))
-    health_port = _free_port()
+    health_port = free_port()
     settings = pipeline_settings(
         kafka_bootstrap,
         topic,

@@ -8,7 +8,6 @@ is ever sent with other bytes (`idempotency_conflict`).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,14 +15,13 @@ import pytest
 
 from consumer.sandbox import Faults, Sandbox
 from consumer.service import run_service
-from consumer.settings import Settings
 from tests.conftest import NewTopicFactory, Produce
 from tests.pipeline_support import (
     ServiceProcess,
     delivered_keys,
     email_key,
     end_offsets,
-    free_port,
+    member,
     order_event,
     order_key,
     order_records,
@@ -32,10 +30,6 @@ from tests.pipeline_support import (
     wait_committed,
     wait_for,
 )
-
-
-def _member(settings: Settings, log: Path, **overrides: object) -> ServiceProcess:
-    return ServiceProcess(dataclasses.replace(settings, health_port=free_port(), **overrides), log)  # type: ignore[arg-type]
 
 
 def _endpoints_by_event(sb: Sandbox) -> dict[str, set[str]]:
@@ -81,7 +75,7 @@ async def test_kill_minus_nine_with_batches_in_flight_then_other_batch_settings(
     procs: list[ServiceProcess] = []
     try:
         for i, overrides in enumerate(runs):
-            proc = _member(settings, tmp_path / f"run-{i}.log", **overrides)
+            proc = member(settings, tmp_path / f"run-{i}.log", **overrides)
             procs.append(proc)
             if i == len(runs) - 1:
                 break

@@ -26,7 +26,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from consumer.sandbox import Faults, Sandbox
-from consumer.settings import Settings
 from tests.conftest import NewTopicFactory, Produce
 from tests.pipeline_support import (
     ServiceProcess,
@@ -34,9 +33,9 @@ from tests.pipeline_support import (
     coordinates,
     delivered_keys,
     end_offsets,
-    free_port,
     http_status,
     letter_sources,
+    member,
     mixed_records,
     order_key,
     pipeline_settings,
@@ -58,12 +57,6 @@ def _seed(name: str) -> int:
 
 def _healthz(port: int) -> str:
     return f"http://127.0.0.1:{port}/healthz"
-
-
-def _member(settings: Settings, log: Path) -> tuple[ServiceProcess, int]:
-    """A service process with a HEALTH_PORT of its own."""
-    port = free_port()
-    return ServiceProcess(dataclasses.replace(settings, health_port=port), log), port
 
 
 def _last_assignment(proc: ServiceProcess) -> int | None:
@@ -221,7 +214,7 @@ async def test_churning_member_under_load_and_outage_loses_nothing_and_stalls_no
         stall_timeout=6.0,
     )
     started = time.monotonic()
-    steady, steady_port = _member(settings, tmp_path / "steady.log")
+    steady = member(settings, tmp_path / "steady.log")
     churned: list[ServiceProcess] = []
     exits: list[tuple[str, int]] = []
     health: list[int | None] = []
@@ -231,7 +224,7 @@ async def test_churning_member_under_load_and_outage_loses_nothing_and_stalls_no
         """Join, stay 1-3 s after the assignment, leave (SIGTERM and kill -9 in turn), repeat."""
         cycle = 0
         while not done.is_set():
-            proc, _ = _member(settings, tmp_path / f"churn-{cycle}.log")
+            proc = member(settings, tmp_path / f"churn-{cycle}.log")
             churned.append(proc)
             try:
                 # a SIGTERM before its handler is installed would just kill it
@@ -260,7 +253,7 @@ async def test_churning_member_under_load_and_outage_loses_nothing_and_stalls_no
     async def watch_health() -> None:
         """/healthz of the steady member every 0.5 s, once it first answered."""
         while not done.is_set():
-            status = await http_status(_healthz(steady_port))
+            status = await http_status(_healthz(steady.health_port))
             if status is not None or health:
                 health.append(status)
             await asyncio.sleep(0.5)
@@ -302,7 +295,7 @@ async def test_churning_member_under_load_and_outage_loses_nothing_and_stalls_no
             lambda: _last_assignment(steady) == partitions, 30, "the steady member holds all"
         )
         await asyncio.sleep(2 * 1.5)  # two watchdog rounds (min(5 s, STALL_TIMEOUT / 4))
-        final_health = await http_status(_healthz(steady_port))
+        final_health = await http_status(_healthz(steady.health_port))
         final_committed = await committed(kafka_bootstrap, settings.kafka_group_id)
         steady.terminate()
         steady_exit = await steady.wait(60)
@@ -373,7 +366,7 @@ async def test_kill_minus_nine_five_times_writes_each_dead_letter_once(
         health_host="127.0.0.1",
     )
     started = time.monotonic()
-    procs = [_member(settings, tmp_path / f"m{i}-0.log")[0] for i in range(3)]
+    procs = [member(settings, tmp_path / f"m{i}-0.log") for i in range(3)]
     every: list[ServiceProcess] = list(procs)
     killed_at: list[int] = []
     aimed: list[str] = []
@@ -401,7 +394,7 @@ async def test_kill_minus_nine_five_times_writes_each_dead_letter_once(
                 aimed.append(f"m{victim} (holder of letter {letter})")
             procs[victim].kill()
             killed_at.append(len(fast_sandbox.deliveries()))
-            procs[victim] = _member(settings, tmp_path / f"m{victim}-{k + 1}.log")[0]
+            procs[victim] = member(settings, tmp_path / f"m{victim}-{k + 1}.log")
             every.append(procs[victim])
         assert killed_at[-1] < len(good), "every kill must land mid-run"
         await wait_for(

@@ -26,7 +26,8 @@ from consumer.deadletter import (
 from consumer.errors import CommitFailed, DeadLetterUnavailable, PartitionFenced, RetriableError
 from consumer.settings import Secret
 from tests.conftest import NewTopicFactory, Produce, unique_name
-from tests.test_deadletter import letter, read_all
+from tests.pipeline_support import read_to_end
+from tests.test_deadletter import letter
 
 API_KEY = "re_AbCdEf123456_SuperSecretKeyValue99"
 
@@ -101,7 +102,7 @@ async def test_commit_makes_letters_and_offset_visible_together(
     await owner.commit(tp, 5, "plan-a", [dead(tp, 1), dead(tp, 3)])
     assert "commits=1 letters=2" in repr(owner)
 
-    records = await read_all(kafka_bootstrap, dlq)
+    records = await read_to_end(kafka_bootstrap, dlq)
     assert source_offsets(records) == [1, 3]
     assert all(r.key == b"order-1" for r in records)
     assert dict(records[0].headers)[H_REASON] == b"validation_error"
@@ -123,7 +124,7 @@ async def test_commit_without_letters_moves_only_the_offset(
     await owner.commit(tp, 3, "", [])
     await owner.commit(tp, 9, "m", [])
     assert await make_committer(group).assign([tp]) == {tp: OffsetAndMetadata(9, "m")}
-    assert await read_all(kafka_bootstrap, dlq) == []
+    assert await read_to_end(kafka_bootstrap, dlq) == []
 
 
 async def test_commit_at_or_below_the_committed_offset_writes_nothing(
@@ -138,7 +139,7 @@ async def test_commit_at_or_below_the_committed_offset_writes_nothing(
     second = make_committer(group)
     assert await second.assign([tp]) == {tp: OffsetAndMetadata(4, "")}
     await second.commit(tp, 4, "", [dead(tp, 2)])
-    assert source_offsets(await read_all(kafka_bootstrap, dlq)) == [2]
+    assert source_offsets(await read_to_end(kafka_bootstrap, dlq)) == [2]
     assert second.commits == 0
 
 
@@ -165,7 +166,7 @@ async def test_new_metadata_at_the_committed_offset_is_recorded_without_letters(
     assert await successor.assign([tp]) == {tp: OffsetAndMetadata(4, "rc1|h12|plan2")}
     await successor.commit(tp, 4, "rc1|h12|plan2", [])
     assert successor.commits == 0
-    assert source_offsets(await read_all(kafka_bootstrap, dlq)) == [2]
+    assert source_offsets(await read_to_end(kafka_bootstrap, dlq)) == [2]
 
 
 # -- fencing ------------------------------------------------------------------------
@@ -194,14 +195,14 @@ async def test_zombie_transaction_is_aborted_when_a_new_owner_assigns(
     finally:
         await zombie.stop()
 
-    assert await read_all(kafka_bootstrap, dlq) == []
+    assert await read_to_end(kafka_bootstrap, dlq) == []
     # The letter did reach the log: only its transaction keeps it from readers.
-    uncommitted = await read_all(kafka_bootstrap, dlq, isolation_level="read_uncommitted")
+    uncommitted = await read_to_end(kafka_bootstrap, dlq, isolation_level="read_uncommitted")
     assert [r.key for r in uncommitted] == [b"zombie"]
     assert await committed(kafka_bootstrap, group, tp) is None
     # The new owner commits normally over the aborted transaction.
     await owner.commit(tp, 2, "", [dead(tp, 1)])
-    assert source_offsets(await read_all(kafka_bootstrap, dlq)) == [1]
+    assert source_offsets(await read_to_end(kafka_bootstrap, dlq)) == [1]
 
 
 async def test_fenced_committer_stays_fenced_until_assigned_again(
@@ -222,7 +223,7 @@ async def test_fenced_committer_stays_fenced_until_assigned_again(
         await old.commit(tp, 5, "old", [dead(tp, 4)])
 
     await new.commit(tp, 3, "new", [dead(tp, 2)])
-    assert source_offsets(await read_all(kafka_bootstrap, dlq)) == [2]
+    assert source_offsets(await read_to_end(kafka_bootstrap, dlq)) == [2]
     assert await make_committer(group).assign([tp]) == {tp: OffsetAndMetadata(3, "new")}
 
 
@@ -271,11 +272,11 @@ async def test_process_killed_mid_transaction_leaves_no_letter_and_no_offset(
     assert child.returncode == -signal.SIGKILL
 
     assert await owner.assign([tp]) == {tp: None}
-    assert await read_all(kafka_bootstrap, dlq) == []
-    uncommitted = await read_all(kafka_bootstrap, dlq, isolation_level="read_uncommitted")
+    assert await read_to_end(kafka_bootstrap, dlq) == []
+    uncommitted = await read_to_end(kafka_bootstrap, dlq, isolation_level="read_uncommitted")
     assert [r.key for r in uncommitted] == [b"crashed"]
     await owner.commit(tp, 9, "", [dead(tp, 8)])
-    assert source_offsets(await read_all(kafka_bootstrap, dlq)) == [8]
+    assert source_offsets(await read_to_end(kafka_bootstrap, dlq)) == [8]
 
 
 # -- failures -----------------------------------------------------------------------
@@ -301,7 +302,7 @@ async def test_unwritable_letter_aborts_and_next_commit_recovers(
 
     await owner.commit(tp, 3, "after", [dead(tp, 2)])
     assert owner.state(tp) == "ready"
-    assert source_offsets(await read_all(kafka_bootstrap, dlq)) == [0, 2]
+    assert source_offsets(await read_to_end(kafka_bootstrap, dlq)) == [0, 2]
     assert await make_committer(group).assign([tp]) == {tp: OffsetAndMetadata(3, "after")}
 
 
@@ -337,7 +338,7 @@ async def test_keyless_empty_and_oversized_records_are_dead_lettered_in_a_transa
     await owner.commit(tp, 2, "", [empty, big])
     await owner.commit(tp, 3, "", [dead(tp, 2)])
 
-    first, second, third = await read_all(kafka_bootstrap, dlq)
+    first, second, third = await read_to_end(kafka_bootstrap, dlq)
     assert (first.key, first.value) == (coordinates_key(empty), None)
     assert dict(first.headers)[H_KEY_REPLACED] == b"none"
     assert H_VALUE_OMITTED not in dict(first.headers)

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from consumer import __version__
 from consumer.commands.dlq import ReplayArgs, add_arguments
@@ -48,12 +48,12 @@ from consumer.deadletter import (
     original_headers,
     record_size,
     rfc3339,
-    topic_partitions,
 )
 from consumer.errors import DeadLetterUnavailable, FatalError
 from consumer.redact import REDACTED
 from consumer.settings import Secret, Settings
 from tests.conftest import ROOT, NewTopicFactory, Produce
+from tests.pipeline_support import read_to_end
 
 API_KEY = "re_AbCdEf123456_SuperSecretKeyValue99"
 NOW = time.time()
@@ -96,40 +96,6 @@ async def producer(kafka_bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
         yield prod
     finally:
         await prod.stop()
-
-
-async def read_all(
-    bootstrap: str, topic: str, *, isolation_level: str = "read_committed"
-) -> list[Any]:
-    """Every record of `topic` up to its current end, in (partition, offset) order.
-
-    read_committed, as every reader of a dead-letter topic: letters of an aborted
-    or still open transaction are not returned.
-    """
-    partitions = await topic_partitions({"bootstrap_servers": bootstrap}, topic)
-    assert partitions, f"topic {topic} does not exist"
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        # "latest" would race seek_to_beginning on a fresh assignment
-        auto_offset_reset="earliest",
-        isolation_level=isolation_level,
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        records: list[Any] = []
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            batch = await consumer.getmany(timeout_ms=500)
-            for recs in batch.values():
-                records.extend(recs)
-        return sorted(records, key=lambda r: (r.partition, r.offset))
-    finally:
-        await consumer.stop()
 
 
 # -- headers (pure) ---------------------------------------------------------------
@@ -236,7 +202,7 @@ async def test_written_dead_letter_reads_back_with_every_header(
     assert writer.written == 1
     assert "written=1" in repr(writer)
 
-    [record] = await read_all(kafka_bootstrap, dlq)
+    [record] = await read_to_end(kafka_bootstrap, dlq)
     assert (record.partition, record.offset) == (written.partition, written.offset)
     assert record.key == b"order-1"
     assert record.value == b'{"id":"e1"}'
@@ -300,7 +266,7 @@ async def test_stopped_producer_raises_dead_letter_unavailable(
         match=r"not written for src-\w+\[2\]@41: TimeoutError: no acknowledgement within 1s",
     ):
         await writer.write(letter(source_topic=source))
-    assert await read_all(kafka_bootstrap, f"{source}.dlq") == []
+    assert await read_to_end(kafka_bootstrap, f"{source}.dlq") == []
 
 
 async def test_record_too_large_for_the_topic_is_written_without_its_value(
@@ -312,7 +278,7 @@ async def test_record_too_large_for_the_topic_is_written_without_its_value(
     writer = DeadLetterWriter(producer=producer, topic_for=lambda t: f"{t}.dlq")
     big = letter(source_topic=source, value=b"x" * 1_100_000)
     written = await writer.write(big)
-    records = await read_all(kafka_bootstrap, f"{source}.dlq")
+    records = await read_to_end(kafka_bootstrap, f"{source}.dlq")
     assert len(records) == 1
     record = records[0]
     assert written.offset == record.offset
@@ -339,7 +305,7 @@ async def test_null_key_and_value_and_keyless_big_value_are_written_and_writer_s
     await writer.write(letter(source_topic=source, offset=3))
     assert writer.failed == 0
 
-    first, second, third = await read_all(kafka_bootstrap, dlq)
+    first, second, third = await read_to_end(kafka_bootstrap, dlq)
     assert (first.key, first.value) == (coordinates_key(empty), None)
     assert (second.key, second.value) == (coordinates_key(big), None)
     assert dict(second.headers)[H_VALUE_OMITTED] == str(1024 * 1024 - 200).encode()
@@ -463,7 +429,7 @@ async def test_replay_republishes_originals_unchanged_and_warns_past_24h(
     assert "MAX_EVENT_AGE" in run.err
     assert run.err.count("warning:") == 2
 
-    replayed = await read_all(kafka_bootstrap, source)
+    replayed = await read_to_end(kafka_bootstrap, source)
     by_value = {r.value: r for r in replayed}
     assert len(replayed) == 4
     [old] = [r for r in replayed if r.key == b"k4"]
@@ -495,12 +461,12 @@ async def test_replay_reads_committed_letters_only(
         await txn.abort_transaction()
     finally:
         await txn.stop()
-    assert len(await read_all(kafka_bootstrap, dlq, isolation_level="read_uncommitted")) == 2
+    assert len(await read_to_end(kafka_bootstrap, dlq, isolation_level="read_uncommitted")) == 2
 
     run = await replay(settings)
     assert run.code == 0, run.err
     assert run.out.startswith("replayed 1,")
-    assert [r.key for r in await read_all(kafka_bootstrap, source)] == [b"kept"]
+    assert [r.key for r in await read_to_end(kafka_bootstrap, source)] == [b"kept"]
 
 
 async def test_replay_skips_letters_whose_original_was_left_out(
@@ -519,7 +485,7 @@ async def test_replay_skips_letters_whose_original_was_left_out(
     assert "2 without their original record (not replayed)" in run.out
     assert "its value was too large" in run.err
     assert "neither key nor value" in run.err
-    [back] = await read_all(kafka_bootstrap, source)
+    [back] = await read_to_end(kafka_bootstrap, source)
     assert (back.key, back.value) == (None, b"keyless")
 
 
@@ -533,7 +499,7 @@ async def test_replay_filters_by_reason_type_and_time(
         target = await new_topic(prefix="target")
         run = await replay(settings, "--from-topic", dlq, "--to-topic", target, *argv)
         assert run.code == 0, run.err
-        return {r.value for r in await read_all(kafka_bootstrap, target)}
+        return {r.value for r in await read_to_end(kafka_bootstrap, target)}
 
     assert await values("--reason", "validation_error", "--reason", "invalid_event") == {
         b"v1",
@@ -543,7 +509,7 @@ async def test_replay_filters_by_reason_type_and_time(
     assert await values("--type", "order.placed") == {b"v1", b"v3"}
     assert await values("--since", "2h") == {b"v1", b"v2"}
     assert await values("--until", "2h", "--since", rfc3339(NOW - 4 * HOUR)) == {b"v3"}
-    assert await read_all(kafka_bootstrap, source) == []
+    assert await read_to_end(kafka_bootstrap, source) == []
 
 
 async def test_replay_dry_run_and_limit(
@@ -555,12 +521,12 @@ async def test_replay_dry_run_and_limit(
     assert run.code == 0, run.err
     assert "would replay 2, skipped by filter 2" in run.out
     assert f"-> {source} reason=retries_exhausted" in run.out
-    assert await read_all(kafka_bootstrap, source) == []
+    assert await read_to_end(kafka_bootstrap, source) == []
 
     run = await replay(settings, "--limit", "1")
     assert run.code == 0, run.err
     assert run.out.startswith("replayed 1,")
-    assert len(await read_all(kafka_bootstrap, source)) == 1
+    assert len(await read_to_end(kafka_bootstrap, source)) == 1
 
 
 async def test_record_without_source_topic_is_not_replayed(
@@ -577,7 +543,7 @@ async def test_record_without_source_topic_is_not_replayed(
     assert "1 without a source topic" in run.out
     run = await replay(settings, "--to-topic", source)
     assert run.code == 0, run.err
-    [record] = await read_all(kafka_bootstrap, source)
+    [record] = await read_to_end(kafka_bootstrap, source)
     assert (record.key, record.value, list(record.headers)) == (b"k", b"v", [])
 
 
@@ -592,7 +558,7 @@ async def test_replay_stops_when_asked(
     code = await replay_command(settings, replay_args(), stop, out=out, err=err)
     assert code == 130
     assert "interrupted" in err.getvalue()
-    assert await read_all(kafka_bootstrap, source) == []
+    assert await read_to_end(kafka_bootstrap, source) == []
 
 
 async def test_replay_with_unreachable_broker_fails_clearly(unused_tcp_port: int) -> None:
@@ -638,7 +604,7 @@ async def test_cli_dlq_replay_runs_end_to_end(
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     assert out.decode().strip() == "replayed 1, skipped by filter 0, warned 0 (of 1 read)"
-    [record] = await read_all(kafka_bootstrap, source)
+    [record] = await read_to_end(kafka_bootstrap, source)
     assert (record.key, record.value, list(record.headers)) == (b"k", b"v", [("ce_type", b"t.x")])
 
 
@@ -718,9 +684,9 @@ async def test_replay_restores_forged_headers_byte_for_byte_and_is_not_fooled(
         settings, "--from-topic", dlq, "--to-topic", fooled, "--type", "order.placed"
     )
     assert run.code == 0, run.err
-    assert await read_all(kafka_bootstrap, fooled) == []
+    assert await read_to_end(kafka_bootstrap, fooled) == []
     run = await replay(settings, "--from-topic", dlq, "--type", "user.signup")
     assert run.code == 0, run.err
-    [replayed] = await read_all(kafka_bootstrap, source)
+    [replayed] = await read_to_end(kafka_bootstrap, source)
     assert (replayed.key, replayed.value) == (b"order-1", b"{")
     assert list(replayed.headers) == FORGED

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import os
 import signal
-import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,8 +16,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from standardwebhooks import Webhook
 
 from consumer.errors import SettingsError
@@ -28,13 +25,13 @@ from consumer.routes import encode_tag_value
 from consumer.sandbox import Sandbox, SandboxConfig
 from consumer.settings import Secret, Settings
 from tests.conftest import NewTopicFactory
-from tests.pipeline_support import read_all
+from tests.pipeline_support import end_offsets, free_port, read_all
+from tests.sandbox.support import send
 
 pytestmark = pytest.mark.kafka
 
 SECRET = "whsec_" + base64.b64encode(b"first-secret-of-the-tests-32byte").decode()
 OTHER = "whsec_" + base64.b64encode(b"second-secret-used-for-rotation!").decode()
-AUTH = {"Authorization": "Bearer re_feedback"}
 ENVELOPE = Path(__file__).resolve().parent.parent / "schemas" / "envelope.schema.json"
 
 
@@ -119,16 +116,6 @@ async def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dic
         return answer.status, orjson.loads(await answer.read())
 
 
-async def end_offset(bootstrap: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, 0)
-        return int((await consumer.end_offsets([tp]))[tp])
-    finally:
-        await consumer.stop()
-
-
 async def test_signed_webhook_becomes_one_structured_cloudevent(
     kafka_bootstrap: str, new_topic: NewTopicFactory, make_receiver: MakeReceiver
 ) -> None:
@@ -206,7 +193,7 @@ async def test_refused_webhooks_produce_nothing(
         if reason:
             assert answer["reason"] == reason, name
     assert receiver.counts["produced"] == 0
-    assert await end_offset(kafka_bootstrap, topic) == 0
+    assert (await end_offsets(kafka_bootstrap, topic, 1))[0] == 0
 
 
 async def test_repeated_svix_id_is_produced_once(
@@ -222,7 +209,7 @@ async def test_repeated_svix_id_is_produced_once(
     answers.append(await post(receiver.url, body, signed(body, msg_id="msg_dup")))
     assert [status for status, _ in answers] == [200] * 6
     assert sorted(a["outcome"] for _, a in answers) == ["duplicate"] * 5 + ["produced"]
-    assert await end_offset(kafka_bootstrap, topic) == 1
+    assert (await end_offsets(kafka_bootstrap, topic, 1))[0] == 1
 
 
 async def test_two_secrets_accepted_during_rotation(
@@ -240,18 +227,12 @@ async def test_two_secrets_accepted_during_rotation(
         body = webhook(email_id=f"em_{secret[-6:]}")
         status, _ = await post(receiver.url, body, signed(body, secret=secret))
         assert status == 200
-    assert await end_offset(kafka_bootstrap, topic) == 2
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    assert (await end_offsets(kafka_bootstrap, topic, 1))[0] == 2
 
 
 async def test_kafka_unavailable_answers_503(make_receiver: MakeReceiver) -> None:
     """Nothing listening at the bootstrap address: webhooks 503, /readyz 503, /healthz 200."""
-    settings = settings_for(f"127.0.0.1:{closed_port()}", "feedback")
+    settings = settings_for(f"127.0.0.1:{free_port()}", "feedback")
     receiver = await make_receiver(settings, wait_ready=False)
     body = webhook()
     status, answer = await post(receiver.url, body, signed(body))
@@ -288,11 +269,9 @@ async def test_sandbox_posts_signed_webhooks_end_to_end(
                     "text": "x",
                     "tags": [{"name": "rc_event", "value": "abc"}],
                 }
-                async with session.post(
-                    sandbox.url + "/emails", json=email, headers=AUTH
-                ) as answer:
-                    assert answer.status == 200
-                    ids[to] = (await answer.json())["id"]
+                answer = await send(session, sandbox, email)
+                assert answer.status == 200
+                ids[to] = answer.json()["id"]
         records = await read_all(kafka_bootstrap, topic, 6)
         async with asyncio.timeout(10):
             while sandbox.webhooks_pending:
@@ -312,56 +291,6 @@ async def test_sandbox_posts_signed_webhooks_end_to_end(
     assert {e["id"] for e in events} == {post.id for post in posts}
 
 
-async def test_sandbox_retries_non_2xx_on_the_scaled_schedule() -> None:
-    """Answered 503 twice then 200: the same svix-id is posted three times; the ledger shows it."""
-    seen: list[str] = []
-
-    async def flaky(request: web.Request) -> web.Response:
-        seen.append(request.headers["svix-id"])
-        Webhook(SECRET).verify(await request.text(), {
-            "webhook-" + k[5:]: v for k, v in request.headers.items() if k.startswith("svix-")
-        })  # fmt: skip
-        return web.Response(status=503 if len(seen) <= 2 else 200)
-
-    app = web.Application()
-    app.router.add_post("/hook", flaky)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        config = SandboxConfig(
-            webhook_url=f"http://127.0.0.1:{port}/hook",
-            webhook_secret=SECRET,
-            webhook_time_scale=0.0001,
-        )
-        async with Sandbox(config=config) as sandbox, aiohttp.ClientSession() as session:
-            email = {
-                "from": "a@acme.test",
-                "to": "delivered@resend.dev",
-                "subject": "s",
-                "text": "t",
-            }
-            async with session.post(sandbox.url + "/emails", json=email, headers=AUTH) as answer:
-                assert answer.status == 200
-            async with asyncio.timeout(10):
-                while len(sandbox.webhook_posts()) < 2 or sandbox.webhooks_pending:
-                    await asyncio.sleep(0.01)
-            async with session.get(sandbox.url + "/_sandbox/webhooks") as ledger:
-                listed = (await ledger.json())["data"]
-    finally:
-        await runner.cleanup()
-    first, second = listed
-    assert (first["type"], first["answers"], first["delivered"]) == (
-        "email.sent",
-        [503, 503, 200],
-        True,
-    )
-    assert (second["type"], second["answers"]) == ("email.delivered", [200])
-    assert seen[:3] == [first["id"]] * 3
-
-
 async def test_webhooks_command_exits_0_on_sigterm(
     kafka_bootstrap: str, new_topic: NewTopicFactory, tmp_path: Path
 ) -> None:
@@ -369,9 +298,7 @@ async def test_webhooks_command_exits_0_on_sigterm(
     topic = await new_topic()
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
@@ -408,7 +335,7 @@ async def test_webhooks_command_exits_0_on_sigterm(
     assert proc.returncode == 0, err.decode()
     assert b"service.stopped" in out
     assert SECRET.encode() not in out + err
-    assert await end_offset(kafka_bootstrap, topic) == 1
+    assert (await end_offsets(kafka_bootstrap, topic, 1))[0] == 1
 
 
 def test_webhook_secrets_parse_and_never_show() -> None:

@@ -11,10 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 
 from consumer.feedback import TYPE_PREFIX, WEBHOOK_PATH, Receiver
 from consumer.routes import event_tag
@@ -32,12 +28,15 @@ from consumer.settings import Secret, Settings
 from tests.conftest import NewTopicFactory, Produce
 from tests.pipeline_support import (
     API_KEY,
-    ROOT,
+    ChildProcess,
     email_key,
+    free_port,
     order_event,
     pipeline_settings,
+    read_to_end,
     wait_for,
 )
+from tests.sandbox.support import send
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -45,30 +44,6 @@ SECRET = "whsec_bG9vcC10ZXN0LXNlY3JldC1vZi0zMi1ieXRlcyEh"
 #: Resend's retry schedule scaled down: 5 s becomes 5 ms, 5 min 0.3 s, 30 min 1.8 s ...
 TIME_SCALE = 0.001
 Record = ConsumerRecord[bytes, bytes]
-
-
-async def read_to_end(bootstrap: str, topic: str, partitions: int) -> list[Record]:
-    """Every record of `topic` up to its current end, read_committed, oldest first per partition."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, isolation_level="read_committed"
-    )
-    await consumer.start()
-    got: list[Record] = []
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        async with asyncio.timeout(30):
-            while True:
-                positions = {tp: await consumer.position(tp) for tp in tps}
-                if all(positions[tp] >= ends[tp] for tp in tps):
-                    break
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    got.extend(records)
-    finally:
-        await consumer.stop()
-    return got
 
 
 def receiver_settings(bootstrap: str, topic: str, port: int = 0) -> Settings:
@@ -147,7 +122,7 @@ async def test_every_accepted_email_comes_back_once_as_feedback_with_its_source_
             deliveries, posts = sandbox.deliveries(), sandbox.webhook_posts()
         counts = dict(receiver.counts)
     assert code == 0
-    records = await read_to_end(kafka_bootstrap, feedback_topic, partitions)
+    records = await read_to_end(kafka_bootstrap, feedback_topic)
     events = [orjson.loads(r.value) for r in records]
 
     # once by svix id: one record per webhook the sandbox posted, each answered 200 at once
@@ -189,18 +164,11 @@ async def test_every_accepted_email_comes_back_once_as_feedback_with_its_source_
 # -- kill -9 of the receiver while webhooks arrive -----------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ReceiverProcess:
+class ReceiverProcess(ChildProcess):
     """`python -m consumer webhooks` as a child, its output kept in a file."""
 
     def __init__(self, bootstrap: str, topic: str, port: int, log_path: Path) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self._log = log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "RESEND_"))}
         env.update(
             KAFKA_BOOTSTRAP_SERVERS=bootstrap,
@@ -212,13 +180,7 @@ class ReceiverProcess:
             LOG_LEVEL="warning",
             PYTHONUNBUFFERED="1",
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "webhooks"],
-            env=env,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        super().__init__("webhooks", env, log_path)
 
     async def wait_ready(self) -> None:
         async def ready() -> bool:
@@ -233,19 +195,6 @@ class ReceiverProcess:
                 return False
 
         await wait_for(ready, 60, "the receiver ready")
-
-    def kill(self) -> None:
-        """kill -9: no draining, no goodbye."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._log.close()
-
-    def ensure_dead(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if not self._log.closed:
-            self._log.close()
 
 
 def answered_2xx(answers: list[int | None]) -> bool:
@@ -280,12 +229,8 @@ async def test_kill_9_of_the_receiver_loses_no_acknowledged_webhook_and_retries_
                     }
                     for i in range(100)
                 ]
-                async with session.post(
-                    sandbox.url + "/emails/batch",
-                    json=body,
-                    headers={"Authorization": "Bearer re_kill"},
-                ) as answer:
-                    assert answer.status == 200
+                answer = await send(session, sandbox, body, path="/emails/batch")
+                assert answer.status == 200
             await wait_for(
                 lambda: sum(p.delivered for p in sandbox.webhook_posts()) >= 300,
                 60,
@@ -296,8 +241,7 @@ async def test_kill_9_of_the_receiver_loses_no_acknowledged_webhook_and_retries_
             acknowledged = {p.id for p in at_kill if answered_2xx(p.answers)}
             assert len(acknowledged) < 2 * emails, "the kill must land mid-stream"
             on_topic = {
-                orjson.loads(r.value)["id"]
-                for r in await read_to_end(kafka_bootstrap, topic, partitions)
+                orjson.loads(r.value)["id"] for r in await read_to_end(kafka_bootstrap, topic)
             }
             missing = acknowledged - on_topic
             assert not missing, f"{len(missing)} webhooks answered 2xx are not on the topic"
@@ -315,7 +259,7 @@ async def test_kill_9_of_the_receiver_loses_no_acknowledged_webhook_and_retries_
     retried = [p for p in posts if len(p.answers) > 1]
     assert retried, "some webhooks were refused or unanswered while the receiver was down"
     assert all(p.answers[0] is None or p.answers[0] >= 300 for p in retried)
-    records = await read_to_end(kafka_bootstrap, topic, partitions)
+    records = await read_to_end(kafka_bootstrap, topic)
     by_id: dict[str, set[bytes]] = {}
     for record in records:
         by_id.setdefault(orjson.loads(record.value)["id"], set()).add(record.value)

@@ -16,13 +16,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from consumer.cli import main
 from consumer.events import parse_time
 from consumer.prepare import Preparer, Rejected
 from consumer.settings import Settings
 from tests.conftest import NewTopicFactory, Produce
+from tests.pipeline_support import read_all
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "schemas"
@@ -139,17 +139,7 @@ async def test_transport_level_inputs_keep_their_reason_through_the_broker(
     cases = [c for c in EVENT_CORPUS if c[2] or c[0].startswith(("integer", "bidi override"))]
     topic = await new_topic()
     await produce(topic, [(None, value, headers) for _, value, headers, _ in cases])
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=kafka_bootstrap, group_id=None, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        records: list[Any] = []
-        while len(records) < len(cases):
-            for batch in (await consumer.getmany(timeout_ms=1000)).values():
-                records.extend(batch)
-    finally:
-        await consumer.stop()
+    records = await read_all(kafka_bootstrap, topic, len(cases))
     got = [reason_of(preparer, r.value, list(r.headers)) for r in records]
     assert got == [reason for *_, reason in cases]
 

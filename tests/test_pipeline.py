@@ -27,6 +27,7 @@ from tests.pipeline_support import (
     delivered_keys,
     email_key,
     end_offsets,
+    free_port,
     order_event,
     order_records,
     pipeline_settings,
@@ -410,13 +411,9 @@ async def test_health_and_metrics_follow_the_running_service(
     kafka_bootstrap: str, new_topic: NewTopicFactory, produce: Produce, fast_sandbox: Sandbox
 ) -> None:
     """/readyz turns ready on assignment and not-ready on an auth failure; /metrics counts sends."""
-    import socket
-
     import aiohttp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     topic = await new_topic(2)
     await produce(topic, order_records(range(20)))
     settings = pipeline_settings(

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from consumer.deadletter import H_REASON, H_SOURCE_OFFSET, H_SOURCE_PARTITION, dlq_values
-from consumer.sandbox import Sandbox, SandboxConfig
-from tests.conftest import NewTopicFactory
+from consumer.sandbox import SandboxConfig
+from tests.conftest import MakeSandbox, NewTopicFactory
 from tests.pipeline_support import (
     API_KEY,
     ServiceProcess,
@@ -58,7 +58,7 @@ async def write_partition(bootstrap: str, topic: str, p: int, kind: str) -> int:
 
 @pytest.mark.slow
 async def test_every_poison_kind_is_dead_lettered_and_every_valid_event_sent_once(
-    kafka_bootstrap: str, new_topic: NewTopicFactory, tmp_path: Path
+    kafka_bootstrap: str, new_topic: NewTopicFactory, make_sandbox: MakeSandbox, tmp_path: Path
 ) -> None:
     """Six poison kinds, one per partition: service up, valid events sent once, all committed."""
     kinds = POISON_KINDS
@@ -68,8 +68,7 @@ async def test_every_poison_kind_is_dead_lettered_and_every_valid_event_sent_onc
         p: await write_partition(kafka_bootstrap, topic, p, kind) for p, kind in enumerate(kinds)
     }
     valid = {p * 100 + i for p in range(len(kinds)) for i in range(2 * AROUND)}
-    sandbox = Sandbox(config=SandboxConfig(api_key=API_KEY, rate_limit=100_000.0))
-    await sandbox.start(host="127.0.0.1", port=0)
+    sandbox = await make_sandbox(config=SandboxConfig(api_key=API_KEY, rate_limit=100_000.0))
     settings = pipeline_settings(kafka_bootstrap, topic, sandbox.url, log_level="info")
     service = ServiceProcess(settings, tmp_path / "service.log")
     try:
@@ -85,7 +84,6 @@ async def test_every_poison_kind_is_dead_lettered_and_every_valid_event_sent_onc
         assert await service.wait(60) == 0, service.output()[-3000:]
     finally:
         service.ensure_dead()
-        await sandbox.stop()
     sent = Counter(
         int(m.group(1))
         for d in sandbox.deliveries()

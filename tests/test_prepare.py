@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +34,7 @@ from consumer.prepare import (
     record_from_file,
 )
 from consumer.settings import Settings, StalePolicy
+from tests.pipeline_support import read_all
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "schemas"
@@ -837,23 +837,7 @@ async def test_records_from_kafka_prepare_like_files(
     topic = await new_topic(partitions=1)
     records = example_records()
     await produce(topic, [(None, value, headers) for value, headers in records.values()])
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    try:
-        got: list[Any] = []
-        for _ in range(12):  # at most a minute, then the length check below fails
-            if len(got) >= len(records):
-                break
-            batch = await consumer.getmany(timeout_ms=5000)
-            for messages in batch.values():
-                got.extend(messages)
-    finally:
-        await consumer.stop()
+    got = await read_all(kafka_bootstrap, topic, len(records), timeout=60)
     assert len(got) == len(records)
     for message, (name, (value, headers)) in zip(got, records.items(), strict=True):
         from_kafka = preparer.prepare(

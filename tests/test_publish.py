@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer import cli, publish
 from consumer.commands import publish as publish_command
@@ -21,6 +20,7 @@ from consumer.errors import BadInput
 from consumer.exitcodes import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
 from consumer.publish import build_envelope, kafka_key, parse_input, to_record
 from consumer.settings import Settings
+from tests.pipeline_support import end_offsets, read_all
 
 pytestmark = pytest.mark.kafka
 
@@ -47,36 +47,6 @@ async def run(bootstrap: str, *argv: str, stdin: str = "") -> tuple[int, str, st
     return code, out.getvalue(), err.getvalue()
 
 
-async def read_back(bootstrap: str, topic: str, count: int, partitions: int = 1) -> list[Any]:
-    """Every record of the topic, waiting until `count` arrived."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        records: list[Any] = []
-        async with asyncio.timeout(30):
-            while len(records) < count:
-                batch = await consumer.getmany(timeout_ms=500)
-                for recs in batch.values():
-                    records.extend(recs)
-        return records
-    finally:
-        await consumer.stop()
-
-
-async def end_offsets(bootstrap: str, topic: str, partitions: int = 1) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        offsets = await consumer.end_offsets(tps)
-        return sum(offsets.values())
-    finally:
-        await consumer.stop()
-
-
 # -- against the broker ------------------------------------------------------------------
 
 
@@ -96,7 +66,7 @@ async def test_one_event_from_arguments_gets_a_full_envelope(
     )
     assert (code, err) == (0, "")
     assert re.match(rf"published 1 event\(s\) to {topic} in \d+\.\d\ds", out)
-    (record,) = await read_back(kafka_bootstrap, topic, 1)
+    (record,) = await read_all(kafka_bootstrap, topic, 1)
     event = orjson.loads(record.value)
     assert record.key == b"o-42"
     assert dict(record.headers)["content-type"] == publish.STRUCTURED_CONTENT_TYPE.encode()
@@ -130,7 +100,7 @@ async def test_file_of_envelopes_keeps_given_fields_and_keys_by_subject(
     path.write_bytes(orjson.dumps(events))
     code, _, err = await run(kafka_bootstrap, "--topic", topic, "--file", str(path))
     assert (code, err) == (0, "")
-    records = await read_back(kafka_bootstrap, topic, 6, partitions=3)
+    records = await read_all(kafka_bootstrap, topic, 6)
     got = {orjson.loads(r.value)["id"]: r for r in records}
     assert set(got) == {f"evt-{i}" for i in range(6)}
     for i in range(6):
@@ -166,7 +136,7 @@ async def test_stdin_json_lines_in_binary_mode(
     )
     assert code == 0
     assert "published 3 event(s)" in out
-    records = await read_back(kafka_bootstrap, topic, 3)
+    records = await read_all(kafka_bootstrap, topic, 3)
     assert [r.key for r in records] == [b"u0", b"u1", b"u2"]
     headers = dict(records[0].headers)
     assert headers["ce_specversion"] == b"1.0"
@@ -202,7 +172,7 @@ async def test_bad_lines_are_reported_and_nothing_is_published(
     assert "line 5: data must be a JSON object" in err
     assert "line 1" not in err
     assert "line 3" not in err
-    assert await end_offsets(kafka_bootstrap, topic) == 0
+    assert await end_offsets(kafka_bootstrap, topic, 1) == {0: 0}
 
 
 async def test_count_makes_distinct_copies_with_a_progress_bar(
@@ -226,7 +196,7 @@ async def test_count_makes_distinct_copies_with_a_progress_bar(
     assert "published 250 event(s)" in out
     assert "250/250 100%" in err
     assert err.startswith("\r[")
-    records = await read_back(kafka_bootstrap, topic, 250, partitions=2)
+    records = await read_all(kafka_bootstrap, topic, 250)
     events = [orjson.loads(r.value) for r in records]
     assert len({e["id"] for e in events}) == 250
     assert {e["data"]["order_id"] for e in events} == {f"o-{n}" for n in range(250)}
@@ -252,7 +222,7 @@ async def test_stop_event_interrupts_publishing(
     assert "published 0 event(s)" in out.getvalue()
     assert "interrupted after 0 of 5" in err.getvalue()
     assert "0/5" in err.getvalue()  # a terminal gets the bar without --progress
-    assert await end_offsets(kafka_bootstrap, topic) == 0
+    assert await end_offsets(kafka_bootstrap, topic, 1) == {0: 0}
 
 
 async def test_unreachable_broker_fails_with_one_clear_line() -> None:

@@ -34,6 +34,7 @@ from consumer.resend import (
 from consumer.retry import RetryPolicy, ServiceGate, deliver
 from consumer.sandbox import Faults, Sandbox, SandboxConfig
 from consumer.settings import Secret, Settings
+from tests.conftest import serve
 
 KEY = "re_test_secret_123"
 EMAIL = b'{"from":"a@example.com","to":"b@example.com","subject":"Hi","text":"hello"}'
@@ -488,12 +489,7 @@ class Recorder:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve(app)
 
     async def stop(self) -> None:
         if self._runner is not None:

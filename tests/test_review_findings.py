@@ -18,9 +18,9 @@ from aiokafka.structs import OffsetAndMetadata
 
 from consumer.errors import CommitFailed
 from tests import sim, test_committer
+from tests.pipeline_support import read_to_end
 from tests.sim import FakeConsumer, World
 from tests.test_committer import MakeCommitter, dead, source_and_dlq, source_offsets
-from tests.test_deadletter import read_all
 
 #: the real-broker committer factory of tests/test_committer.py, shared as a fixture
 make_committer = test_committer.make_committer
@@ -246,4 +246,4 @@ async def test_letters_of_a_commit_that_landed_despite_an_error_are_not_written_
         await owner.commit(tp, 3, "", [dead(tp, 1)])
     # what the pipeline does next: the letter is still unwritten in its eyes
     await owner.commit(tp, 6, "", [dead(tp, 1), dead(tp, 4)])
-    assert source_offsets(await read_all(kafka_bootstrap, dlq)) == [1, 4]
+    assert source_offsets(await read_to_end(kafka_bootstrap, dlq)) == [1, 4]

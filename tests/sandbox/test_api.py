@@ -3,49 +3,23 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDictProxy
 
 from consumer.sandbox import Sandbox, SandboxConfig
-
-AUTH = {"Authorization": "Bearer re_test_123", "User-Agent": "sandbox-tests/1"}
-EMAIL: dict[str, Any] = {
-    "from": "Acme <orders@acme.test>",
-    "to": ["buyer@example.com"],
-    "subject": "Your order",
-    "html": "<p>Thanks</p>",
-}
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def post(
-    http: aiohttp.ClientSession,
-    sb: Sandbox,
-    body: Any,
-    *,
-    path: str = "/emails",
-    headers: dict[str, str] | None = None,
-) -> tuple[int, Any, CIMultiDictProxy[str]]:
-    async with http.post(sb.url + path, json=body, headers=headers or AUTH) as r:
-        return r.status, await r.json(), r.headers
+from tests.sandbox.support import AUTH, EMAIL, send
 
 
 async def test_send_returns_uuid_and_records_delivery(
     sandbox: Sandbox, http: aiohttp.ClientSession
 ) -> None:
     """A valid POST /emails answers 200 {id} and the ledger holds exactly that email."""
-    status, body, headers = await post(http, sandbox, EMAIL)
+    reply = await send(http, sandbox, EMAIL)
+    (status, body), headers = reply.answer, reply.headers
     assert status == 200
     assert set(body) == {"id"}
     [d] = sandbox.deliveries()
@@ -58,7 +32,7 @@ async def test_send_returns_uuid_and_records_delivery(
 
 async def test_missing_bearer_is_401(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     """No Authorization header: 401 missing_api_key with Resend's error body, nothing sent."""
-    status, body, _ = await post(http, sandbox, EMAIL, headers={"User-Agent": "x"})
+    status, body = (await send(http, sandbox, EMAIL, headers={"User-Agent": "x"})).answer
     assert status == 401
     assert body["statusCode"] == 401
     assert body["name"] == "missing_api_key"
@@ -71,22 +45,24 @@ async def test_wrong_key_is_403_and_right_key_passes(
 ) -> None:
     """With --api-key set, another key gets 403 invalid_api_key; the configured key is accepted."""
     sb = await make_sandbox(config=SandboxConfig(api_key="re_right"))
-    status, body, _ = await post(
-        http, sb, EMAIL, headers={"Authorization": "Bearer re_wrong", "User-Agent": "x"}
-    )
+    status, body = (
+        await send(http, sb, EMAIL, headers={"Authorization": "Bearer re_wrong", "User-Agent": "x"})
+    ).answer
     assert (status, body["name"]) == (403, "invalid_api_key")
     assert "re_right" not in body["message"]
     assert "re_wrong" not in body["message"]
-    status, _, _ = await post(
-        http, sb, EMAIL, headers={"Authorization": "Bearer re_right", "User-Agent": "x"}
-    )
+    status = (
+        await send(http, sb, EMAIL, headers={"Authorization": "Bearer re_right", "User-Agent": "x"})
+    ).status
     assert status == 200
 
 
 async def test_missing_user_agent_is_403(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     """A request without User-Agent is refused with 403, as Resend does."""
     async with aiohttp.ClientSession(skip_auto_headers=["User-Agent"]) as bare:
-        status, body, _ = await post(bare, sandbox, EMAIL, headers={"Authorization": "Bearer re_x"})
+        status, body = (
+            await send(bare, sandbox, EMAIL, headers={"Authorization": "Bearer re_x"})
+        ).answer
     assert status == 403
     assert body["statusCode"] == 403
 
@@ -95,7 +71,7 @@ async def test_missing_user_agent_is_403(sandbox: Sandbox, http: aiohttp.ClientS
 async def test_required_fields(sandbox: Sandbox, http: aiohttp.ClientSession, field: str) -> None:
     """Each of from/to/subject missing gives 422 missing_required_field naming the field."""
     email = {k: v for k, v in EMAIL.items() if k != field}
-    status, body, _ = await post(http, sandbox, email)
+    status, body = (await send(http, sandbox, email)).answer
     assert (status, body["name"]) == (422, "missing_required_field")
     assert f"`{field}`" in body["message"]
     assert sandbox.deliveries() == []
@@ -121,7 +97,7 @@ async def test_invalid_emails_are_422(
     sandbox: Sandbox, http: aiohttp.ClientSession, patch: dict[str, Any], name: str
 ) -> None:
     """Malformed addresses, >50 recipients, bad tags, template+html, bad attachments: 422."""
-    status, body, _ = await post(http, sandbox, {**EMAIL, **patch})
+    status, body = (await send(http, sandbox, {**EMAIL, **patch})).answer
     assert (status, body["name"]) == (422, name)
     assert sandbox.deliveries() == []
 
@@ -139,7 +115,7 @@ async def test_fifty_recipients_named_addresses_tags_and_template_accepted(
         "reply_to": "Support <help@acme.test>",
         "scheduled_at": "in 10 min",
     }
-    status, body, _ = await post(http, sandbox, email)
+    status, body = (await send(http, sandbox, email)).answer
     assert status == 200, body
 
 
@@ -155,7 +131,7 @@ async def test_batch_strict_rejects_whole_batch(
 ) -> None:
     """Strict mode (default): one invalid email rejects the batch and sends nothing."""
     batch = [EMAIL, {**EMAIL, "to": "broken"}, EMAIL]
-    status, body, _ = await post(http, sandbox, batch, path="/emails/batch")
+    status, body = (await send(http, sandbox, batch, path="/emails/batch")).answer
     assert (status, body["name"]) == (422, "validation_error")
     assert "emails[1]" in body["message"]
     assert sandbox.deliveries() == []
@@ -167,7 +143,7 @@ async def test_batch_permissive_sends_valid_and_lists_errors(
     """Permissive mode: valid emails are sent in order; errors list the invalid indexes."""
     batch = [EMAIL, {**EMAIL, "to": "broken"}, {**EMAIL, "subject": "third"}]
     headers = {**AUTH, "x-batch-validation": "permissive"}
-    status, body, _ = await post(http, sandbox, batch, path="/emails/batch", headers=headers)
+    status, body = (await send(http, sandbox, batch, path="/emails/batch", headers=headers)).answer
     assert status == 200
     assert len(body["data"]) == 2
     assert [e["index"] for e in body["errors"]] == [1]
@@ -182,14 +158,14 @@ async def test_batch_permissive_sends_valid_and_lists_errors(
 
 async def test_batch_limits(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     """At most 100 emails, none with attachments, not empty, and strict answers have no errors."""
-    status, body, _ = await post(http, sandbox, [EMAIL] * 101, path="/emails/batch")
+    status, body = (await send(http, sandbox, [EMAIL] * 101, path="/emails/batch")).answer
     assert (status, body["name"]) == (422, "validation_error")
-    status, body, _ = await post(http, sandbox, [], path="/emails/batch")
+    status, body = (await send(http, sandbox, [], path="/emails/batch")).answer
     assert status == 422
     attach = {**EMAIL, "attachments": [{"filename": "a.txt", "content": "aGk="}]}
-    status, body, _ = await post(http, sandbox, [attach], path="/emails/batch")
+    status, body = (await send(http, sandbox, [attach], path="/emails/batch")).answer
     assert status == 422
-    status, body, _ = await post(http, sandbox, [EMAIL] * 100, path="/emails/batch")
+    status, body = (await send(http, sandbox, [EMAIL] * 100, path="/emails/batch")).answer
     assert status == 200
     assert len(body["data"]) == 100
     assert "errors" not in body
@@ -199,13 +175,13 @@ async def test_batch_limits(sandbox: Sandbox, http: aiohttp.ClientSession) -> No
 async def test_bad_batch_validation_header(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     """An unknown x-batch-validation value is a 422, not silently strict."""
     headers = {**AUTH, "x-batch-validation": "lenient"}
-    status, _, _ = await post(http, sandbox, [EMAIL], path="/emails/batch", headers=headers)
+    status = (await send(http, sandbox, [EMAIL], path="/emails/batch", headers=headers)).status
     assert status == 422
 
 
 async def test_get_email_returns_sent_email(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     """GET /emails/{id} returns the email object; unknown ids 404, non-UUIDs 422."""
-    _, sent, _ = await post(http, sandbox, {**EMAIL, "cc": "cc@example.com"})
+    sent = (await send(http, sandbox, {**EMAIL, "cc": "cc@example.com"})).json()
     async with http.get(f"{sandbox.url}/emails/{sent['id']}", headers=AUTH) as r:
         assert r.status == 200
         got = await r.json()
@@ -242,7 +218,7 @@ async def test_scheduled_at_overflow_is_422_not_500(
     sandbox: Sandbox, http: aiohttp.ClientSession, when: str
 ) -> None:
     """A relative `scheduled_at` too large for datetime/int is a JSON 422, not a plain 500."""
-    status, body, _ = await post(http, sandbox, {**EMAIL, "scheduled_at": when})
+    status, body = (await send(http, sandbox, {**EMAIL, "scheduled_at": when})).answer
     assert status == 422
     assert body == {
         "statusCode": 422,
@@ -372,16 +348,16 @@ async def test_refused_recipients_fail_alone_in_a_permissive_batch_and_as_a_sing
     sandbox.set_faults(Faults.from_dict({"refuse_to": ["Blocked@"]}))
     assert sandbox.faults.to_dict()["refuse_to"] == ["blocked@"]
     refused = {**EMAIL, "to": "blocked@example.com"}
-    status, body, _ = await post(http, sandbox, refused)
+    status, body = (await send(http, sandbox, refused)).answer
     assert (status, body["name"]) == (422, "validation_error")
     headers = {**AUTH, "x-batch-validation": "permissive"}
-    status, body, _ = await post(
-        http, sandbox, [EMAIL, refused, EMAIL], path="/emails/batch", headers=headers
-    )
+    status, body = (
+        await send(http, sandbox, [EMAIL, refused, EMAIL], path="/emails/batch", headers=headers)
+    ).answer
     assert status == 200
     assert [e["index"] for e in body["errors"]] == [1]
     assert [d.batch_index for d in sandbox.deliveries()] == [0, 2]
-    status, body, _ = await post(http, sandbox, [EMAIL, refused], path="/emails/batch")
+    status, body = (await send(http, sandbox, [EMAIL, refused], path="/emails/batch")).answer
     assert status == 422
     assert "emails[1]" in body["message"]
     with pytest.raises(ValueError, match="refuse_to"):

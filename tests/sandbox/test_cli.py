@@ -12,9 +12,7 @@ import orjson
 
 from consumer.cli import build_parser
 from consumer.sandbox.cli import config_from
-
-AUTH = {"Authorization": "Bearer re_cli", "User-Agent": "sandbox-tests/1"}
-EMAIL = {"from": "a@acme.test", "to": "b@example.com", "subject": "hi"}
+from tests.sandbox.support import send
 
 
 def test_flags_build_the_config() -> None:
@@ -67,18 +65,15 @@ async def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         url = line.strip().rsplit(" ", 1)[-1]
         assert url.startswith("http://127.0.0.1:")
         async with aiohttp.ClientSession() as http:
-            headers = {**AUTH, "Idempotency-Key": "cli:1"}
-            async with http.post(url + "/emails", json=EMAIL, headers=headers) as r:
-                assert r.status == 200
-                sent = await r.json()
-            async with http.post(url + "/emails", json=EMAIL, headers=headers) as r:
-                assert (await r.json()) == sent
+            reply = await send(http, url, key="cli:1", api_key="re_cli")
+            assert reply.status == 200
+            sent = reply.json()
+            assert (await send(http, url, key="cli:1", api_key="re_cli")).json() == sent
             await asyncio.sleep(0.6)  # past --idempotency-ttl: the key is forgotten
-            async with http.post(url + "/emails", json=EMAIL, headers=headers) as r:
-                assert (await r.json())["id"] != sent["id"]
-            bad = {**AUTH, "Authorization": "Bearer re_other"}
-            async with http.post(url + "/emails", json=EMAIL, headers=bad) as r:
-                assert r.status == 403
+            later = await send(http, url, key="cli:1", api_key="re_cli")
+            assert later.json()["id"] != sent["id"]
+            other = await send(http, url, api_key="re_other")
+            assert other.status == 403
             async with http.get(url + "/_sandbox/stats") as r:
                 assert (await r.json())["sends_per_key"] == {"cli:1": 2}
         records = [orjson.loads(x) for x in log.read_bytes().splitlines()]

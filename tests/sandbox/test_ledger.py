@@ -3,41 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from consumer.sandbox import Faults, Sandbox, SandboxConfig
-
-AUTH = {"Authorization": "Bearer re_secret_value", "User-Agent": "sandbox-tests/1"}
+from tests.sandbox.support import send
 
 
 def email(to: str, subject: str = "hi") -> dict[str, Any]:
     return {"from": "a@acme.test", "to": to, "subject": subject}
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def send(
-    http: aiohttp.ClientSession,
-    sb: Sandbox,
-    body: Any,
-    key: str | None = None,
-    path: str = "/emails",
-) -> int:
-    headers = dict(AUTH)
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    async with http.post(sb.url + path, json=body, headers=headers) as r:
-        return r.status
 
 
 async def test_deliveries_endpoint_filters(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
@@ -46,7 +23,11 @@ async def test_deliveries_endpoint_filters(sandbox: Sandbox, http: aiohttp.Clien
     await send(http, sandbox, email("ann@example.com"), key="k1")
     await send(http, sandbox, email("bob@example.com"), key="k2")
     await send(
-        http, sandbox, [email("cy@example.com"), email("di@example.com")], "b1", "/emails/batch"
+        http,
+        sandbox,
+        [email("cy@example.com"), email("di@example.com")],
+        key="b1",
+        path="/emails/batch",
     )
 
     async def query(params: dict[str, str]) -> dict[str, Any]:
@@ -98,8 +79,8 @@ async def test_stats_count_outcomes_and_sends_per_key(
 async def test_reset_forgets_everything(make_sandbox: Any, http: aiohttp.ClientSession) -> None:
     """POST /_sandbox/reset clears deliveries, keys, stats and buckets; faults go back to config."""
     sb = await make_sandbox(config=SandboxConfig(rate_limit=1))
-    assert await send(http, sb, email("a@example.com"), key="k") == 200
-    assert await send(http, sb, email("b@example.com"), key="k") == 429
+    assert (await send(http, sb, email("a@example.com"), key="k")).status == 200
+    assert (await send(http, sb, email("b@example.com"), key="k")).status == 429
     sb.set_faults(Faults(error_rate=1.0))
     async with http.post(sb.url + "/_sandbox/reset") as r:
         assert r.status == 200
@@ -107,7 +88,7 @@ async def test_reset_forgets_everything(make_sandbox: Any, http: aiohttp.ClientS
     assert sb.stats()["requests"] == 0
     assert sb.faults == Faults()
     # the key is forgotten too: another body with it is a fresh send, not a 409
-    assert await send(http, sb, email("b@example.com"), key="k") == 200
+    assert (await send(http, sb, email("b@example.com"), key="k")).status == 200
 
 
 async def test_log_file_appends_json_lines(
@@ -117,9 +98,11 @@ async def test_log_file_appends_json_lines(
     log = tmp_path / "sent.jsonl"
     log.write_bytes(b'{"earlier": true}\n')
     sb = await make_sandbox(config=SandboxConfig(log_path=log))
-    await send(http, sb, email("a@example.com"), key="k1")
-    await send(http, sb, email("broken"), key="k2")
-    await send(http, sb, [email("b@example.com"), email("c@example.com")], "k3", "/emails/batch")
+    secret = "re_secret_value"
+    await send(http, sb, email("a@example.com"), key="k1", api_key=secret)
+    await send(http, sb, email("broken"), key="k2", api_key=secret)
+    batch = [email("b@example.com"), email("c@example.com")]
+    await send(http, sb, batch, key="k3", path="/emails/batch", api_key=secret)
     lines = log.read_bytes().splitlines()
     assert orjson.loads(lines[0]) == {"earlier": True}
     records = [orjson.loads(line) for line in lines[1:]]

@@ -21,15 +21,9 @@ from resend.exceptions import (
 )
 
 from consumer.sandbox import Faults, Sandbox, SandboxConfig
+from tests.sandbox.support import EMAIL
 
 T = TypeVar("T")
-
-EMAIL: dict[str, Any] = {
-    "from": "Acme <orders@acme.test>",
-    "to": ["buyer@example.com"],
-    "subject": "Your order",
-    "html": "<p>Thanks</p>",
-}
 
 
 @pytest.fixture

@@ -10,26 +10,9 @@ import aiohttp
 import pytest
 
 from consumer.sandbox import Faults, ForcedStatus, Sandbox, SandboxConfig
+from tests.sandbox.support import send
 
-AUTH = {"Authorization": "Bearer re_test_123", "User-Agent": "sandbox-tests/1"}
-EMAIL: dict[str, Any] = {"from": "a@acme.test", "to": "b@example.com", "subject": "hi"}
 RATE_HEADERS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "ratelimit-policy")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def send(
-    http: aiohttp.ClientSession, sb: Sandbox, key: str | None = None, **kw: Any
-) -> tuple[int, str, Any]:
-    headers = dict(AUTH)
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    async with http.post(sb.url + "/emails", json=EMAIL, headers=headers, **kw) as r:
-        return r.status, await r.text(), r.headers
 
 
 class ManualClock:
@@ -73,9 +56,7 @@ async def test_bucket_is_per_api_key_and_refills(
     """Another API key has its own bucket; 0.2 s later (rate 5/s) one more request may pass."""
     sb, clock = clocked
     assert [(await send(http, sb))[0] for _ in range(6)] == [200] * 5 + [429]
-    other = {**AUTH, "Authorization": "Bearer re_other"}
-    async with http.post(sb.url + "/emails", json=EMAIL, headers=other) as r:
-        assert r.status == 200
+    assert (await send(http, sb, api_key="re_other")).status == 200
     clock.now += 0.2
     assert [(await send(http, sb))[0] for _ in range(2)] == [200, 429]
     clock.now += 1.0
@@ -176,14 +157,14 @@ async def test_hang_until_client_gives_up(make_sandbox: Any, http: aiohttp.Clien
     """hang_rate=1: no answer before the client times out; nothing is sent; stats count it."""
     sb = await make_sandbox(config=SandboxConfig(faults=Faults(hang_rate=1.0)))
     with pytest.raises(TimeoutError):
-        await send(http, sb, "hang:1", timeout=aiohttp.ClientTimeout(total=0.3))
+        await send(http, sb, key="hang:1", timeout=aiohttp.ClientTimeout(total=0.3))
     assert sb.deliveries() == []
     assert sb.stats()["outcomes"]["fault_hang"] == 1
     async with asyncio.timeout(10):  # the sandbox notices the client left and frees the key
         while sb.stats()["keys_in_flight"]:
             await asyncio.sleep(0.01)
     sb.set_faults(Faults())
-    assert (await send(http, sb, "hang:1"))[0] == 200
+    assert (await send(http, sb, key="hang:1"))[0] == 200
 
 
 async def test_stop_releases_hanging_requests(make_sandbox: Any) -> None:

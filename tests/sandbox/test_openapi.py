@@ -6,7 +6,6 @@ resolved by registering the whole document as one resource.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,11 @@ from referencing.jsonschema import DRAFT202012
 
 from consumer.sandbox import Sandbox
 from consumer.sandbox.validation import MAX_IDEMPOTENCY_KEY, validate_email
+from tests.sandbox.support import AUTH, send
 
 # Resend's own OpenAPI file (MIT), kept with its LICENSE and SOURCE under tests/data
 OPENAPI = Path(__file__).resolve().parent / "data" / "resend-openapi" / "resend.yaml"
 BASE = "urn:resend:openapi"
-AUTH = {"Authorization": "Bearer re_test_123", "User-Agent": "sandbox-tests/1"}
 JSON = "content/application~1json/schema"
 
 
@@ -81,12 +80,6 @@ VALID_EMAILS: list[dict[str, Any]] = [
 ]
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def test_schemas_resolve() -> None:
     """The OpenAPI refs resolve and the schemas reject an obviously wrong body."""
     assert not SEND_REQUEST.is_valid({"to": "b@example.com"})
@@ -99,9 +92,9 @@ async def test_send_request_and_response_match_openapi(
 ) -> None:
     """Requests valid per OpenAPI are accepted; the 200 body and GET email body match it."""
     SEND_REQUEST.validate(body)
-    async with http.post(sandbox.url + "/emails", json=body, headers=AUTH) as r:
-        assert r.status == 200, await r.text()
-        answer = await r.json()
+    reply = await send(http, sandbox, body)
+    assert reply.status == 200, reply.text
+    answer = reply.json()
     SEND_RESPONSE.validate(answer)
     async with http.get(f"{sandbox.url}/emails/{answer['id']}", headers=AUTH) as r:
         assert r.status == 200
@@ -119,9 +112,9 @@ async def test_batch_request_and_response_match_openapi(
     ]
     BATCH_REQUEST.validate(batch)
     headers = {**AUTH, "x-batch-validation": mode}
-    async with http.post(sandbox.url + "/emails/batch", json=batch, headers=headers) as r:
-        assert r.status == 200, await r.text()
-        answer = await r.json()
+    reply = await send(http, sandbox, batch, path="/emails/batch", headers=headers)
+    assert reply.status == 200, reply.text
+    answer = reply.json()
     BATCH_RESPONSE.validate(answer)
     assert len(answer["data"]) == len(batch)
 
@@ -133,10 +126,8 @@ async def test_openapi_invalid_requests_are_rejected(
     """What OpenAPI calls invalid (a required field missing) the sandbox refuses too."""
     body = {k: v for k, v in VALID_EMAILS[0].items() if k != missing}
     assert not SEND_REQUEST.is_valid(body)
-    async with http.post(sandbox.url + "/emails", json=body, headers=AUTH) as r:
-        assert r.status == 422
-    async with http.post(sandbox.url + "/emails/batch", json=[body], headers=AUTH) as r:
-        assert r.status == 422
+    assert (await send(http, sandbox, body)).status == 422
+    assert (await send(http, sandbox, [body], path="/emails/batch")).status == 422
     assert sandbox.deliveries() == []
 
 
