@@ -590,7 +590,7 @@ class Invariants:
 
 
 @dataclass
-class Outcome:
+class SeedResult:
     seed: int
     virtual_seconds: float
     steps: int
@@ -807,8 +807,8 @@ class World:
         differ = (set(letters) ^ bad) - optional
         assert not differ, f"dead letters {sorted(differ)[:5]} differ"
 
-    def outcome(self) -> Outcome:
-        return Outcome(
+    def outcome(self) -> SeedResult:
+        return SeedResult(
             seed=self.seed,
             virtual_seconds=self.loop.time(),
             steps=self.loop.steps,
@@ -837,7 +837,7 @@ async def _gather(tasks: set[asyncio.Task[Any]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def run_seed(seed: int, *, partitions: int = 3, per_partition: int = 12) -> Outcome:
+def run_seed(seed: int, *, partitions: int = 3, per_partition: int = 12) -> SeedResult:
     """One seeded world: chaos, then calm; raises AssertionError naming the seed."""
     try:
         return run(_chaos, seed, partitions=partitions, per_partition=per_partition)
@@ -847,7 +847,7 @@ def run_seed(seed: int, *, partitions: int = 3, per_partition: int = 12) -> Outc
         ) from exc
 
 
-async def _chaos(world: World) -> Outcome:
+async def _chaos(world: World) -> SeedResult:
     loop, rng, group, resend = world.loop, world.rng, world.group, world.resend
     first, second = world.members
     first.start()

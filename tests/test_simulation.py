@@ -63,7 +63,7 @@ def _failing_seed(seed: int) -> None:
     """run_seed's wording around a breach, with a world made to break."""
     original = sim._chaos
 
-    async def broken(world: World) -> sim.Outcome:
+    async def broken(world: World) -> sim.SeedResult:
         world.group.committed[next(iter(world.group.records))] = 5
         world.invariants.check()
         return world.outcome()

@@ -11,6 +11,6 @@ from __future__ import annotations
 
 from consumer.sandbox.config import Faults, ForcedStatus, SandboxConfig
 from consumer.sandbox.server import Sandbox
-from consumer.sandbox.state import Delivery, Outcome
+from consumer.sandbox.state import Answered, Delivery
 
-__all__ = ["Delivery", "Faults", "ForcedStatus", "Outcome", "Sandbox", "SandboxConfig"]
+__all__ = ["Answered", "Delivery", "Faults", "ForcedStatus", "Sandbox", "SandboxConfig"]

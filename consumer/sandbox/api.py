@@ -28,11 +28,11 @@ from aiohttp import web
 
 from consumer.sandbox.config import APPLICATION_ERROR, SERVICE_UNAVAILABLE, Faults, SandboxConfig
 from consumer.sandbox.state import (
+    Answered,
     Delivery,
     IdempotencyStore,
     IdemScope,
     Ledger,
-    Outcome,
     Quotas,
     TokenBucket,
     fingerprint,
@@ -110,12 +110,12 @@ class EmailApi:
             "ratelimit-policy": self._policy_header,
         }
 
-    def _error(self, err: ApiError, outcome: Outcome, headers: dict[str, str]) -> web.Response:
+    def _error(self, err: ApiError, outcome: Answered, headers: dict[str, str]) -> web.Response:
         self.ledger.count(outcome, err.status, err.name)
         return web.Response(status=err.status, body=err.body(), headers=headers)
 
     async def _reject(
-        self, err: ApiError, outcome: Outcome, headers: dict[str, str], delay: float
+        self, err: ApiError, outcome: Answered, headers: dict[str, str], delay: float
     ) -> web.Response:
         if delay > 0:
             await asyncio.sleep(delay)
@@ -154,11 +154,11 @@ class EmailApi:
             elif forced.status == 429:
                 headers["retry-after"] = "1"  # Resend always says when to come back
             answer = ApiError(forced.status, forced.name, forced.message)
-            return "", headers, self._error(answer, Outcome.FORCED, headers)
+            return "", headers, self._error(answer, Answered.FORCED, headers)
         key, denied = self._auth(request)
         if denied is not None:
             headers = self.rate_headers(None)
-            return "", headers, self._error(denied, Outcome.AUTH, headers)
+            return "", headers, self._error(denied, Answered.AUTH, headers)
         bucket = self._bucket(key)
         storm = faults.storm_429_rate > 0 and self._rng.random() < faults.storm_429_rate
         if storm:
@@ -168,7 +168,7 @@ class EmailApi:
             headers["ratelimit-remaining"] = "0"
             headers["retry-after"] = str(bucket.retry_after())
             err = ApiError(429, "rate_limit_exceeded", "Too many requests. Slow down.")
-            outcome = Outcome.FAULT_429 if storm else Outcome.RATE_LIMITED
+            outcome = Answered.FAULT_429 if storm else Answered.RATE_LIMITED
             return key, headers, self._error(err, outcome, headers)
         return key, self.rate_headers(bucket), None
 
@@ -203,13 +203,13 @@ class EmailApi:
         idem = request.headers.get("Idempotency-Key")
         bad_key = validate_idempotency_key(idem)
         if bad_key is not None:
-            return await self._reject(bad_key, Outcome.INVALID, headers, delay)
+            return await self._reject(bad_key, Answered.INVALID, headers, delay)
         raw = await request.read()
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             bad_json = ApiError(400, "validation_error", "The request body is not valid JSON.")
-            return await self._reject(bad_json, Outcome.INVALID, headers, delay)
+            return await self._reject(bad_json, Answered.INVALID, headers, delay)
 
         scope: IdemScope | None = None
         fp = b""
@@ -224,11 +224,11 @@ class EmailApi:
                         "invalid_idempotent_request",
                         "Same idempotency key used with a different request payload.",
                     )
-                    return await self._reject(err, Outcome.CONFLICT, headers, delay)
+                    return await self._reject(err, Answered.CONFLICT, headers, delay)
                 if delay > 0:
                     await asyncio.sleep(delay)
                 self._quota_headers(key, headers)
-                self.ledger.count(Outcome.REPLAYED, entry.status)
+                self.ledger.count(Answered.REPLAYED, entry.status)
                 return web.Response(status=entry.status, body=entry.body, headers=headers)
             if self.idem.in_flight(scope):
                 err = ApiError(
@@ -236,11 +236,11 @@ class EmailApi:
                     "concurrent_idempotent_requests",
                     "Same idempotency key used while the original request is still in progress.",
                 )
-                return await self._reject(err, Outcome.CONCURRENT, headers, delay)
+                return await self._reject(err, Answered.CONCURRENT, headers, delay)
 
         emails, errors, invalid = self._validate(request, body, endpoint, faults)
         if invalid is not None:
-            return await self._reject(invalid, Outcome.INVALID, headers, delay)
+            return await self._reject(invalid, Answered.INVALID, headers, delay)
 
         if scope is not None:
             self.idem.begin(scope, fp)
@@ -303,7 +303,7 @@ class EmailApi:
             await asyncio.sleep(delay)
         rng = self._rng
         if faults.hang_rate > 0 and rng.random() < faults.hang_rate:
-            self.ledger.count(Outcome.FAULT_HANG, None)
+            self.ledger.count(Answered.FAULT_HANG, None)
             await self._hang(request)
             return _dropped(request)
         if faults.error_rate > 0 and rng.random() < faults.error_rate:
@@ -316,7 +316,7 @@ class EmailApi:
             self._quota_headers(key, headers)
             headers["retry-after"] = str(reset)
             err = ApiError(429, name, "You have reached your email sending quota.")
-            return self._error(err, Outcome.QUOTA, headers)
+            return self._error(err, Answered.QUOTA, headers)
 
         now = self._wall()
         batch = endpoint == BATCH
@@ -348,10 +348,10 @@ class EmailApi:
         if scope is not None:
             self.idem.complete(scope, fp, 200, payload)
         if drop:
-            self.ledger.count(Outcome.FAULT_DROPPED, None)
+            self.ledger.count(Answered.FAULT_DROPPED, None)
             return _dropped(request)
         self._quota_headers(key, headers)
-        self.ledger.count(Outcome.SENT, 200)
+        self.ledger.count(Answered.SENT, 200)
         return web.Response(body=payload, headers=headers)
 
     def _fault_error(self, faults: Faults, headers: dict[str, str]) -> web.Response:
@@ -360,7 +360,7 @@ class EmailApi:
         html = faults.html_error_share > 0 and rng.random() < faults.html_error_share
         if html:
             headers["Content-Type"] = "text/html"
-            self.ledger.count(Outcome.FAULT_ERROR, status, "html_error_page")
+            self.ledger.count(Answered.FAULT_ERROR, status, "html_error_page")
             return web.Response(
                 status=status,
                 body=_HTML_PAGE.replace(b"{status}", str(status).encode()),
@@ -368,7 +368,7 @@ class EmailApi:
             )
         name = SERVICE_UNAVAILABLE if status == 503 else APPLICATION_ERROR
         err = ApiError(status, name, "Injected by the sandbox.")
-        return self._error(err, Outcome.FAULT_ERROR, headers)
+        return self._error(err, Answered.FAULT_ERROR, headers)
 
     async def _hang(self, request: web.Request) -> None:
         # aiohttp does not cancel handlers when the client goes away, so poll.
@@ -389,17 +389,17 @@ class EmailApi:
             err = ApiError(
                 405, "method_not_allowed", "Method is not allowed for the requested path."
             )
-            return self._error(err, Outcome.INVALID, headers)
+            return self._error(err, Answered.INVALID, headers)
         try:
             uuid.UUID(email_id)
         except ValueError:
             err = ApiError(422, "validation_error", "The `id` must be a valid UUID.")
-            return self._error(err, Outcome.INVALID, headers)
+            return self._error(err, Answered.INVALID, headers)
         d = self.ledger.by_id.get(email_id)
         if d is None:
             err = ApiError(404, "not_found", "Email not found.")
-            return self._error(err, Outcome.NOT_FOUND, headers)
-        self.ledger.count(Outcome.FETCHED, 200)
+            return self._error(err, Answered.NOT_FOUND, headers)
+        self.ledger.count(Answered.FETCHED, 200)
         return web.Response(body=orjson.dumps(email_object(d)), headers=headers)
 
 

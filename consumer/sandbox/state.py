@@ -21,8 +21,8 @@ import orjson
 _FOUR_DAYS = timedelta(days=4)
 
 
-class Outcome(StrEnum):
-    """How the sandbox answered one API request (stats keys)."""
+class Answered(StrEnum):
+    """How the sandbox answered one API request (its stats keys; not an event's `Outcome`)."""
 
     SENT = "sent"
     REPLAYED = "replayed"
@@ -255,7 +255,7 @@ class Ledger:
     delivered: int = 0
     sends_without_key: int = 0
 
-    def count(self, outcome: Outcome, status: int | None, error: str | None = None) -> None:
+    def count(self, outcome: Answered, status: int | None, error: str | None = None) -> None:
         """One answered request; `status=None` when no answer was sent."""
         self.requests += 1
         if error is not None:
