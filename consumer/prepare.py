@@ -22,11 +22,11 @@ from consumer.batching import UNBATCHABLE_FIELDS, Priority
 from consumer.errors import InvalidEvent
 from consumer.events import Decoder, Outcome, Reason, Refusal, invalid, validate_data
 from consumer.redact import mask_addresses
+from consumer.resend import ENDPOINT_EMAILS
 from consumer.routes import Route, RouteTable, load_routes
 from consumer.settings import Settings, StalePolicy
 from consumer.tracecontext import TRACEPARENT, carrier, trace_tag
 
-ENDPOINT: Final = "/emails"
 #: a file holding one Kafka record (binary mode): {"headers": {...}, "value": ...}
 RECORD_KEYS: Final = frozenset({"headers", "value", "key"})
 #: how far an event's time may be ahead of this host's clock before it is not trusted
@@ -229,7 +229,7 @@ class Preparer:
             event_type=event.type,
             source=event.source,
             idempotency_key=key,
-            endpoint=ENDPOINT,
+            endpoint=ENDPOINT_EMAILS,
             body=data,
             recipients=route.recipients(body),
             event_time=event_time,

@@ -53,6 +53,8 @@ Verdict = Literal["ok", "retry", "reject", "fatal"]
 #: service-wide conditions an answer can name; "outage" is decided by the gate
 Condition = Literal["auth", "endpoint", "quota_daily", "quota_monthly"]
 
+#: Resend's two sending endpoints (the sandbox serves the same paths)
+ENDPOINT_EMAILS: Final = "/emails"
 ENDPOINT_BATCH: Final = "/emails/batch"
 
 HEADER_AUTHORIZATION: Final = "Authorization"

@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 
 from consumer.logs import LogEvent
 from consumer.observe import ProgressReporter
-from consumer.prepare import ENDPOINT
+from consumer.resend import ENDPOINT_EMAILS
 
 if TYPE_CHECKING:
     from consumer.dispatch import Dispatcher
@@ -37,7 +37,7 @@ log = structlog.get_logger("consumer.watchdog")
 #: seconds between two broker reachability checks (and their timeout)
 BROKER_CHECK_INTERVAL: Final = 5.0
 #: where an idle gate's probe goes (an empty body: refused, nothing is sent)
-PROBE_ENDPOINT: Final = ENDPOINT
+PROBE_ENDPOINT: Final = ENDPOINT_EMAILS
 
 
 class Watchdog:

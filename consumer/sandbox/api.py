@@ -26,6 +26,8 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from consumer.ratelimit import HEADER_RETRY_AFTER
+from consumer.resend import ENDPOINT_BATCH, ENDPOINT_EMAILS
 from consumer.sandbox.config import APPLICATION_ERROR, SERVICE_UNAVAILABLE, Faults, SandboxConfig
 from consumer.sandbox.state import (
     Answered,
@@ -44,8 +46,8 @@ from consumer.sandbox.validation import (
     validate_idempotency_key,
 )
 
-EMAILS: Final = "/emails"
-BATCH: Final = "/emails/batch"
+EMAILS: Final = ENDPOINT_EMAILS
+BATCH: Final = ENDPOINT_BATCH
 JSON_TYPE: Final = "application/json"
 _HTML_PAGE: Final = (
     b"<html>\r\n<head><title>{status} Service Temporarily Unavailable</title></head>\r\n"
@@ -150,9 +152,9 @@ class EmailApi:
         if forced is not None:
             headers = self.rate_headers(None)
             if forced.retry_after is not None:
-                headers["retry-after"] = f"{forced.retry_after:g}"
+                headers[HEADER_RETRY_AFTER] = f"{forced.retry_after:g}"
             elif forced.status == 429:
-                headers["retry-after"] = "1"  # Resend always says when to come back
+                headers[HEADER_RETRY_AFTER] = "1"  # Resend always says when to come back
             answer = ApiError(forced.status, forced.name, forced.message)
             return "", headers, self._error(answer, Answered.FORCED, headers)
         key, denied = self._auth(request)
@@ -166,7 +168,7 @@ class EmailApi:
         if storm or not bucket.take():
             headers = self.rate_headers(bucket)
             headers["ratelimit-remaining"] = "0"
-            headers["retry-after"] = str(bucket.retry_after())
+            headers[HEADER_RETRY_AFTER] = str(bucket.retry_after())
             err = ApiError(429, "rate_limit_exceeded", "Too many requests. Slow down.")
             outcome = Answered.FAULT_429 if storm else Answered.RATE_LIMITED
             return key, headers, self._error(err, outcome, headers)
@@ -314,7 +316,7 @@ class EmailApi:
         if quota is not None:
             name, reset = quota
             self._quota_headers(key, headers)
-            headers["retry-after"] = str(reset)
+            headers[HEADER_RETRY_AFTER] = str(reset)
             err = ApiError(429, name, "You have reached your email sending quota.")
             return self._error(err, Answered.QUOTA, headers)
 
