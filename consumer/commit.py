@@ -167,7 +167,6 @@ class Commits:
             if self._tracer.enabled
             else NO_COMMIT
         )
-        committer = self.committer
         try:
             if letters:
                 # What comes before the first letter goes first, so that a dead-letter
@@ -175,9 +174,9 @@ class Commits:
                 first = part.planner.safe_position(min(letter.offset for letter in letters))
                 committed = self._engine.ledger.committed(tp)
                 if committed is None or first > committed:
-                    await committer.commit(tp, first, part.planner.metadata(first), ())
+                    await self.committer.commit(tp, first, part.planner.metadata(first), ())
                     self._committed(tp, part, first, [])
-            await committer.commit(tp, position, part.planner.metadata(position), letters)
+            await self.committer.commit(tp, position, part.planner.metadata(position), letters)
         except DeadLetterUnavailable as exc:
             trace.end(type(exc).__name__)
             if not part.dlq_failed:

@@ -356,7 +356,8 @@ class Pipeline:
         except ValueError:
             # an offset at or below one already tracked in this assignment: the
             # client handed a record out twice; its first copy is on its way already
-            log.warning(LogEvent.DUPLICATE_RECORD, topic=tp.topic, offset=offset)
+            if not isinstance(record, Undecodable):
+                log.warning(LogEvent.DUPLICATE_RECORD, topic=tp.topic, offset=offset)
             return
         now = self._clock()
         started = self.tracer.clock()

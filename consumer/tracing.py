@@ -307,7 +307,7 @@ class _OtelEvent(EventTrace):
         span = self._span
         if not span.is_recording():
             return  # ended already (a revoke ended it, then the lane finished), or not sampled
-        span.set_attribute("resend_consumer.outcome", outcome)
+        span.set_attribute("resend_consumer.outcome", _plain(outcome))
         if reason is not None:
             reason = _plain(reason)
             span.set_attribute("resend_consumer.reason", reason)

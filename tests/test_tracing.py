@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from consumer.deadletter import DeadLetter, build_record, original_headers
 from consumer.errors import TracingUnavailable
+from consumer.events import Outcome
 from consumer.prepare import Prepared, Preparer, Rejected
 from consumer.resend import ResendClient
 from consumer.retry import RetryPolicy, ServiceGate, deliver
@@ -261,7 +262,7 @@ def test_dead_letter_and_commit_spans(
     event, result = start(tracer, preparer, b'{"specversion": "1.0"}', headers)
     assert isinstance(result, Rejected)
     letter = event.dead_letter(topic="orders.dlq", reason=result.reason)
-    event.end("dead_lettered", reason=result.reason)
+    event.end(Outcome.DEAD_LETTERED, reason=result.reason)  # what Outcomes.finish passes
     sent, _ = start(tracer, preparer, order_event(7))
     sent.end("sent")
     commit = tracer.commit(topic="orders", partition=3, position=42, events=[event, sent])
@@ -276,6 +277,7 @@ def test_dead_letter_and_commit_spans(
     assert process_attrs["error.type"] == result.reason
     assert process.status.status_code is StatusCode.ERROR
     assert (process.attributes or {})["resend_consumer.outcome"] == "dead_lettered"
+    assert type(process_attrs["resend_consumer.outcome"]) is str
     assert write.kind is SpanKind.PRODUCER
     assert write.parent is not None
     assert write.parent.span_id == process.context.span_id
