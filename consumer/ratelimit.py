@@ -112,8 +112,6 @@ class RateLimiter:
         self._damping_band = damping_band
         #: `ratelimit-remaining` of the previous answer, within the band (None: restart)
         self._last_level: float | None = None
-        #: acquirers not served yet, by priority
-        self._waiting: dict[int, int] = {}
         self._max_block = max_block
         self._clock = clock
         self._sleep = sleep
@@ -152,37 +150,20 @@ class RateLimiter:
         FIFO within one priority. The waiter at the front sleeps until its slot, so
         an urgent request arriving meanwhile waits for at most that one slot.
         """
-        self._waiting[priority] = self._waiting.get(priority, 0) + 1
+        await self._lock.acquire(priority)
         try:
-            await self._lock.acquire(priority)
-            try:
-                while True:
-                    now = self._clock()
-                    interval = 1.0 / self._rate
-                    ready = max(self._tat - (self.burst - 1.0) * interval, self._blocked_until)
-                    if ready <= now:
-                        break
-                    # Re-check after waking: a 429 or a rate change may have moved the slot.
-                    await self._sleep(ready - now)
-                self._tat = max(self._tat, now) + interval
-                self.acquired += 1
-            finally:
-                self._lock.release()
+            while True:
+                now = self._clock()
+                interval = 1.0 / self._rate
+                ready = max(self._tat - (self.burst - 1.0) * interval, self._blocked_until)
+                if ready <= now:
+                    break
+                # Re-check after waking: a 429 or a rate change may have moved the slot.
+                await self._sleep(ready - now)
+            self._tat = max(self._tat, now) + interval
+            self.acquired += 1
         finally:
-            left = self._waiting[priority] - 1
-            if left:
-                self._waiting[priority] = left
-            else:
-                del self._waiting[priority]
-
-    def waiting(self, priority: int | None = None) -> int:
-        """Requests waiting for a slot (those at `priority` or more urgent, if given).
-
-        While some wait, the budget is spoken for: a request queued now goes out
-        after them, so (for instance) a batch gains nothing by closing before it
-        is full.
-        """
-        return sum(n for p, n in self._waiting.items() if priority is None or p <= priority)
+            self._lock.release()
 
     @property
     def share(self) -> float:

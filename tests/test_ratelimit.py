@@ -406,31 +406,3 @@ def test_a_cut_restarts_the_damping_reference() -> None:
     t.now += 0.1
     lim.observe(headers(limit=10, remaining=3), 200)  # the reference is back: -1
     assert lim.rate == pytest.approx(1.0)
-
-
-async def test_waiting_counts_acquirers_not_served_yet_by_priority() -> None:
-    """`waiting(p)` counts the requests queued for a slot at priority p or more urgent
-    (the one sleeping for its slot included), and forgets cancelled ones."""
-    t = FakeTime()
-    slot = asyncio.Event()
-
-    async def sleep(seconds: float) -> None:
-        t.now += seconds
-        await slot.wait()
-
-    lim = RateLimiter(rate=1.0, clock=t.clock, sleep=sleep)
-    await lim.acquire()
-    assert lim.waiting() == 0
-    tasks = [asyncio.create_task(lim.acquire(p)) for p in (2, 0, 1, 2)]
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert lim.waiting() == 4
-    assert lim.waiting(0) == 1
-    assert lim.waiting(1) == 2
-    tasks[3].cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await tasks[3]
-    assert lim.waiting(2) == 3
-    slot.set()
-    await asyncio.gather(*tasks[:3])
-    assert lim.waiting() == 0
