@@ -22,7 +22,8 @@ topic (or on the bulk one with --same-topic) while a backlog of order.confirmed 
 latency publish -> acceptance in the sandbox ledger. sdk: the official `resend` SDK's
 `Batch.send` of 100 rendered order emails in a loop (no rate limit), CPU of this
 process per email; then the service's CPU per email with no rate limit, for comparison.
-`--logs DIR` keeps the processes' output.
+`--sizes` (throughput) adds how far the accepted requests of the window fall short of
+100 emails (from the sandbox's ledger). `--logs DIR` keeps the processes' output.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from consumer.settings import Settings  # noqa: E402
 from tests.pipeline_support import order_event  # noqa: E402
 
 API_KEY = "re_bench_key"
+MAX_BATCH = 100
 ROUTES = ROOT / "schemas" / "routes.yaml"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 URGENT_TO = re.compile(r"urgent-(\d+)@")
@@ -217,6 +219,7 @@ def throughput(bootstrap: str, tmp: Path, args: argparse.Namespace) -> dict[str,
             rig.service(bootstrap, topic, url, group, RATE_LIMIT=str(args.limit), **env)
         first: float | None = None
         start: Sample | None = None
+        start_wall = time.time()
         while True:
             time.sleep(1.0)
             rig.check()
@@ -224,7 +227,7 @@ def throughput(bootstrap: str, tmp: Path, args: argparse.Namespace) -> dict[str,
             if first is None and end.emails:
                 first = end.t
             if start is None and first is not None and end.t - first >= args.warmup:
-                start = end
+                start, start_wall = end, time.time()
             if end.emails >= args.events or end.t - zero.t >= args.seconds:
                 break
         if start is None or start.t >= end.t:
@@ -233,6 +236,7 @@ def throughput(bootstrap: str, tmp: Path, args: argparse.Namespace) -> dict[str,
         emails, requests = end.emails - start.emails, end.requests - start.requests
         outcomes = diff(start.outcomes, end.outcomes)
         throttled = end.statuses.get("429", 0) - start.statuses.get("429", 0)
+        sizes = batch_sizes(url, start_wall) if getattr(args, "sizes", False) else {}
         return params(args) | {
             "produced_in_s": round(produced_in, 2),
             "first_email_after_s": round(first - zero.t, 2) if first is not None else None,
@@ -249,9 +253,29 @@ def throughput(bootstrap: str, tmp: Path, args: argparse.Namespace) -> dict[str,
             "cpu_us_per_email": round((end.cpu - start.cpu) / max(emails, 1) * 1e6, 1),
             "cpu_us_per_email_whole_run": round(end.cpu / max(end.emails, 1) * 1e6, 1),
             "assignments_logged": rig.assignments(),
+            **sizes,
         }
     finally:
         rig.close()
+
+
+def batch_sizes(url: str, since: float) -> dict[str, Any]:
+    """How far accepted requests since `since` (wall clock) fall short of full batches."""
+    found = get_json(f"{url}/_sandbox/deliveries?since={since}")["data"]
+    requests: dict[str, int] = {}
+    for d in found:
+        rid = d["request_id"] or d["id"]
+        requests[rid] = requests.get(rid, 0) + 1
+    sizes = sorted(requests.values())
+    partial = [n for n in sizes if n < MAX_BATCH]
+    return {
+        "requests_counted": len(sizes),
+        "partial_requests": len(partial),
+        "partial_sizes": " ".join(map(str, partial)),
+        "emails_short_per_request": round(sum(MAX_BATCH - n for n in sizes) / len(sizes), 2)
+        if sizes
+        else None,
+    }
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -381,6 +405,7 @@ def main() -> int:
     tp.add_argument("--limit", type=float, default=5.0, help="sandbox requests/s per API key")
     tp.add_argument("--events", type=int, default=20_000)
     tp.add_argument("--seconds", type=float, default=60.0, help="stop after this, from start")
+    tp.add_argument("--sizes", action="store_true", help="why requests fall short of 100 emails")
     ur = sub.add_parser("urgent", help="latency of urgent mail behind a bulk backlog")
     ur.add_argument("--bulk", type=int, default=50_000)
     ur.add_argument("--seconds", type=float, default=30.0, help="one urgent event a second")

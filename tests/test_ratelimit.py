@@ -347,3 +347,62 @@ def test_a_replicas_share_scales_its_back_off_on_an_empty_budget() -> None:
     solo = limiter(FakeTime(), rate=5.0, soft_decrease=0.75)
     solo.observe(headers(limit=6, remaining=0), 200)
     assert solo.rate == pytest.approx(5.0 * 0.75)
+
+
+def test_a_falling_budget_slows_the_rate_by_its_fall_and_a_rising_one_speeds_it_up() -> None:
+    """Between low and high, the budget's movement steers: each request less in
+    `ratelimit-remaining` since the previous answer takes `damping` requests/s off the
+    rate (whatever the time between), each request more gives it back."""
+    t = FakeTime()
+    lim = limiter(t, rate=8.0, damping=1.0)
+    lim.observe(headers(limit=10, remaining=4), 200)  # 0.4: between low and high
+    assert lim.rate == 8.0
+    t.now += 0.1
+    lim.observe(headers(limit=10, remaining=3), 200)
+    assert lim.rate == pytest.approx(7.0)
+    t.now += 2.0
+    lim.observe(headers(limit=10, remaining=3), 200)  # steady budget: no change
+    assert lim.rate == pytest.approx(7.0)
+    t.now += 0.1
+    lim.observe(headers(limit=10, remaining=5), 200)  # rising: +2, then high: + increase*dt
+    assert lim.rate == pytest.approx(7.0 + 2.0 + 0.1 * 10 * 0.1)
+
+
+def test_damping_scales_with_the_share_and_ignores_an_ample_budget() -> None:
+    """Every replica sees the same movement: each moves by its share of it. Above
+    `damping_band` of the limit the budget is ample and its wobble is not counted."""
+    t = FakeTime()
+    lim = limiter(t, rate=9.0, increase=0.0, damping=1.5, damping_band=0.6)
+    lim.observe(headers(limit=10, remaining=9), 200)
+    lim.set_share(1 / 3)
+    lim.observe(headers(limit=10, remaining=9), 200)
+    start = lim.rate  # the share caps it: 10/3
+    for remaining in (8, 7, 9, 6):  # all at or above 6 = 0.6 x 10: ample
+        t.now += 0.2
+        lim.observe(headers(limit=10, remaining=remaining), 200)
+    assert lim.rate == pytest.approx(start)
+    t.now += 0.2
+    lim.observe(headers(limit=10, remaining=4), 200)  # from the band's edge (6) to 4
+    assert lim.rate == pytest.approx(start - 1.5 * (1 / 3) * 2)
+
+
+def test_a_cut_restarts_the_damping_reference() -> None:
+    """An empty budget (or a 429) cuts the rate; the budget refilling after it is the
+    cut working, not a reason to speed up again."""
+    t = FakeTime()
+    lim = limiter(t, rate=8.0, soft_decrease=0.5)
+    lim.observe(headers(limit=10, remaining=4), 200)
+    t.now += 0.1
+    lim.observe(headers(limit=10, remaining=0), 200)
+    assert lim.rate == pytest.approx(4.0)
+    t.now += 0.1
+    lim.observe(headers(limit=10, remaining=4), 200)  # no +4
+    assert lim.rate == pytest.approx(4.0)
+    t.now += 1.5  # past the cooldown of the first cut
+    lim.observe(headers(limit=10, remaining=0, retry_after="1"), 429, name="rate_limit_exceeded")
+    t.now += 2.0
+    lim.observe(headers(limit=10, remaining=4), 200)
+    assert lim.rate == pytest.approx(2.0)  # halved by the 429, no +4 after it
+    t.now += 0.1
+    lim.observe(headers(limit=10, remaining=3), 200)  # the reference is back: -1
+    assert lim.rate == pytest.approx(1.0)
