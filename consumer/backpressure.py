@@ -87,6 +87,11 @@ class BackPressure:
             # back by the count of other partitions' backlog (memory still bounds it).
             assembling = part.planner.assembling()
             urgent = part.urgent > 0
+            # records in the open batch wait for more to fill it: a partition holding
+            # only those holds nothing the count bound should stop (a paused one would
+            # close its batch half full at the linger, spending a request on it)
+            opened = part.planner.open_batch()
+            filling = opened[0] if opened is not None else 0
             if tp in paused:
                 below = pending < s.max_pending_per_partition * s.resume_ratio
                 if hold_all:
@@ -95,7 +100,9 @@ class BackPressure:
                 # an empty partition holds nothing: the count bound cannot pause it
                 # (a fetch over the bound takes one record), or the urgent mail it may
                 # carry next would wait for every other partition's backlog
-                if assembles or (below and bytes_low and (count_low or urgent or not pending)):
+                if assembles or (
+                    below and bytes_low and (count_low or urgent or pending <= filling)
+                ):
                     to_resume.append(tp)
             elif hold_all:
                 to_pause.append(tp)
@@ -104,7 +111,7 @@ class BackPressure:
                     to_pause.append(tp)
             elif (
                 bytes_over
-                or (count_over and not urgent and pending > 0)
+                or (count_over and not urgent and pending > filling)
                 or pending >= s.max_pending_per_partition
             ):
                 to_pause.append(tp)

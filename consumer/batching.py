@@ -326,6 +326,13 @@ class PartitionPlanner(Generic[P]):
     def deadline(self) -> float | None:
         return self._open.deadline if self._open is not None else None
 
+    def open_batch(self) -> tuple[int, int, Priority] | None:
+        """The open batch, if any: (members so far, its size cap, its priority)."""
+        opened = self._open
+        if opened is None:
+            return None
+        return len(opened.items), opened.size, min(i.priority for i in opened.items)
+
     def flush(self) -> None:
         """Close the open batch now (a revoke drain, a shutdown, an urgent member)."""
         if self._open is not None:

@@ -51,6 +51,8 @@ log = structlog.get_logger("consumer.dispatch")
 
 #: per-member errors instead of refusing a whole batch for one bad email
 BATCH_HEADERS: Final = {HEADER_BATCH_VALIDATION: "permissive"}
+#: seconds between two looks at a batch kept open while full requests wait ahead of it
+HOLD_CHECK: Final = 0.2
 #: how early a timer may fire and still count as on time (asyncio fires within the clock resolution)
 TIMER_SLACK: Final = 0.001
 
@@ -468,6 +470,20 @@ class Planning:
         for key in keys:
             dispatcher.submit(tp, key, job)
 
+    def lingers_on(self, tp: TopicPartition, part: PartitionState) -> bool:
+        """The open batch stays open past its linger while a full request of its
+        partition still waits ahead of it: closing it sooner would not send it
+        sooner (the limiter serves one partition's requests in order), and a fuller
+        batch spends fewer requests of the team's limit. Urgent batches never wait.
+        """
+        opened = part.planner.open_batch()
+        if opened is None or part.revoking:
+            return False
+        members, size, priority = opened
+        if priority == Priority.URGENT:
+            return False
+        return self._engine.ledger.pending(tp) - members >= size
+
     async def loop(
         self,
         stop: asyncio.Event,
@@ -477,10 +493,15 @@ class Planning:
         engine = self._engine
         while not stop.is_set():
             now = self._clock()
+            held = {tp for tp, part in engine.parts.items() if self.lingers_on(tp, part)}
             deadlines = [
-                d for part in engine.parts.values() if (d := part.planner.deadline()) is not None
+                d
+                for tp, part in engine.parts.items()
+                if tp not in held and (d := part.planner.deadline()) is not None
             ]
             wait = min(deadlines) - now if deadlines else 1.0
+            if held:  # what holds them finishes without telling: look again soon
+                wait = min(wait, HOLD_CHECK)
             if wait > TIMER_SLACK:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(engine.plan_due.wait(), min(wait, 1.0))
@@ -491,7 +512,8 @@ class Planning:
             try:
                 dirty = set()
                 for tp, part in list(engine.parts.items()):
-                    part.planner.due(now)
+                    if tp not in held:
+                        part.planner.due(now)
                     if part.planner.needs_record() and not part.revoking and not part.plan_full:
                         dirty.add(tp)
                 if dirty:

@@ -16,7 +16,8 @@ import pytest
 from aiokafka import TopicPartition
 
 from consumer.backpressure import BackPressure
-from consumer.dispatch import Dispatcher
+from consumer.batching import Item, Priority
+from consumer.dispatch import Dispatcher, Planning
 from consumer.events import Outcome
 from consumer.metrics import Metrics
 from consumer.outcome import Outcomes
@@ -339,3 +340,61 @@ def _auth_failure() -> Answer:
 def test_a_delivery_result_names_its_outcome_in_the_one_vocabulary() -> None:
     """`deliver` ends in the words the metric and the canonical line use."""
     assert {o.value for o in Outcome} == {"sent", "dead_lettered", "skipped", "revoked"}
+
+
+# -- a batch kept open while full requests wait ahead of it ---------------------------
+
+
+def _open_batch(part: PartitionState, first: int, count: int, priority: Priority) -> None:
+    for offset in range(first, first + count):
+        item: Item[Any] = Item(
+            offset=offset,
+            idempotency_key=f"k-{offset}",
+            lane=("offset", offset),
+            batchable=True,
+            batch_size=10,
+            linger=0.2,
+            priority=priority,
+            payload=None,
+        )
+        part.planner.admit(item, now=0.0)
+
+
+@pytest.mark.parametrize(
+    ("ahead", "priority", "revoking", "held"),
+    [
+        (10, Priority.NORMAL, False, True),  # a full request ahead: closing early gains nothing
+        (9, Priority.NORMAL, False, False),  # less than a full request ahead: the linger decides
+        (50, Priority.URGENT, False, False),  # urgent mail never waits
+        (50, Priority.NORMAL, True, False),  # a revoke closes it
+    ],
+)
+def test_a_batch_lingers_on_only_behind_a_full_request_of_its_partition(
+    ahead: int, priority: Priority, revoking: bool, held: bool
+) -> None:
+    stage = _stage(FakeResend())
+    outcomes = stage.dispatcher._outcomes
+    planning = Planning(engine=stage.engine, dispatcher=stage.dispatcher, outcomes=outcomes)
+    for offset in range(ahead):
+        stage.engine.ledger.track(TP, offset)  # decided and on their way: unfinished
+    for offset in range(ahead, ahead + 3):
+        stage.engine.ledger.track(TP, offset)
+    _open_batch(stage.part, ahead, 3, priority)
+    assert stage.part.planner.open_batch() == (3, 10, priority)
+    stage.part.revoking = revoking
+    assert planning.lingers_on(TP, stage.part) is held
+
+
+def test_a_partition_holding_only_its_open_batch_is_not_paused_by_the_count_bound() -> None:
+    """Paused, it would close that batch half full at the linger and spend a request."""
+    engine, pressure, consumer, _ = _pressure(2, max_pending=100, max_pending_per_partition=100)
+    busy, filling = sorted(engine.parts)
+    _fill(engine, busy, 100)
+    _fill(engine, filling, 3)
+    _open_batch(engine.parts[filling], 0, 3, Priority.NORMAL)
+    pressure.apply()
+    assert consumer.paused == {busy}
+    consumer.paused.add(filling)  # paused earlier, when it held more
+    engine.paused.add(filling)
+    pressure.apply()
+    assert consumer.paused == {busy}
