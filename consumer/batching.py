@@ -248,6 +248,8 @@ class _Open(Generic[P]):
     lanes: set[Hashable] = field(default_factory=set)
     deadline: float = 0.0
     size: int = MAX_BATCH
+    opened_at: float = 0.0
+    priority: Priority = Priority.BULK
 
 
 @dataclass(slots=True, eq=False)
@@ -326,12 +328,12 @@ class PartitionPlanner(Generic[P]):
     def deadline(self) -> float | None:
         return self._open.deadline if self._open is not None else None
 
-    def open_batch(self) -> tuple[int, int, Priority] | None:
-        """The open batch, if any: (members so far, its size cap, its priority)."""
+    def open_batch(self) -> tuple[int, float, Priority] | None:
+        """The open batch, if any: (members so far, when it opened, its priority)."""
         opened = self._open
         if opened is None:
             return None
-        return len(opened.items), opened.size, min(i.priority for i in opened.items)
+        return len(opened.items), opened.opened_at, opened.priority
 
     def flush(self) -> None:
         """Close the open batch now (a revoke drain, a shutdown, an urgent member)."""
@@ -433,12 +435,15 @@ class PartitionPlanner(Generic[P]):
     def _join(self, item: Item[P], now: float) -> None:
         opened = self._open
         if opened is None:
-            opened = self._open = _Open[P](deadline=now + item.linger, size=item.batch_size)
+            opened = self._open = _Open[P](
+                deadline=now + item.linger, size=item.batch_size, opened_at=now
+            )
         else:
             opened.deadline = min(opened.deadline, now + item.linger)
             opened.size = min(opened.size, item.batch_size)
         opened.items.append(item)
         opened.lanes.add(item.lane)
+        opened.priority = min(opened.priority, item.priority)
         self._remember(item.idempotency_key, True)
         if len(opened.items) >= opened.size:
             self._close()

@@ -51,8 +51,11 @@ log = structlog.get_logger("consumer.dispatch")
 
 #: per-member errors instead of refusing a whole batch for one bad email
 BATCH_HEADERS: Final = {HEADER_BATCH_VALIDATION: "permissive"}
-#: seconds between two looks at a batch kept open while full requests wait ahead of it
+#: requests queued at the limiter ahead of it that keep an open batch open past its linger
+HOLD_QUEUE: Final = 2
+#: seconds between two looks at a batch kept open that way, and the longest it stays open
 HOLD_CHECK: Final = 0.2
+HOLD_LIMIT: Final = 60.0
 #: how early a timer may fire and still count as on time (asyncio fires within the clock resolution)
 TIMER_SLACK: Final = 0.001
 
@@ -86,7 +89,7 @@ class Dispatcher:
     ) -> None:
         self._engine = engine
         self._outcomes = outcomes
-        self._client = client
+        self.client = client
         self._gate = gate
         self._policy = policy
         self._metrics = metrics
@@ -158,7 +161,7 @@ class Dispatcher:
             idempotency_key=prepared.idempotency_key,
             on_attempt=lambda busy: self._on_attempt(work, busy, prepared.endpoint),
             on_answer=lambda answer: work.attempt_trace.answer(answer),
-            pace=lambda: self._client.pace(prepared.priority),
+            pace=lambda: self.client.pace(prepared.priority),
             # Resend forgets keys after 24 h: gate pauses and 429 waits are
             # unbounded, so the age is checked again before every attempt
             check=lambda: prepared.stale_reason(self._wall()),
@@ -216,7 +219,7 @@ class Dispatcher:
             headers=BATCH_HEADERS,
             on_attempt=on_attempt,
             on_answer=on_answer,
-            pace=lambda: self._client.pace(job.priority),
+            pace=lambda: self.client.pace(job.priority),
             check=check,
             refused_as=refused_as,
         )
@@ -265,7 +268,7 @@ class Dispatcher:
                 self._engine.delivering += 1
                 try:
                     return await deliver(
-                        self._client,
+                        self.client,
                         idempotency_key=key,
                         policy=self._policy,
                         gate=self._gate,
@@ -471,18 +474,20 @@ class Planning:
             dispatcher.submit(tp, key, job)
 
     def lingers_on(self, tp: TopicPartition, part: PartitionState) -> bool:
-        """The open batch stays open past its linger while a full request of its
-        partition still waits ahead of it: closing it sooner would not send it
-        sooner (the limiter serves one partition's requests in order), and a fuller
-        batch spends fewer requests of the team's limit. Urgent batches never wait.
+        """The open batch stays open past its linger while requests that would be
+        served before it queue at the rate limiter: closed now, it would wait behind
+        them anyway (the limiter serves the most urgent first, FIFO within one), and
+        a fuller batch spends fewer requests of the team's limit. Urgent batches
+        never wait, and none waits longer than HOLD_LIMIT from when it opened.
         """
         opened = part.planner.open_batch()
-        if opened is None or part.revoking:
+        limiter = getattr(self._dispatcher.client, "limiter", None)
+        if opened is None or part.revoking or limiter is None:
             return False
-        members, size, priority = opened
-        if priority == Priority.URGENT:
+        _, opened_at, priority = opened
+        if priority == Priority.URGENT or self._clock() - opened_at >= HOLD_LIMIT:
             return False
-        return self._engine.ledger.pending(tp) - members >= size
+        return bool(limiter.waiting(priority) >= HOLD_QUEUE)
 
     async def loop(
         self,

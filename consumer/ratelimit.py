@@ -165,6 +165,10 @@ class RateLimiter:
         finally:
             self._lock.release()
 
+    def waiting(self, priority: int = 1) -> int:
+        """Requests of this process a new one of `priority` would wait behind."""
+        return self._lock.waiting(priority)
+
     @property
     def share(self) -> float:
         return self._share
@@ -250,6 +254,13 @@ class _PriorityLock:
         self._locked = False
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        #: live waiters per priority
+        self._counts: dict[int, int] = {}
+
+    def waiting(self, priority: int) -> int:
+        """Waiters served before a new one of `priority`, and the holder."""
+        ahead = sum(n for p, n in self._counts.items() if p <= priority)
+        return ahead + (1 if self._locked else 0)
 
     async def acquire(self, priority: int) -> None:
         if not self._locked:  # released with nobody live waiting: free
@@ -257,12 +268,15 @@ class _PriorityLock:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._seq), future))
+        self._counts[priority] = self._counts.get(priority, 0) + 1
         try:
             await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release()  # handed over as we were cancelled: pass it on
             raise
+        finally:
+            self._counts[priority] -= 1
 
     def release(self) -> None:
         while self._waiters:

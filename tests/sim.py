@@ -496,6 +496,17 @@ class MemberClient:
     async def pace(self, priority: int = 1) -> None:
         await asyncio.sleep(self.resend.rng.choice((0.0, 0.0, 0.01)))
 
+    @property
+    def limiter(self) -> MemberClient:
+        return self  # what the planner asks of the rate limiter, answered at random
+
+    def waiting(self, priority: int = 1) -> int:
+        """Requests queued ahead at the limiter: now and then enough to hold a batch open."""
+        return self.resend.rng.choice((0, 0, 0, 5))
+
+    def set_share(self, share: float) -> None:
+        return None
+
     async def send(
         self,
         *,

@@ -345,7 +345,9 @@ def test_a_delivery_result_names_its_outcome_in_the_one_vocabulary() -> None:
 # -- a batch kept open while full requests wait ahead of it ---------------------------
 
 
-def _open_batch(part: PartitionState, first: int, count: int, priority: Priority) -> None:
+def _open_batch(
+    part: PartitionState, first: int, count: int, priority: Priority, now: float = 0.0
+) -> None:
     for offset in range(first, first + count):
         item: Item[Any] = Item(
             offset=offset,
@@ -357,32 +359,56 @@ def _open_batch(part: PartitionState, first: int, count: int, priority: Priority
             priority=priority,
             payload=None,
         )
-        part.planner.admit(item, now=0.0)
+        part.planner.admit(item, now=now)
+
+
+class QueueAhead:
+    """A rate limiter's view the planner asks: requests waiting ahead, by priority."""
+
+    def __init__(self, by_priority: dict[Priority, int]) -> None:
+        self.by_priority = by_priority
+
+    def waiting(self, priority: int = 1) -> int:
+        return sum(n for p, n in self.by_priority.items() if p <= priority)
 
 
 @pytest.mark.parametrize(
-    ("ahead", "priority", "revoking", "held"),
+    ("queued", "priority", "revoking", "age", "held"),
     [
-        (10, Priority.NORMAL, False, True),  # a full request ahead: closing early gains nothing
-        (9, Priority.NORMAL, False, False),  # less than a full request ahead: the linger decides
-        (50, Priority.URGENT, False, False),  # urgent mail never waits
-        (50, Priority.NORMAL, True, False),  # a revoke closes it
+        ({Priority.NORMAL: 2}, Priority.NORMAL, False, 1.0, True),  # closed now, it would wait
+        ({Priority.NORMAL: 1}, Priority.NORMAL, False, 1.0, False),  # next in line: the linger
+        ({Priority.BULK: 50}, Priority.NORMAL, False, 1.0, False),  # bulk waits behind it
+        ({Priority.URGENT: 3}, Priority.NORMAL, False, 1.0, True),  # urgent goes first
+        ({Priority.NORMAL: 50}, Priority.URGENT, False, 1.0, False),  # urgent never waits
+        ({Priority.NORMAL: 50}, Priority.NORMAL, True, 1.0, False),  # a revoke closes it
+        ({Priority.NORMAL: 50}, Priority.NORMAL, False, 60.0, False),  # a minute at most
     ],
 )
-def test_a_batch_lingers_on_only_behind_a_full_request_of_its_partition(
-    ahead: int, priority: Priority, revoking: bool, held: bool
+def test_a_batch_lingers_on_only_while_requests_served_before_it_queue(
+    queued: dict[Priority, int], priority: Priority, revoking: bool, age: float, held: bool
 ) -> None:
+    now = [100.0]
     stage = _stage(FakeResend())
+    stage.resend.limiter = QueueAhead(queued)  # type: ignore[attr-defined]
     outcomes = stage.dispatcher._outcomes
-    planning = Planning(engine=stage.engine, dispatcher=stage.dispatcher, outcomes=outcomes)
-    for offset in range(ahead):
-        stage.engine.ledger.track(TP, offset)  # decided and on their way: unfinished
-    for offset in range(ahead, ahead + 3):
+    planning = Planning(
+        engine=stage.engine, dispatcher=stage.dispatcher, outcomes=outcomes, clock=lambda: now[0]
+    )
+    for offset in range(3):
         stage.engine.ledger.track(TP, offset)
-    _open_batch(stage.part, ahead, 3, priority)
-    assert stage.part.planner.open_batch() == (3, 10, priority)
+    _open_batch(stage.part, 0, 3, priority, now=now[0] - age)
+    assert stage.part.planner.open_batch() == (3, now[0] - age, priority)
     stage.part.revoking = revoking
     assert planning.lingers_on(TP, stage.part) is held
+
+
+def test_without_a_rate_limiter_a_batch_closes_at_its_linger() -> None:
+    stage = _stage(FakeResend())
+    planning = Planning(
+        engine=stage.engine, dispatcher=stage.dispatcher, outcomes=stage.dispatcher._outcomes
+    )
+    _open_batch(stage.part, 0, 3, Priority.NORMAL)
+    assert not planning.lingers_on(TP, stage.part)
 
 
 def test_a_partition_holding_only_its_open_batch_is_not_paused_by_the_count_bound() -> None:

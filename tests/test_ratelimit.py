@@ -406,3 +406,28 @@ def test_a_cut_restarts_the_damping_reference() -> None:
     t.now += 0.1
     lim.observe(headers(limit=10, remaining=3), 200)  # the reference is back: -1
     assert lim.rate == pytest.approx(1.0)
+
+
+async def test_waiting_counts_the_requests_a_new_one_would_queue_behind() -> None:
+    """`waiting(p)`: the holder plus live waiters of priority p or more urgent; a
+    cancelled or served waiter no longer counts."""
+    limiter = RateLimiter(rate=2.0)
+    assert limiter.waiting(1) == 0
+    tasks = [
+        asyncio.create_task(limiter.acquire(priority))
+        for priority in (1, 1, 0, 2, 2)  # the first takes its slot at once, then holds
+    ]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    # the second acquire of the rate waits for its slot holding the lock; 3 queue
+    assert limiter.waiting(0) == 2  # the holder and the urgent one
+    assert limiter.waiting(1) == 2
+    assert limiter.waiting(2) == 4
+    tasks[3].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await tasks[3]
+    assert limiter.waiting(2) == 3
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert limiter.waiting(2) == 0
