@@ -91,7 +91,7 @@ class BackPressure:
             # only those holds nothing the count bound should stop (a paused one would
             # close its batch half full at the linger, spending a request on it)
             opened = part.planner.open_batch()
-            filling = opened[0] if opened is not None else 0
+            filling = opened.members if opened is not None else 0
             if tp in paused:
                 below = pending < s.max_pending_per_partition * s.resume_ratio
                 if hold_all:

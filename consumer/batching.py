@@ -242,6 +242,20 @@ class Unit(Generic[P]):
         return self.items[0].offset
 
 
+@dataclass(frozen=True, slots=True)
+class OpenBatch:
+    """What the planner tells of the batch it is filling."""
+
+    members: int
+    #: offset of its first member
+    first: int
+    #: the most members it may take
+    size: int
+    opened_at: float
+    #: its most urgent member's
+    priority: Priority
+
+
 @dataclass(slots=True, eq=False)
 class _Open(Generic[P]):
     items: list[Item[P]] = field(default_factory=list)
@@ -328,12 +342,18 @@ class PartitionPlanner(Generic[P]):
     def deadline(self) -> float | None:
         return self._open.deadline if self._open is not None else None
 
-    def open_batch(self) -> tuple[int, float, Priority] | None:
-        """The open batch, if any: (members so far, when it opened, its priority)."""
+    def open_batch(self) -> OpenBatch | None:
+        """The batch being filled, if any."""
         opened = self._open
         if opened is None:
             return None
-        return len(opened.items), opened.opened_at, opened.priority
+        return OpenBatch(
+            members=len(opened.items),
+            first=opened.items[0].offset,
+            size=opened.size,
+            opened_at=opened.opened_at,
+            priority=opened.priority,
+        )
 
     def flush(self) -> None:
         """Close the open batch now (a revoke drain, a shutdown, an urgent member)."""

@@ -474,20 +474,34 @@ class Planning:
             dispatcher.submit(tp, key, job)
 
     def lingers_on(self, tp: TopicPartition, part: PartitionState) -> bool:
-        """The open batch stays open past its linger while requests that would be
-        served before it queue at the rate limiter: closed now, it would wait behind
-        them anyway (the limiter serves the most urgent first, FIFO within one), and
-        a fuller batch spends fewer requests of the team's limit. Urgent batches
-        never wait, and none waits longer than HOLD_LIMIT from when it opened.
+        """The open batch stays open past its linger while what would be served
+        before it still waits: closed now, it would only wait behind that (the rate
+        limiter serves the most urgent first, FIFO within one), and a fuller batch
+        spends fewer requests of the team's limit. Served before it: requests
+        queued at the limiter with its priority or a more urgent one, or a full
+        batch's worth of such emails of its partition at lower offsets (decided,
+        unfinished). Urgent batches never wait, and none longer than HOLD_LIMIT
+        from when it opened; with no rate limiter nothing waits.
         """
         opened = part.planner.open_batch()
         limiter = getattr(self._dispatcher.client, "limiter", None)
         if opened is None or part.revoking or limiter is None:
             return False
-        _, opened_at, priority = opened
-        if priority == Priority.URGENT or self._clock() - opened_at >= HOLD_LIMIT:
+        priority = opened.priority
+        if priority == Priority.URGENT or self._clock() - opened.opened_at >= HOLD_LIMIT:
             return False
-        return bool(limiter.waiting(priority) >= HOLD_QUEUE)
+        if limiter.waiting(priority) >= HOLD_QUEUE:
+            return True
+        ahead = 0
+        for offset, work in part.works.items():  # in offset order
+            if offset >= opened.first:
+                return False
+            prepared = work.prepared
+            if prepared is not None and prepared.priority <= priority:
+                ahead += 1
+                if ahead >= opened.size:
+                    return True
+        return False
 
     async def loop(
         self,

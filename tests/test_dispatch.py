@@ -76,7 +76,13 @@ class Stage:
     part: PartitionState
     metrics: Metrics
 
-    def work(self, offset: int, key: bytes | None, idempotency_key: str | None = None) -> Work:
+    def work(
+        self,
+        offset: int,
+        key: bytes | None,
+        idempotency_key: str | None = None,
+        priority: int = Priority.NORMAL,
+    ) -> Work:
         ikey = idempotency_key or f"k-{offset}"
         prepared = Prepared(
             event_id=f"e-{offset}",
@@ -88,6 +94,7 @@ class Stage:
             recipients=("a@example.com",),
             event_time=None,
             stale=False,
+            priority=priority,
         )
         return self._track(offset, key, prepared)
 
@@ -397,8 +404,44 @@ def test_a_batch_lingers_on_only_while_requests_served_before_it_queue(
     for offset in range(3):
         stage.engine.ledger.track(TP, offset)
     _open_batch(stage.part, 0, 3, priority, now=now[0] - age)
-    assert stage.part.planner.open_batch() == (3, now[0] - age, priority)
+    opened = stage.part.planner.open_batch()
+    assert opened is not None
+    assert (opened.members, opened.first, opened.size) == (3, 0, 10)
+    assert (opened.opened_at, opened.priority) == (now[0] - age, priority)
     stage.part.revoking = revoking
+    assert planning.lingers_on(TP, stage.part) is held
+
+
+@pytest.mark.parametrize(
+    ("ahead", "behind", "held"),
+    [
+        ({Priority.NORMAL: 10}, 0, True),  # a full batch's worth goes first anyway
+        ({Priority.NORMAL: 9}, 0, False),
+        ({Priority.URGENT: 4, Priority.NORMAL: 6}, 0, True),
+        ({Priority.BULK: 50}, 0, False),  # bulk mail ahead is served after it
+        ({}, 50, False),  # later records never hold it: they are not ahead of it
+    ],
+)
+def test_a_batch_lingers_on_behind_a_full_batch_of_earlier_mail_of_its_partition(
+    ahead: dict[Priority, int], behind: int, held: bool
+) -> None:
+    stage = _stage(FakeResend())
+    stage.resend.limiter = QueueAhead({})  # type: ignore[attr-defined]
+    outcomes = stage.dispatcher._outcomes
+    planning = Planning(
+        engine=stage.engine, dispatcher=stage.dispatcher, outcomes=outcomes, clock=lambda: 1.0
+    )
+    offset = 0
+    for priority, count in ahead.items():
+        for _ in range(count):
+            stage.work(offset, key=b"k", priority=priority)
+            offset += 1
+    first = offset
+    for i in range(3):
+        stage.engine.ledger.track(TP, first + i)
+    _open_batch(stage.part, first, 3, Priority.NORMAL)
+    for i in range(behind):
+        stage.work(first + 3 + i, key=b"k")  # decided singly after the batch opened
     assert planning.lingers_on(TP, stage.part) is held
 
 
