@@ -254,6 +254,8 @@ class OpenBatch:
     opened_at: float
     #: its most urgent member's
     priority: Priority
+    #: the ordering lanes of its members
+    lanes: frozenset[Hashable]
 
 
 @dataclass(slots=True, eq=False)
@@ -353,6 +355,7 @@ class PartitionPlanner(Generic[P]):
             size=opened.size,
             opened_at=opened.opened_at,
             priority=opened.priority,
+            lanes=frozenset(opened.lanes),
         )
 
     def flush(self) -> None:

@@ -402,6 +402,10 @@ class Planning:
         self._dispatcher = dispatcher
         self._outcomes = outcomes
         self._clock = clock
+        #: partitions whose open batch lingers on past its linger (see `lingers_on`)
+        self.held: set[TopicPartition] = set()
+        #: per partition, the open batch a hold began for and the limiter's count it waits for
+        self._hold_marks: dict[TopicPartition, tuple[int, float, int]] = {}
 
     def plan(self, tp: TopicPartition, part: PartitionState, work: Work) -> None:
         """Hand a prepared record to its partition's planner; send what is decided."""
@@ -474,33 +478,49 @@ class Planning:
             dispatcher.submit(tp, key, job)
 
     def lingers_on(self, tp: TopicPartition, part: PartitionState) -> bool:
-        """The open batch stays open past its linger while what would be served
-        before it still waits: closed now, it would only wait behind that (the rate
-        limiter serves the most urgent first, FIFO within one), and a fuller batch
-        spends fewer requests of the team's limit. Served before it: requests
-        queued at the limiter with its priority or a more urgent one, or a full
-        batch's worth of such emails of its partition at lower offsets (decided,
-        unfinished). Urgent batches never wait, and none longer than HOLD_LIMIT
-        from when it opened; with no rate limiter nothing waits.
+        """Asked once the open batch's linger ran out: it stays open while what
+        would be served before it still waits. Closed now, it would only wait
+        behind that (the rate limiter serves the most urgent first, FIFO within
+        one), and a fuller batch spends fewer requests of the team's limit.
+
+        Served before it: the requests queued at the limiter with its priority or
+        a more urgent one when its linger ran out (those arriving later do not
+        count: they would queue behind it), or a full batch's worth of such emails
+        of its own partition, at lower offsets, waiting in its lanes and not on
+        the wire. Urgent batches never wait, and none longer than HOLD_LIMIT from
+        when it opened; with no rate limiter nothing waits.
         """
         opened = part.planner.open_batch()
         limiter = getattr(self._dispatcher.client, "limiter", None)
         if opened is None or part.revoking or limiter is None:
+            self._hold_marks.pop(tp, None)
             return False
         priority = opened.priority
         if priority == Priority.URGENT or self._clock() - opened.opened_at >= HOLD_LIMIT:
             return False
-        if limiter.waiting(priority) >= HOLD_QUEUE:
+        mark = self._hold_marks.get(tp)
+        if mark is None or mark[:2] != (opened.first, opened.opened_at):
+            # the limiter has served `acquired` requests: wait for those queued now
+            mark = (opened.first, opened.opened_at, limiter.acquired + limiter.waiting(priority))
+            self._hold_marks[tp] = mark
+        if limiter.acquired <= mark[2] - HOLD_QUEUE:
             return True
+        dispatcher = self._dispatcher
+        mode = self._engine.settings.ordering
+        if mode == "none":
+            return False  # its own lane: nothing of its partition goes before it
         ahead = 0
         for offset, work in part.works.items():  # in offset order
             if offset >= opened.first:
                 return False
             prepared = work.prepared
-            if prepared is not None and prepared.priority <= priority:
-                ahead += 1
-                if ahead >= opened.size:
-                    return True
+            if prepared is None or work.busy or prepared.priority > priority:
+                continue
+            if mode == "key" and dispatcher.lane_key(work, prepared) not in opened.lanes:
+                continue  # another lane: it does not hold this batch back
+            ahead += 1
+            if ahead >= opened.size:
+                return True
         return False
 
     async def loop(
@@ -512,7 +532,7 @@ class Planning:
         engine = self._engine
         while not stop.is_set():
             now = self._clock()
-            held = {tp for tp, part in engine.parts.items() if self.lingers_on(tp, part)}
+            held = self.held
             deadlines = [
                 d
                 for tp, part in engine.parts.items()
@@ -530,11 +550,17 @@ class Planning:
             now = self._clock() + TIMER_SLACK
             try:
                 dirty = set()
+                held = set()
                 for tp, part in list(engine.parts.items()):
-                    if tp not in held:
-                        part.planner.due(now)
+                    deadline = part.planner.deadline()
+                    if deadline is not None and deadline <= now:
+                        if self.lingers_on(tp, part):
+                            held.add(tp)
+                        else:
+                            part.planner.due(now)
                     if part.planner.needs_record() and not part.revoking and not part.plan_full:
                         dirty.add(tp)
+                self.held = held
                 if dirty:
                     await record(dirty)
                     if any(
@@ -543,7 +569,10 @@ class Planning:
                         await asyncio.sleep(0.05)  # not recorded (commit failed): retry soon
                         engine.plan_due.set()
             except Exception as exc:  # a bug here must not end recording for good
+                held = set()
                 log.error(
                     LogEvent.INTERNAL_ERROR, stage="plan", error=type(exc).__name__, exc_info=exc
                 )
                 await asyncio.sleep(0.5)
+            finally:
+                self.held = {tp for tp in held if tp in engine.parts}

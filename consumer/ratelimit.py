@@ -274,14 +274,15 @@ class _PriorityLock:
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release()  # handed over as we were cancelled: pass it on
+            else:
+                self._counts[priority] -= 1  # never handed over: waits no more
             raise
-        finally:
-            self._counts[priority] -= 1
 
     def release(self) -> None:
         while self._waiters:
-            *_, future = heapq.heappop(self._waiters)
+            priority, _, future = heapq.heappop(self._waiters)
             if not future.done():
+                self._counts[priority] -= 1  # the holder now, no longer a waiter
                 future.set_result(None)  # the lock passes straight to it
                 return
         self._locked = False

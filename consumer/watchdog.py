@@ -24,7 +24,7 @@ from consumer.observe import ProgressReporter
 from consumer.resend import ENDPOINT_EMAILS
 
 if TYPE_CHECKING:
-    from consumer.dispatch import Dispatcher
+    from consumer.dispatch import Dispatcher, Planning
     from consumer.health import Health
     from consumer.metrics import Metrics
     from consumer.retry import ServiceGate
@@ -48,6 +48,7 @@ class Watchdog:
         *,
         engine: Engine,
         dispatcher: Dispatcher,
+        planning: Planning,
         consumer: Any,
         client: Any,
         gate: ServiceGate,
@@ -58,6 +59,7 @@ class Watchdog:
     ) -> None:
         self._engine = engine
         self._dispatcher = dispatcher
+        self._planning = planning
         self._consumer = consumer
         self._client = client
         self._gate = gate
@@ -193,6 +195,8 @@ class Watchdog:
             return "broker_unreachable"
         if self._dispatcher.delivering(tp):
             return "delivering"
+        if tp in self._planning.held:
+            return "batch_held"  # open while what goes first waits (at most HOLD_LIMIT)
         return None
 
     def check_stalls(self) -> int:

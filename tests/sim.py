@@ -493,8 +493,11 @@ class MemberClient:
     resend: FakeResend
     member: str
 
+    acquired: int = 0
+
     async def pace(self, priority: int = 1) -> None:
         await asyncio.sleep(self.resend.rng.choice((0.0, 0.0, 0.01)))
+        self.acquired += 1
 
     @property
     def limiter(self) -> MemberClient:

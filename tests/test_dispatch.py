@@ -353,13 +353,18 @@ def test_a_delivery_result_names_its_outcome_in_the_one_vocabulary() -> None:
 
 
 def _open_batch(
-    part: PartitionState, first: int, count: int, priority: Priority, now: float = 0.0
+    part: PartitionState,
+    first: int,
+    count: int,
+    priority: Priority,
+    now: float = 0.0,
+    lane: object = None,
 ) -> None:
     for offset in range(first, first + count):
         item: Item[Any] = Item(
             offset=offset,
             idempotency_key=f"k-{offset}",
-            lane=("offset", offset),
+            lane=lane if lane is not None else ("offset", offset),
             batchable=True,
             batch_size=10,
             linger=0.2,
@@ -374,6 +379,8 @@ class QueueAhead:
 
     def __init__(self, by_priority: dict[Priority, int]) -> None:
         self.by_priority = by_priority
+        #: requests served so far
+        self.acquired = 0
 
     def waiting(self, priority: int = 1) -> int:
         return sum(n for p, n in self.by_priority.items() if p <= priority)
@@ -422,10 +429,30 @@ def test_a_batch_lingers_on_only_while_requests_served_before_it_queue(
         ({}, 50, False),  # later records never hold it: they are not ahead of it
     ],
 )
-def test_a_batch_lingers_on_behind_a_full_batch_of_earlier_mail_of_its_partition(
+def test_a_batch_lingers_on_behind_a_full_batch_of_earlier_mail_of_its_lanes(
     ahead: dict[Priority, int], behind: int, held: bool
 ) -> None:
-    stage = _stage(FakeResend())
+    stage, planning = _ahead(ahead, behind)
+    assert planning.lingers_on(TP, stage.part) is held
+
+
+def test_earlier_mail_on_the_wire_or_in_other_lanes_does_not_hold_a_batch() -> None:
+    stage, planning = _ahead({Priority.NORMAL: 10}, 0)
+    assert planning.lingers_on(TP, stage.part)
+    first = next(iter(stage.part.works.values()))
+    first.busy = True  # past the limiter: it does not make this batch wait
+    assert not planning.lingers_on(TP, stage.part)
+    first.busy = False
+    other, planning = _ahead({Priority.NORMAL: 10}, 0, key=b"other-key")
+    assert not planning.lingers_on(TP, other.part)  # ORDERING=key: another lane
+    alone, planning = _ahead({Priority.NORMAL: 10}, 0, ordering="none")
+    assert not planning.lingers_on(TP, alone.part)  # a lane of its own
+
+
+def _ahead(
+    ahead: dict[Priority, int], behind: int, *, key: bytes = b"k", ordering: str = "key"
+) -> tuple[Stage, Planning]:
+    stage = _stage(FakeResend(), ordering=ordering)
     stage.resend.limiter = QueueAhead({})  # type: ignore[attr-defined]
     outcomes = stage.dispatcher._outcomes
     planning = Planning(
@@ -434,15 +461,35 @@ def test_a_batch_lingers_on_behind_a_full_batch_of_earlier_mail_of_its_partition
     offset = 0
     for priority, count in ahead.items():
         for _ in range(count):
-            stage.work(offset, key=b"k", priority=priority)
+            stage.work(offset, key=key, priority=priority)
             offset += 1
     first = offset
     for i in range(3):
         stage.engine.ledger.track(TP, first + i)
-    _open_batch(stage.part, first, 3, Priority.NORMAL)
+    _open_batch(stage.part, first, 3, Priority.NORMAL, lane=("k", b"k"))
     for i in range(behind):
         stage.work(first + 3 + i, key=b"k")  # decided singly after the batch opened
-    assert planning.lingers_on(TP, stage.part) is held
+    return stage, planning
+
+
+def test_requests_queued_after_its_linger_ran_out_do_not_keep_a_batch_open() -> None:
+    """The hold waits for what queued at the limiter when the linger ran out: newer
+    requests line up behind the batch, so they must not extend it."""
+    stage = _stage(FakeResend())
+    limiter = QueueAhead({Priority.NORMAL: 3})
+    stage.resend.limiter = limiter  # type: ignore[attr-defined]
+    planning = Planning(
+        engine=stage.engine,
+        dispatcher=stage.dispatcher,
+        outcomes=stage.dispatcher._outcomes,
+        clock=lambda: 1.0,
+    )
+    _open_batch(stage.part, 0, 3, Priority.NORMAL)
+    assert planning.lingers_on(TP, stage.part)  # three ahead when it was asked first
+    limiter.acquired, limiter.by_priority = 1, {Priority.NORMAL: 50}
+    assert planning.lingers_on(TP, stage.part)  # two of those three still wait
+    limiter.acquired = 2
+    assert not planning.lingers_on(TP, stage.part)  # one left: next in line, close it
 
 
 def test_without_a_rate_limiter_a_batch_closes_at_its_linger() -> None:

@@ -409,24 +409,25 @@ def test_a_cut_restarts_the_damping_reference() -> None:
 
 
 async def test_waiting_counts_the_requests_a_new_one_would_queue_behind() -> None:
-    """`waiting(p)`: the holder plus live waiters of priority p or more urgent; a
-    cancelled or served waiter no longer counts."""
-    limiter = RateLimiter(rate=2.0)
+    """`waiting(p)`: the holder plus live waiters of priority p or more urgent; one
+    handed the lock counts once (as the holder), a cancelled waiter not at all."""
+    limiter = RateLimiter(rate=20.0)
     assert limiter.waiting(1) == 0
-    tasks = [
-        asyncio.create_task(limiter.acquire(priority))
-        for priority in (1, 1, 0, 2, 2)  # the first takes its slot at once, then holds
-    ]
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    # the second acquire of the rate waits for its slot holding the lock; 3 queue
-    assert limiter.waiting(0) == 2  # the holder and the urgent one
+    tasks = [asyncio.create_task(limiter.acquire(priority)) for priority in (1, 1, 0, 2, 2)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    # the first took its slot at once; the second holds the lock, sleeping for its slot
+    assert tasks[0].done()
+    assert limiter.waiting(0) == 2  # the holder and the urgent waiter
     assert limiter.waiting(1) == 2
     assert limiter.waiting(2) == 4
+    await tasks[1]  # its slot came: the lock passes to the urgent one
+    assert limiter.waiting(0) == 1  # now the holder, counted once
+    assert limiter.waiting(2) == 3
     tasks[3].cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await tasks[3]
-    assert limiter.waiting(2) == 3
+    assert limiter.waiting(2) == 2
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
