@@ -195,8 +195,13 @@ class Watchdog:
             return "broker_unreachable"
         if self._dispatcher.delivering(tp):
             return "delivering"
-        if tp in self._planning.held:
-            return "batch_held"  # open while what goes first waits (at most HOLD_LIMIT)
+        part = engine.parts.get(tp)
+        if part is not None and tp in self._planning.held:
+            opened = part.planner.open_batch()
+            if opened is not None and len(part.works) <= opened.members:
+                # all it holds is a batch kept open while what goes first waits (at
+                # most HOLD_LIMIT); with other work unfinished, that work must move
+                return "batch_held"
         return None
 
     def check_stalls(self) -> int:

@@ -394,6 +394,8 @@ class FakeResend:
     acked: dict[str, int] = field(default_factory=dict)
     on_wire: list[tuple[str, str]] = field(default_factory=list)
     chaos: bool = True
+    #: seconds a request may wait for its rate-limit token (drawn per request)
+    pace_choices: tuple[float, ...] = (0.0, 0.0, 0.01, 0.3)
     requests: int = 0
     probes: int = 0
     #: invariant breaches seen inside send (an assert there would be caught as a bug)
@@ -493,19 +495,25 @@ class MemberClient:
     resend: FakeResend
     member: str
 
+    #: requests served by `pace`, and those in it now (what a rate limiter reports)
     acquired: int = 0
+    pacing: int = 0
 
     async def pace(self, priority: int = 1) -> None:
-        await asyncio.sleep(self.resend.rng.choice((0.0, 0.0, 0.01)))
+        self.pacing += 1
+        try:
+            await asyncio.sleep(self.resend.rng.choice(self.resend.pace_choices))
+        finally:
+            self.pacing -= 1
         self.acquired += 1
 
     @property
     def limiter(self) -> MemberClient:
-        return self  # what the planner asks of the rate limiter, answered at random
+        return self  # the planner asks the rate limiter what queues there
 
     def waiting(self, priority: int = 1) -> int:
-        """Requests queued ahead at the limiter: now and then enough to hold a batch open."""
-        return self.resend.rng.choice((0, 0, 0, 5))
+        """Requests waiting in `pace` (any priority: the fake serves no order)."""
+        return self.pacing
 
     def set_share(self, share: float) -> None:
         return None
