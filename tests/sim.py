@@ -540,7 +540,13 @@ _PREPARERS: dict[tuple[object, ...], Preparer] = {}
 
 def _preparer(settings: Settings) -> Preparer:
     """Loading routes and templates costs milliseconds: one Preparer per distinct policy."""
-    key = (settings.max_event_age, settings.stale_policy, settings.max_event_bytes)
+    key = (
+        settings.max_event_age,
+        settings.stale_policy,
+        settings.max_event_bytes,
+        settings.batch_size,
+        settings.batch_linger,
+    )
     found = _PREPARERS.get(key)
     if found is None:
         found = _PREPARERS[key] = Preparer.from_settings(settings)
