@@ -12,7 +12,7 @@ assembling within twice the byte bound.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -43,22 +43,19 @@ class BackPressure:
         self._metrics = metrics
 
     def pause(self, tps: Iterable[TopicPartition]) -> None:
-        """Pause what is still assigned; one partition at a time, since aiokafka raises
-        for the first one it no longer has (a pattern subscription being swapped)."""
-        consumer = self._consumer
-        assigned = consumer.assignment()
-        for tp in tps:
-            if tp in assigned:
-                with contextlib.suppress(KafkaError, AssertionError):
-                    consumer.pause(tp)
+        self._each(self._consumer.pause, tps)
 
     def resume(self, tps: Iterable[TopicPartition]) -> None:
-        consumer = self._consumer
-        assigned = consumer.assignment()
+        self._each(self._consumer.resume, tps)
+
+    def _each(self, call: Callable[[TopicPartition], None], tps: Iterable[TopicPartition]) -> None:
+        """`call` for each partition still assigned; one at a time, since aiokafka raises
+        for the first one it no longer has (a pattern subscription being swapped)."""
+        assigned = self._consumer.assignment()
         for tp in tps:
             if tp in assigned:
                 with contextlib.suppress(KafkaError, AssertionError):
-                    consumer.resume(tp)
+                    call(tp)
 
     def apply(self) -> None:
         """Pause what is over its bound, resume what is below the low-water mark."""

@@ -569,10 +569,8 @@ class Planning:
                         await asyncio.sleep(0.05)  # not recorded (commit failed): retry soon
                         engine.plan_due.set()
             except Exception as exc:  # a bug here must not end recording for good
-                held = set()
+                self.held = set()
                 log.error(
                     LogEvent.INTERNAL_ERROR, stage="plan", error=type(exc).__name__, exc_info=exc
                 )
                 await asyncio.sleep(0.5)
-            finally:
-                self.held = {tp for tp in held if tp in engine.parts}

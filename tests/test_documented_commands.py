@@ -292,8 +292,9 @@ class Harness:
         )
         return env
 
-    async def run(self, command: Command, topic: str, timeout: float = 60.0) -> Run:
-        proc = await asyncio.create_subprocess_exec(
+    async def _spawn(self, command: Command, topic: str, **kw: Any) -> asyncio.subprocess.Process:
+        """`command` as written, in bash, in the scratch root with the test environment."""
+        return await asyncio.create_subprocess_exec(
             "bash",
             "-c",
             command.text,
@@ -302,24 +303,18 @@ class Harness:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            **kw,
         )
+
+    async def run(self, command: Command, topic: str, timeout: float = 60.0) -> Run:
+        proc = await self._spawn(command, topic)
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
         assert proc.returncode is not None
         return Run(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
     async def serve(self, command: Command, topic: str, ready: str) -> Run:
         """Start a server command, wait for its ready line, SIGTERM it; its exit and output."""
-        proc = await asyncio.create_subprocess_exec(
-            "bash",
-            "-c",
-            command.text,
-            cwd=self.workdir,
-            env=self.env(topic),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
+        proc = await self._spawn(command, topic, start_new_session=True)
         assert proc.stdout is not None
         assert proc.stderr is not None
         try:
