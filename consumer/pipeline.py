@@ -156,7 +156,6 @@ class Pipeline:
         self.watchdog = Watchdog(
             engine=engine,
             dispatcher=self.dispatch,
-            planning=self.planning,
             consumer=consumer,
             client=client,
             gate=gate,

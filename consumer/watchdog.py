@@ -24,7 +24,7 @@ from consumer.observe import ProgressReporter
 from consumer.resend import ENDPOINT_EMAILS
 
 if TYPE_CHECKING:
-    from consumer.dispatch import Dispatcher, Planning
+    from consumer.dispatch import Dispatcher
     from consumer.health import Health
     from consumer.metrics import Metrics
     from consumer.retry import ServiceGate
@@ -48,7 +48,6 @@ class Watchdog:
         *,
         engine: Engine,
         dispatcher: Dispatcher,
-        planning: Planning,
         consumer: Any,
         client: Any,
         gate: ServiceGate,
@@ -59,7 +58,6 @@ class Watchdog:
     ) -> None:
         self._engine = engine
         self._dispatcher = dispatcher
-        self._planning = planning
         self._consumer = consumer
         self._client = client
         self._gate = gate
@@ -196,12 +194,12 @@ class Watchdog:
         if self._dispatcher.delivering(tp):
             return "delivering"
         part = engine.parts.get(tp)
-        if part is not None and tp in self._planning.held:
-            opened = part.planner.open_batch()
-            if opened is not None and len(part.works) <= opened.members:
-                # all it holds is a batch kept open while what goes first waits (at
-                # most HOLD_LIMIT); with other work unfinished, that work must move
-                return "batch_held"
+        opened = part.planner.open_batch() if part is not None else None
+        if part is not None and opened is not None and len(part.works) <= opened.members:
+            # all it holds is the batch being filled: it closes at its linger (at most
+            # MAX_LINGER), or later while what goes first waits (at most HOLD_LIMIT);
+            # with other work unfinished, that work must move instead
+            return "batch_open"
         return None
 
     def check_stalls(self) -> int:

@@ -668,3 +668,31 @@ def test_batches_kept_open_behind_a_queue_at_the_limiter_still_go_exactly_once()
     sim.run(scenario, seed=11, settings=settings, partitions=2, per_partition=200)
     assert sum(holds) >= 5, f"{sum(holds)} holds of {len(holds)}: the scenario tests nothing"
     assert not all(holds)
+
+
+def test_a_partition_holding_only_its_lingering_batch_is_not_a_stall() -> None:
+    """BATCH_LINGER may outlast STALL_TIMEOUT (10 s against 6.5 s is accepted): a
+    partition whose only work is the batch being filled is explained, never stalled."""
+    not_live: list[float] = []
+
+    async def scenario(world: World) -> None:
+        world.resend.chaos = False
+        world.resend.pace_choices = (0.0,)
+        member = world.members[0]
+        checks = world.loop.on_step
+        assert checks is not None
+
+        def watch() -> None:
+            checks()
+            if not member.pipeline.health.live()[0]:
+                not_live.append(world.loop.time())
+
+        world.loop.on_step = watch
+        member.start()
+        await world.settle()
+        await world.close()
+        world.check_exactly_once()
+
+    settings = sim.sim_settings(batch_size=100, batch_linger=10.0, stall_timeout=6.5)
+    sim.run(scenario, seed=0, settings=settings, partitions=1, per_partition=3)
+    assert not not_live, f"/healthz failed at {not_live[0]:.1f} s with nothing stalled"
